@@ -1,0 +1,73 @@
+"""The `bridge` command: thin dispatch; each subcommand's arguments and body live in its module.
+
+Every module that provides a subcommand exposes ``add_arguments(parser)`` and ``run(args) -> int``.
+User errors are raised as exceptions whose str() is one sentence; they are printed without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from rich.console import Console
+
+SUBCOMMANDS = {
+    # name: (module, help)
+    "up": ("bridge.app", "run the bridge: TLS 1.2/1.3 front end reverse-proxying a TLS 1.0 Exchange 2007"),
+    "lab": ("bridge.lab", "run a simulated Exchange 2007 (TLS 1.0 only, NTLM and Basic) on loopback"),
+    "demo": ("bridge.demo", "start the lab and a bridge in front of it, and show NTLM, Basic and RPC going through"),
+    "cert": ("bridge.acme", "obtain, renew or show the bridge's certificate"),
+    "preflight": ("bridge.preflight", "check the legacy server and the bridge before creating the migration batch"),
+}
+
+# Exceptions whose message is a complete sentence for the user.
+USER_ERROR_NAMES = {"ConfigError", "CertificateError", "StartupError", "AcmeError", "PreflightUsageError"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bridge", description="exchange-bridge: migrate Exchange 2007 to Exchange Online over a TLS 1.2 bridge.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:
+                continue  # subcommand not built yet
+            raise
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(command)
+        command.set_defaults(_run=module.run)
+    return parser
+
+
+def _version() -> str:
+    from bridge import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    console = Console(stderr=True)
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - user errors become one sentence, the rest a short report
+        if type(exc).__name__ in USER_ERROR_NAMES:
+            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            return 2
+        logging.getLogger("bridge").debug("unexpected failure", exc_info=True)
+        console.print(f"[bold red]error:[/] unexpected {type(exc).__name__}: {exc}; rerun with --log-level debug and report it.", highlight=False, soft_wrap=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
