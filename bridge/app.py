@@ -1,0 +1,195 @@
+"""`bridge up`: config -> certificate -> front end (80, then 443) -> legacy servers."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import logging
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+
+from bridge.config import BridgeConfig, ConfigError, build_config, load_toml, merge
+from bridge.http_server import bound_port, start_site
+from bridge.proxy import HttpRedirector, Proxy
+from bridge.tls import front_context, legacy_context, load_front_certificate
+from bridge.upstream import LegacyPool
+
+log = logging.getLogger("bridge")
+
+
+class StartupError(Exception):
+    """The bridge cannot start; str() is one sentence saying what to do."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="TOML file with any of these settings (flags win)")
+    parser.add_argument("--fqdn", help="public name of the bridge, e.g. clientowa.example.com")
+    parser.add_argument("--legacy", action="append", metavar="HOST[:PORT]", help="Exchange 2007 CAS (repeatable)")
+    parser.add_argument("--bind", help="address to listen on (default: all)")
+    parser.add_argument("--https-port", type=int, help="HTTPS port (default 443)")
+    parser.add_argument("--http-port", type=int, help="HTTP port for redirects and ACME (default 80)")
+    parser.add_argument("--cert", help="certificate chain PEM (e.g. certbot's fullchain.pem)")
+    parser.add_argument("--key", help="private key PEM (e.g. certbot's privkey.pem)")
+    parser.add_argument("--state-dir", help="where certificates and state are kept")
+    parser.add_argument("--legacy-fingerprint", metavar="sha256:HEX", help="pin the legacy server's certificate")
+    parser.add_argument("--legacy-ca", metavar="FILE", help="verify the legacy certificate against this CA")
+    parser.add_argument("--legacy-host-header", metavar="NAME", help="send this Host header to the legacy server")
+    parser.add_argument("--idle-timeout", type=float, metavar="S", help="seconds without data before a connection closes (default 1800)")
+    parser.add_argument("--connect-timeout", type=float, metavar="S", help="seconds to connect to the legacy server (default 10)")
+    parser.add_argument("--forward-path", dest="forward_paths", action="append", metavar="PREFIX", help="replace the list of forwarded paths (repeatable)")
+    parser.add_argument("--acme-directory", help="letsencrypt | letsencrypt-staging | directory URL")
+    parser.add_argument("--acme-email", help="contact e-mail for the ACME account")
+    parser.add_argument("--acme-eab-kid", help="External Account Binding key id")
+    parser.add_argument("--acme-eab-hmac-key", help="External Account Binding HMAC key")
+    parser.add_argument("--acme-ca-bundle", help="CA bundle trusted for the ACME server")
+    parser.add_argument("--key-type", help="ecdsa-p256 | rsa-2048 | rsa-3072")
+    parser.add_argument("--log-level", help="debug | info | warning")
+
+
+def config_from_args(args: argparse.Namespace) -> BridgeConfig:
+    flags = {key: value for key, value in vars(args).items() if not key.startswith("_") and key not in ("command", "config")}
+    file_values = load_toml(args.config) if args.config else {}
+    return build_config(merge(file_values, flags))
+
+
+def setup_logging(level: str) -> None:
+    numeric = getattr(logging, level.upper(), None)
+    if not isinstance(numeric, int):
+        raise ConfigError(f"--log-level {level!r} is not a level; use debug, info or warning.")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(numeric)
+    logging.getLogger("aiohttp").setLevel(max(numeric, logging.WARNING))
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    setup_logging(config.log_level)
+    return asyncio.run(serve_until_signalled(config))
+
+
+@dataclass
+class RunningBridge:
+    config: BridgeConfig
+    proxy: Proxy
+    https_port: int
+    http_port: int
+    ssl_context: Any
+    runners: list[web.ServerRunner] = field(default_factory=list)
+    background: list[asyncio.Task] = field(default_factory=list)
+
+    async def close(self) -> None:
+        for task in self.background:
+            task.cancel()
+        for runner in reversed(self.runners):
+            await runner.cleanup()
+
+    def reload_certificate(self) -> None:
+        if self.config.cert and self.config.key:
+            load_front_certificate(self.ssl_context, self.config.cert, self.config.key)
+            log.info("certificate reloaded from %s", self.config.cert)
+
+
+CertificateSource = Callable[[BridgeConfig, dict[str, str]], Awaitable[tuple[Path, Path]]]
+
+
+async def start_bridge(config: BridgeConfig, certificate_source: CertificateSource | None = None) -> RunningBridge:
+    """Start port 80, get a certificate, start 443. Raises StartupError/ConfigError/CertificateError."""
+    challenges: dict[str, str] = {}
+    redirector = HttpRedirector(config.fqdn, config.https_port, challenges)
+    runners: list[web.ServerRunner] = []
+    try:
+        http_runner = await _listen(redirector.handle, config.bind, config.http_port, "--http-port")
+        runners.append(http_runner)
+        cert, key = await _certificate(config, challenges, certificate_source)
+        ssl_context = front_context(cert, key)
+        pool = LegacyPool(
+            servers=config.legacy,
+            tls_context=legacy_context(config.legacy_ca),
+            connect_timeout=config.connect_timeout,
+            pinned_fingerprint=config.legacy_fingerprint,
+            verified_by_ca=config.legacy_ca is not None,
+        )
+        for server, result in (await pool.check_all()).items():
+            if result.startswith("ok"):
+                log.info("legacy %s reachable: %s", server, result[3:])
+            else:
+                log.warning("legacy %s: %s; the bridge answers 502 until it is fixed", server, result)
+        proxy = Proxy(config, pool)
+        https_runner = await _listen(proxy.handle, config.bind, config.https_port, "--https-port", ssl_context=ssl_context, keepalive_timeout=config.idle_timeout)
+        runners.append(https_runner)
+    except BaseException:
+        for runner in reversed(runners):
+            await runner.cleanup()
+        raise
+    bridge = RunningBridge(config, proxy, bound_port(https_runner), bound_port(http_runner), ssl_context, runners)
+    return bridge
+
+
+async def _certificate(config: BridgeConfig, challenges: dict[str, str], source: CertificateSource | None) -> tuple[Path, Path]:
+    if config.cert and config.key:
+        return config.cert, config.key
+    if source is None:
+        try:
+            from bridge.acme import certificate_for_bridge as source  # type: ignore[no-redef]
+        except ImportError:
+            raise ConfigError("No certificate given: pass --cert and --key (e.g. certbot's fullchain.pem and privkey.pem).") from None
+    return await source(config, challenges)
+
+
+async def _listen(handler: Any, bind: str | None, port: int, flag: str, **kwargs: Any) -> web.ServerRunner:
+    try:
+        return await start_site(handler, bind, port, **kwargs)
+    except OSError as exc:
+        where = f"{bind or 'all addresses'} port {port}"
+        if exc.errno == errno.EADDRINUSE:
+            raise StartupError(f"Port {port} on {bind or 'all addresses'} is already in use by another program; stop it or choose another {flag}.") from None
+        if exc.errno == errno.EACCES:
+            raise StartupError(
+                f"Binding {where} needs root or CAP_NET_BIND_SERVICE; run as root, use the systemd unit (which grants the capability) or choose a port above 1023 with {flag}."
+            ) from None
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise StartupError(f"--bind {bind} is not an address of this machine; give one of its addresses or leave --bind out.") from None
+        raise StartupError(f"Cannot listen on {where}: {exc.strerror}; check --bind and {flag}.") from None
+
+
+def ready_line(bridge: RunningBridge) -> str:
+    config = bridge.config
+    port = "" if bridge.https_port == 443 else f":{bridge.https_port}"
+    base = f"https://{config.fqdn}{port}"
+    legacy = ", ".join(str(s) for s in config.legacy)
+    return (
+        f"bridge ready: {base}/rpc/rpcproxy.dll, {base}/EWS/Exchange.asmx, {base}/Autodiscover/Autodiscover.xml, "
+        f"{base}/owa (and {len(config.forward_paths)} forwarded paths in all) -> {legacy}; http port {bridge.http_port} redirects"
+    )
+
+
+async def serve_until_signalled(config: BridgeConfig) -> int:
+    bridge = await start_bridge(config)
+    log.info(ready_line(bridge))
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    def on_hup() -> None:
+        try:
+            bridge.reload_certificate()
+        except Exception as exc:  # a bad file on reload must not stop the service
+            log.error("reload failed, keeping the current certificate: %s", exc)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    try:
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        await bridge.close()
+    return 0

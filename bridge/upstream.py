@@ -1,0 +1,380 @@
+"""The legacy leg: TLS 1.0-1.2 connections to the Exchange 2007 servers and HTTP/1.1 framing on them.
+
+A small HTTP/1.1 client of our own rather than aiohttp's: the bridge must send exactly the headers the
+client sent (aiohttp's client adds Accept, Accept-Encoding and Content-Type), relay the origin's
+``100 Continue`` instead of inventing one, keep ``Content-Length`` framing as is, and keep each
+connection private to one client connection (NTLM authenticates the TCP connection).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import socket
+import ssl
+import struct
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from bridge.config import LegacyServer
+from bridge.tls import describe_ssl_error, fingerprint, pin_flag
+
+log = logging.getLogger("bridge.upstream")
+
+READ_SIZE = 256 * 1024
+MAX_HEAD = 64 * 1024
+MAX_HEADERS = 200
+DOWN_BACKOFF = 5.0  # seconds a server that refused a connection is skipped while others are up
+
+
+class UpstreamError(Exception):
+    """The legacy server could not be used; str() is one sentence for the log and the 502 body."""
+
+
+class UpstreamProtocolError(UpstreamError):
+    """The legacy server sent something that is not HTTP/1.x."""
+
+
+@dataclass
+class ResponseHead:
+    version: str
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+
+    def get(self, name: str) -> str | None:
+        lowered = name.lower()
+        for key, value in self.headers:
+            if key.lower() == lowered:
+                return value
+        return None
+
+    def get_all(self, name: str) -> list[str]:
+        lowered = name.lower()
+        return [value for key, value in self.headers if key.lower() == lowered]
+
+
+@dataclass
+class ServerHealth:
+    server: LegacyServer
+    down_until: float = 0.0
+    last_error: str = ""
+    warned_unpinned: bool = False
+    suite_explanation: str | None = None
+
+
+class UpstreamConnection:
+    """One TLS connection to a legacy server, owned by exactly one client connection."""
+
+    def __init__(self, server: LegacyServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.server = server
+        self.reader = reader
+        self.writer = writer
+        self.reusable = True
+
+    @property
+    def usable(self) -> bool:
+        return self.reusable and not self.writer.is_closing() and not self.reader.at_eof()
+
+    def close(self) -> None:
+        self.reusable = False
+        if not self.writer.is_closing():
+            self.writer.close()
+
+    async def write(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def read_head(self) -> ResponseHead:
+        try:
+            raw = await self.reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError as exc:
+            if not exc.partial:
+                raise UpstreamError(f"the legacy server {self.server} closed the connection without answering") from None
+            raise UpstreamProtocolError(f"the legacy server {self.server} closed the connection in the middle of a response header") from None
+        except asyncio.LimitOverrunError:
+            raise UpstreamProtocolError(f"the legacy server {self.server} sent a response header larger than {MAX_HEAD // 1024} KiB") from None
+        return parse_response_head(raw, self.server)
+
+    async def body(self, head: ResponseHead, request_method: str) -> AsyncIterator[bytes]:
+        """Yield the response body as it arrives, honouring its framing."""
+        if not response_has_body(request_method, head.status):
+            return
+        if _is_chunked(head):
+            async for chunk in self._chunked_body():
+                yield chunk
+            return
+        length = head.get("Content-Length")
+        if length is not None:
+            remaining = int(length)
+            while remaining:
+                data = await self.reader.read(min(remaining, READ_SIZE))
+                if not data:
+                    self.reusable = False
+                    raise UpstreamError(f"the legacy server {self.server} closed the connection {remaining} bytes before the end of the response")
+                remaining -= len(data)
+                yield data
+            return
+        self.reusable = False  # body delimited by the connection's end
+        while data := await self.reader.read(READ_SIZE):
+            yield data
+
+    async def _chunked_body(self) -> AsyncIterator[bytes]:
+        while True:
+            line = await self._read_line()
+            try:
+                size = int(line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                raise UpstreamProtocolError(f"the legacy server {self.server} sent a malformed chunk size") from None
+            if size == 0:
+                while await self._read_line():  # trailers, discarded
+                    pass
+                return
+            remaining = size
+            while remaining:
+                data = await self.reader.read(min(remaining, READ_SIZE))
+                if not data:
+                    self.reusable = False
+                    raise UpstreamError(f"the legacy server {self.server} closed the connection inside a chunk")
+                remaining -= len(data)
+                yield data
+            if await self._read_line():
+                raise UpstreamProtocolError(f"the legacy server {self.server} sent a chunk longer than it declared")
+
+    async def _read_line(self) -> bytes:
+        try:
+            line = await self.reader.readuntil(b"\r\n")
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            self.reusable = False
+            raise UpstreamError(f"the legacy server {self.server} broke off a chunked response") from None
+        return line[:-2]
+
+
+def parse_response_head(raw: bytes, server: LegacyServer) -> ResponseHead:
+    lines = raw[:-4].split(b"\r\n")
+    status_line = lines[0].decode("latin-1")
+    parts = status_line.split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit() or len(parts[1]) != 3:
+        raise UpstreamProtocolError(f"the legacy server {server} answered something that is not HTTP/1.x ({status_line[:40]!r})")
+    if len(lines) - 1 > MAX_HEADERS:
+        raise UpstreamProtocolError(f"the legacy server {server} sent more than {MAX_HEADERS} response headers")
+    headers: list[tuple[str, str]] = []
+    for line in lines[1:]:
+        name, sep, value = line.decode("latin-1").partition(":")
+        if not sep or not name or name != name.strip():
+            raise UpstreamProtocolError(f"the legacy server {server} sent a malformed response header line")
+        headers.append((name, value.strip()))
+    return ResponseHead(parts[0][5:], int(parts[1]), parts[2] if len(parts) > 2 else "", headers)
+
+
+def response_has_body(method: str, status: int) -> bool:
+    return not (method == "HEAD" or 100 <= status < 200 or status in (204, 304))
+
+
+def _is_chunked(head: ResponseHead) -> bool:
+    return any("chunked" in value.lower() for value in head.get_all("Transfer-Encoding"))
+
+
+def response_keeps_connection(head: ResponseHead) -> bool:
+    tokens = {token.strip().lower() for value in head.get_all("Connection") for token in value.split(",")}
+    if "close" in tokens:
+        return False
+    if head.version == "1.0":
+        return "keep-alive" in tokens
+    return True
+
+
+@dataclass
+class LegacyPool:
+    """The legacy servers: round robin among healthy ones, failover on connect failure."""
+
+    servers: list[LegacyServer]
+    tls_context: ssl.SSLContext
+    connect_timeout: float
+    pinned_fingerprint: str | None = None
+    verified_by_ca: bool = False
+    health: dict[LegacyServer, ServerHealth] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.health = {server: ServerHealth(server) for server in self.servers}
+        self._turn = itertools.cycle(range(len(self.servers)))
+
+    def _order(self) -> list[LegacyServer]:
+        start = next(self._turn)
+        ordered = self.servers[start:] + self.servers[:start]
+        now = time.monotonic()
+        healthy = [s for s in ordered if self.health[s].down_until <= now]
+        resting = [s for s in ordered if self.health[s].down_until > now]
+        # Resting servers are still tried last, so recovery is immediate when every server was down.
+        return healthy + resting
+
+    async def connect(self) -> UpstreamConnection:
+        errors: list[str] = []
+        for server in self._order():
+            try:
+                connection = await self._open(server)
+            except UpstreamError as exc:
+                state = self.health[server]
+                state.down_until = time.monotonic() + DOWN_BACKOFF
+                state.last_error = str(exc)
+                log.warning("legacy %s unusable: %s", server, exc)
+                errors.append(str(exc))
+                continue
+            self.health[server].down_until = 0.0
+            self.health[server].last_error = ""
+            return connection
+        if len(errors) == 1:
+            raise UpstreamError(errors[0])
+        raise UpstreamError("no legacy server could be reached: " + "; ".join(errors))
+
+    async def _open(self, server: LegacyServer) -> UpstreamConnection:
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(
+                    server.host,
+                    server.port,
+                    ssl=self.tls_context,
+                    server_hostname=server.host,
+                    ssl_handshake_timeout=self.connect_timeout,
+                    limit=MAX_HEAD,
+                ),
+                timeout=self.connect_timeout,
+            )
+        except asyncio.TimeoutError:
+            raise UpstreamError(f"the legacy server {server} did not complete a connection within {self.connect_timeout:g} s") from None
+        except ssl.SSLError as exc:
+            explanation = await self._explain_handshake_failure(server, exc)
+            raise UpstreamError(f"the legacy server {server} refused TLS: {explanation}") from None
+        except socket.gaierror:
+            raise UpstreamError(f"the legacy server name {server.host} does not resolve; check --legacy and this machine's DNS") from None
+        except ConnectionRefusedError:
+            raise UpstreamError(f"the legacy server {server} refused the connection (nothing listens on port {server.port})") from None
+        except OSError as exc:
+            raise UpstreamError(f"the legacy server {server} could not be reached ({exc.strerror or exc})") from None
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        self._check_identity(server, writer)
+        return UpstreamConnection(server, reader, writer)
+
+    def _check_identity(self, server: LegacyServer, writer: asyncio.StreamWriter) -> None:
+        ssl_object = writer.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+        observed = fingerprint(der) if der else ""
+        if self.pinned_fingerprint:
+            if observed != self.pinned_fingerprint:
+                writer.close()
+                raise UpstreamError(
+                    f"the legacy server {server} presented a certificate with fingerprint sha256:{observed} instead of the pinned one; "
+                    f"if the certificate was renewed on purpose, pin the new one with {pin_flag(observed)}"
+                )
+            return
+        state = self.health[server]
+        if not self.verified_by_ca and not state.warned_unpinned:
+            state.warned_unpinned = True
+            log.warning(
+                "legacy %s is not verified: its certificate has fingerprint sha256:%s; pin it with %s",
+                server, observed, pin_flag(observed),
+            )
+
+    async def _explain_handshake_failure(self, server: LegacyServer, exc: ssl.SSLError) -> str:
+        state = self.health[server]
+        reason = describe_ssl_error(exc)
+        if "share no cipher" not in reason:
+            return reason
+        if state.suite_explanation is None:
+            offered = await probe_obsolete_suites(server.host, server.port, self.connect_timeout)
+            state.suite_explanation = (
+                f"it offers only {', '.join(offered)}, which this machine's OpenSSL no longer has; enable AES suites on the legacy server (Windows 2003: KB948963)"
+                if offered
+                else ""
+            )
+        return state.suite_explanation or reason
+
+    async def check_all(self) -> dict[LegacyServer, str]:
+        """Connect to each server once (at startup) and report what was found."""
+        results: dict[LegacyServer, str] = {}
+
+        async def check(server: LegacyServer) -> None:
+            try:
+                connection = await self._open(server)
+            except UpstreamError as exc:
+                results[server] = str(exc)
+                self.health[server].last_error = str(exc)
+                return
+            ssl_object = connection.writer.get_extra_info("ssl_object")
+            results[server] = f"ok ({ssl_object.version()}, {ssl_object.cipher()[0]})"
+            connection.close()
+
+        await asyncio.gather(*(check(server) for server in self.servers))
+        return results
+
+
+# Suites a Windows 2003 server without KB948963 offers and Debian's OpenSSL 3 lacks.
+OBSOLETE_SUITES = {0x0005: "RC4-SHA", 0x0004: "RC4-MD5", 0x000A: "DES-CBC3-SHA", 0x0009: "DES-CBC-SHA", 0x0003: "EXP-RC4-MD5"}
+
+
+async def probe_obsolete_suites(host: str, port: int, timeout: float) -> list[str]:
+    """Offer each obsolete suite in a hand-built TLS 1.0 ClientHello; return those the server picks."""
+    accepted: list[str] = []
+    remaining = dict(OBSOLETE_SUITES)
+    while remaining:
+        chosen = await _server_choice(host, port, list(remaining), timeout)
+        if chosen is None or chosen not in remaining:
+            break
+        accepted.append(remaining.pop(chosen))
+    return accepted
+
+
+async def _server_choice(host: str, port: int, suites: list[int], timeout: float) -> int | None:
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except (OSError, asyncio.TimeoutError):
+        return None
+    try:
+        writer.write(_client_hello(host, suites))
+        await writer.drain()
+        header = await asyncio.wait_for(reader.readexactly(5), timeout)
+        if header[0] != 0x16:  # not a handshake record: an alert
+            return None
+        body = await asyncio.wait_for(reader.readexactly(struct.unpack("!H", header[3:5])[0]), timeout)
+        if body[0] != 0x02:  # not a ServerHello
+            return None
+        session_id_length = body[38]
+        return struct.unpack("!H", body[39 + session_id_length : 41 + session_id_length])[0]
+    except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, IndexError, struct.error):
+        return None
+    finally:
+        writer.close()
+
+
+def _client_hello(host: str, suites: list[int]) -> bytes:
+    import os
+
+    name = host.encode("idna") if not _looks_like_ip(host) else b""
+    extensions = b""
+    if name:
+        server_name = struct.pack("!BH", 0, len(name)) + name
+        server_name_list = struct.pack("!H", len(server_name)) + server_name
+        extensions += struct.pack("!HH", 0x0000, len(server_name_list)) + server_name_list
+    extensions += struct.pack("!HHH", 0xFF01, 1, 0)[:-1] + b"\x00"  # renegotiation_info, empty
+    cipher_bytes = b"".join(struct.pack("!H", s) for s in suites)
+    body = (
+        b"\x03\x01" + os.urandom(32) + b"\x00"
+        + struct.pack("!H", len(cipher_bytes)) + cipher_bytes
+        + b"\x01\x00"
+        + struct.pack("!H", len(extensions)) + extensions
+    )
+    handshake = b"\x01" + struct.pack("!I", len(body))[1:] + body
+    return b"\x16\x03\x01" + struct.pack("!H", len(handshake)) + handshake
+
+
+def _looks_like_ip(host: str) -> bool:
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+    except OSError:
+        return False
+    return True
