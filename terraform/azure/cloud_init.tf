@@ -1,0 +1,17 @@
+# The VM's cloud-init: it writes scripts/install.sh and the systemd unit beside it onto the VM and
+# runs install.sh with the settings below, so a VM built here is installed exactly like one
+# installed by hand. Kept apart from the resources so that tests can render it with variables alone.
+
+locals {
+  install_args = concat(
+    ["--package", var.bridge_package, "--fqdn", var.fqdn, "--email", var.acme_email, "--acme-directory", var.acme_directory],
+    flatten([for host in var.legacy_hosts : ["--legacy", host]]),
+    var.legacy_fingerprint == "" ? [] : ["--legacy-fingerprint", var.legacy_fingerprint],
+  )
+
+  cloud_init = templatefile("${path.module}/cloud-init.yaml.tftpl", {
+    install_sh   = file("${path.module}/../../scripts/install.sh")
+    unit_file    = file("${path.module}/../../scripts/exchange-bridge.service")
+    install_args = local.install_args
+  })
+}
