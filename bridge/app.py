@@ -131,6 +131,8 @@ async def start_bridge(config: BridgeConfig, certificate_source: CertificateSour
             await runner.cleanup()
         raise
     bridge = RunningBridge(config, proxy, bound_port(https_runner), bound_port(http_runner), ssl_context, runners)
+    proxy.set_public_port(bridge.https_port)
+    redirector.set_https_port(bridge.https_port)
     return bridge
 
 

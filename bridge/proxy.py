@@ -87,11 +87,26 @@ class Proxy:
         self.config = config
         self.pool = pool
         self.forward_prefixes = tuple(p.lower() for p in config.forward_paths)
-        self.legacy_names = {name for name in config.legacy_hostnames}
+        self.legacy_names = set(config.legacy_hostnames)
+        if config.legacy_host_header:
+            self.legacy_names.add(config.legacy_host_header.lower())
         self.https_port = str(config.https_port)
-        public_port = "" if config.https_port == 443 else f":{config.https_port}"
-        self.public_origin = f"https://{config.fqdn}{public_port}"
-        self.location_pattern = _location_pattern(self.legacy_names)
+        self.set_public_port(config.https_port)
+        self._location_names: frozenset[str] = frozenset()
+        self._location_pattern: re.Pattern[str] | None = None
+
+    def set_public_port(self, port: int) -> None:
+        self.https_port = str(port)
+        self.public_origin = f"https://{self.config.fqdn}" + ("" if port == 443 else f":{port}")
+
+    @property
+    def location_pattern(self) -> re.Pattern[str] | None:
+        """Matches an absolute URL on any name the legacy server goes by (configured or in its certificate)."""
+        names = frozenset(self.legacy_names | self.pool.certificate_names)
+        if names != self._location_names:
+            self._location_names = names
+            self._location_pattern = _location_pattern(set(names))
+        return self._location_pattern
 
     # ---- entry point -------------------------------------------------------------------------
     async def handle(self, request: BaseRequest) -> web.StreamResponse:
@@ -296,8 +311,10 @@ class Proxy:
             lowered = name.lower()
             if lowered in HOP_BY_HOP or lowered in connection_tokens or lowered == "content-length":
                 continue
-            if lowered in ("location", "content-location") and self.location_pattern is not None:
-                value = self.location_pattern.sub(self.public_origin, value, count=1)
+            if lowered in ("location", "content-location"):
+                pattern = self.location_pattern
+                if pattern is not None:
+                    value = pattern.sub(self.public_origin, value)
             present.add(lowered)
             response.headers.add(name, value)
         for name, value in SECURITY_HEADERS:
@@ -360,7 +377,7 @@ def _location_pattern(names: set[str]) -> re.Pattern[str] | None:
     if not names:
         return None
     alternatives = "|".join(re.escape(name) for name in sorted(names, key=len, reverse=True))
-    return re.compile(rf"^https?://(?:{alternatives})(?::\d+)?(?=/|$)", re.IGNORECASE)
+    return re.compile(rf"\bhttps?://(?:{alternatives})(?::\d+)?(?=[/?#&]|$)", re.IGNORECASE)
 
 
 # ---- port 80 -----------------------------------------------------------------------------------
@@ -372,8 +389,11 @@ class HttpRedirector:
 
     def __init__(self, fqdn: str, https_port: int, challenges: dict[str, str]) -> None:
         self.challenges = challenges
-        port = "" if https_port == 443 else f":{https_port}"
-        self.origin = f"https://{fqdn}{port}"
+        self.fqdn = fqdn
+        self.set_https_port(https_port)
+
+    def set_https_port(self, port: int) -> None:
+        self.origin = f"https://{self.fqdn}" + ("" if port == 443 else f":{port}")
 
     async def handle(self, request: BaseRequest) -> web.StreamResponse:
         path = request.raw_path

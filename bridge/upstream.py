@@ -18,6 +18,9 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
 from bridge.config import LegacyServer
 from bridge.tls import describe_ssl_error, fingerprint, pin_flag
 
@@ -196,6 +199,8 @@ class LegacyPool:
     pinned_fingerprint: str | None = None
     verified_by_ca: bool = False
     health: dict[LegacyServer, ServerHealth] = field(default_factory=dict)
+    # Names the legacy servers call themselves (certificate CN/SANs): OWA writes them into redirects.
+    certificate_names: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.health = {server: ServerHealth(server) for server in self.servers}
@@ -264,6 +269,8 @@ class LegacyPool:
         ssl_object = writer.get_extra_info("ssl_object")
         der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
         observed = fingerprint(der) if der else ""
+        if der:
+            self.certificate_names.update(certificate_dns_names(der))
         if self.pinned_fingerprint:
             if observed != self.pinned_fingerprint:
                 writer.close()
@@ -315,6 +322,19 @@ class LegacyPool:
 
 # Suites a Windows 2003 server without KB948963 offers and Debian's OpenSSL 3 lacks.
 OBSOLETE_SUITES = {0x0005: "RC4-SHA", 0x0004: "RC4-MD5", 0x000A: "DES-CBC3-SHA", 0x0009: "DES-CBC-SHA", 0x0003: "EXP-RC4-MD5"}
+
+
+def certificate_dns_names(der: bytes) -> set[str]:
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except ValueError:
+        return set()
+    names = {a.value.lower() for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME) if isinstance(a.value, str)}
+    try:
+        names.update(n.lower() for n in cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName))
+    except x509.ExtensionNotFound:
+        pass
+    return {n for n in names if n and "*" not in n}
 
 
 async def probe_obsolete_suites(host: str, port: int, timeout: float) -> list[str]:
