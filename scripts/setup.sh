@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs exchange-bridge into ./.venv. With --test, also what the tests need:
+# Debian packages (pebble, chromium, shellcheck, haproxy, nginx, wrk, curl) and checkov in its own venv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+want_tests=0
+[ "${1:-}" = "--test" ] && want_tests=1
+
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+python=${PYTHON:-python3}
+"$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+  || { echo "exchange-bridge needs Python 3.11 or newer; set PYTHON=/path/to/python3.11." >&2; exit 2; }
+
+if [ "$want_tests" = 1 ]; then
+  packages=(pebble chromium shellcheck haproxy nginx wrk curl openssl iproute2)
+  missing=()
+  for package in "${packages[@]}"; do
+    dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
+  done
+  if [ "${#missing[@]}" -gt 0 ]; then
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+  # nginx and haproxy are run by the benchmark on loopback only, never as system services.
+  as_root systemctl disable --now nginx haproxy >/dev/null 2>&1 || true
+fi
+
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+.venv/bin/pip install -q --upgrade pip
+if [ "$want_tests" = 1 ]; then
+  .venv/bin/pip install -q -e '.[test]'
+  if [ ! -x .venv-checkov/bin/checkov ]; then
+    "$python" -m venv .venv-checkov
+    .venv-checkov/bin/pip install -q checkov
+  fi
+else
+  .venv/bin/pip install -q -e .
+fi
