@@ -322,8 +322,9 @@ class Proxy:
                 response.headers[name] = value
 
     def abort_exchange(self, request: BaseRequest, exchange: Exchange, status: int, message: str) -> web.StreamResponse:
-        """Answer with an error if nothing was sent yet; otherwise cut the client connection."""
-        if exchange.response is None:
+        """Answer with an error if nothing was sent yet and the client has sent its whole body;
+        otherwise cut the client connection (a client still sending could not read the answer)."""
+        if exchange.response is None and request.content.is_eof():
             exchange.status = status
             response = local_response(status, message)
             response.force_close()
@@ -331,6 +332,9 @@ class Proxy:
         transport = request.transport
         if transport is not None:
             transport.abort()
+        if exchange.response is None:
+            exchange.status = status
+            return local_response(status, message)
         return exchange.response
 
     def log_access(self, request: BaseRequest, exchange: Exchange) -> None:
