@@ -26,8 +26,15 @@ SUBCOMMANDS = {
 USER_ERROR_NAMES = {"ConfigError", "CertificateError", "StartupError", "AcmeError", "PreflightUsageError"}
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line naming --help instead of the whole usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {message}; see `{self.prog} --help`.\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bridge", description="exchange-bridge: migrate Exchange 2007 to Exchange Online over a TLS 1.2 bridge.")
+    parser = OneLineParser(prog="bridge", description="exchange-bridge: migrate Exchange 2007 to Exchange Online over a TLS 1.2 bridge.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
