@@ -27,7 +27,15 @@ if [ "$want_tests" = 1 ]; then
   as_root systemctl disable --now nginx haproxy >/dev/null 2>&1 || true
 fi
 
-[ -x .venv/bin/python ] || "$python" -m venv .venv
+if [ ! -x .venv/bin/python ]; then
+  if ! "$python" -m venv .venv 2>/dev/null; then
+    # Debian ships venv's pip bootstrap separately.
+    rm -rf .venv
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+    "$python" -m venv .venv
+  fi
+fi
 .venv/bin/pip install -q --upgrade pip
 if [ "$want_tests" = 1 ]; then
   .venv/bin/pip install -q -e '.[test]'
