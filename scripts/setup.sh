@@ -7,6 +7,13 @@ cd "$(dirname "$0")/.."
 want_tests=0
 [ "${1:-}" = "--test" ] && want_tests=1
 
+quietly() {  # pip's output only when it fails
+  local log
+  log=$(mktemp)
+  if ! "$@" >"$log" 2>&1; then cat "$log" >&2; rm -f "$log"; return 1; fi
+  rm -f "$log"
+}
+
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
 python=${PYTHON:-python3}
@@ -20,8 +27,8 @@ if [ "$want_tests" = 1 ]; then
     dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
   done
   if [ "${#missing[@]}" -gt 0 ]; then
-    as_root apt-get update -qq
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    as_root apt-get -o DPkg::Lock::Timeout=600 update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   fi
   # nginx and haproxy are run by the benchmark on loopback only, never as system services.
   as_root systemctl disable --now nginx haproxy >/dev/null 2>&1 || true
@@ -31,18 +38,18 @@ if [ ! -x .venv/bin/python ]; then
   if ! "$python" -m venv .venv 2>/dev/null; then
     # Debian ships venv's pip bootstrap separately.
     rm -rf .venv
-    as_root apt-get update -qq
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+    as_root apt-get -o DPkg::Lock::Timeout=600 update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq python3-venv >/dev/null
     "$python" -m venv .venv
   fi
 fi
-.venv/bin/pip install -q --upgrade pip
+quietly .venv/bin/pip install --upgrade pip
 if [ "$want_tests" = 1 ]; then
-  .venv/bin/pip install -q -e '.[test]'
+  quietly .venv/bin/pip install -e '.[test]'
   if [ ! -x .venv-checkov/bin/checkov ]; then
     "$python" -m venv .venv-checkov
-    .venv-checkov/bin/pip install -q checkov
+    quietly .venv-checkov/bin/pip install checkov
   fi
 else
-  .venv/bin/pip install -q -e .
+  quietly .venv/bin/pip install -e .
 fi
