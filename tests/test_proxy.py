@@ -378,3 +378,36 @@ def test_access_log_has_no_credentials(bridge, ca, caplog):
     assert "GET /EWS/Exchange.asmx 200" in text
     assert LAB_PASSWORD not in text and "alice" not in text and "secret" not in text
     assert base64.b64encode(f"{LAB_USER}:{LAB_PASSWORD}".encode()).decode() not in text
+
+
+def test_legacy_ca_verifies_the_legacy_certificate_by_name(lab, ca, tmp_path):
+    from bridge.config import LegacyServer
+    from bridge_clients import ca_file, resolve_lab_names
+
+    resolve_lab_names()  # exch2007.lab.test -> 127.0.0.1 inside this process, the bridge's loop included
+    trusted = bridge_config(lab.port, tmp_path / "good", ca, legacy=[LegacyServer("exch2007.lab.test", lab.port)], legacy_ca=lab.cert_path)
+    with BackgroundBridge(trusted) as running:
+        assert bridge_session(ca).get(f"{running.url}/EWS/Exchange.asmx", timeout=30).status_code == 401
+    wrong_ca = ca_file(LocalCA.create(), tmp_path)
+    untrusted = bridge_config(lab.port, tmp_path / "bad", ca, legacy=[LegacyServer("exch2007.lab.test", lab.port)], legacy_ca=wrong_ca)
+    before = lab.counters.requests_total
+    with BackgroundBridge(untrusted) as running:
+        response = bridge_session(ca).get(f"{running.url}/EWS/Exchange.asmx", timeout=30)
+    assert response.status_code == 502 and "verification" in response.text
+    assert lab.counters.requests_total == before
+
+
+def test_config_file_with_flags_winning(lab, ca, tmp_path):
+    from bridge.app import add_arguments, config_from_args
+    import argparse
+
+    config_file = tmp_path / "bridge.toml"
+    config_file.write_text(
+        f'fqdn = "{BRIDGE_FQDN}"\nlegacy = ["127.0.0.1:{lab.port}"]\nhttps_port = 8443\nhttp_port = 8080\nidle_timeout = 600\n'
+        'forward_paths = ["/EWS", "/rpc"]\n'
+    )
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = config_from_args(parser.parse_args(["--config", str(config_file), "--https-port", "9443", "--cert", "c.pem", "--key", "k.pem"]))
+    assert (config.fqdn, config.https_port, config.http_port, config.idle_timeout) == (BRIDGE_FQDN, 9443, 8080, 600)
+    assert config.forward_paths == ("/EWS", "/rpc") and str(config.legacy[0]) == f"127.0.0.1:{lab.port}"
