@@ -210,9 +210,14 @@ class Proxy:
         upstream: UpstreamConnection | None = state.data.get(UPSTREAM_KEY)
         if upstream is not None and upstream.usable:
             return upstream
-        if upstream is not None:
+        replacing = upstream is not None
+        if replacing:
             upstream.close()
         upstream = await self.pool.connect()
+        if replacing:
+            # The connection the client authenticated on is gone: answer on a new one, then end the
+            # client connection so the client re-authenticates instead of trusting a stale logon.
+            upstream.reusable = False
         state.data[UPSTREAM_KEY] = upstream
         state.on_close(upstream.close)
         return upstream
@@ -285,7 +290,7 @@ class Proxy:
             response.content_length = int(length)
         elif has_body and any("chunked" in v.lower() for v in head.get_all("Transfer-Encoding")):
             response.enable_chunked_encoding()
-        keep = response_keeps_connection(head)
+        keep = response_keeps_connection(head) and upstream.reusable
         if not keep or (has_body and length is None and not head.get_all("Transfer-Encoding")):
             # The origin ends this connection: end the client's too, so it re-authenticates.
             upstream.reusable = False

@@ -411,3 +411,25 @@ def test_config_file_with_flags_winning(lab, ca, tmp_path):
     config = config_from_args(parser.parse_args(["--config", str(config_file), "--https-port", "9443", "--cert", "c.pem", "--key", "k.pem"]))
     assert (config.fqdn, config.https_port, config.http_port, config.idle_timeout) == (BRIDGE_FQDN, 9443, 8080, 600)
     assert config.forward_paths == ("/EWS", "/rpc") and str(config.legacy[0]) == f"127.0.0.1:{lab.port}"
+
+
+def test_client_connection_ends_when_its_upstream_connection_was_lost(ca, tmp_path):
+    """The NTLM logon lived on the lost upstream connection: the client must reconnect and log on again."""
+    background = BackgroundLab(LabOptions(host="127.0.0.1", port=0, state_dir=tmp_path / "lab"))
+    lab = background.start()
+    try:
+        with BackgroundBridge(bridge_config(lab.port, tmp_path, ca)) as running:
+            connection = connect(running, ca)
+            assert negotiate_logon(connection, "/EWS/Exchange.asmx").status == 200
+            background.stop()
+            background.start()  # every upstream connection is gone
+            connection.request("GET", "/EWS/Exchange.asmx")
+            response = connection.getresponse()
+            response.read()
+            assert response.status == 401  # not 200: the new upstream connection has no logon
+            assert response.getheader("Connection", "").lower() == "close"
+            fresh = connect(running, ca)
+            assert negotiate_logon(fresh, "/EWS/Exchange.asmx").status == 200
+            fresh.close()
+    finally:
+        background.shutdown()
