@@ -380,7 +380,7 @@ def _client_hello(host: str, suites: list[int]) -> bytes:
         server_name = struct.pack("!BH", 0, len(name)) + name
         server_name_list = struct.pack("!H", len(server_name)) + server_name
         extensions += struct.pack("!HH", 0x0000, len(server_name_list)) + server_name_list
-    extensions += struct.pack("!HHH", 0xFF01, 1, 0)[:-1] + b"\x00"  # renegotiation_info, empty
+    extensions += struct.pack("!HHB", 0xFF01, 1, 0)  # renegotiation_info, empty
     cipher_bytes = b"".join(struct.pack("!H", s) for s in suites)
     body = (
         b"\x03\x01" + os.urandom(32) + b"\x00"

@@ -82,3 +82,14 @@ def test_bridge_explains_an_rc4_only_legacy_server(tmp_path, caplog):
         loop.call_soon_threadsafe(server.close)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
+
+
+def test_probe_hello_is_well_formed_for_a_strict_openssl_server(tmp_path):
+    """OpenSSL (the lab) rejects a malformed ClientHello: the hand-built one must pass and get AES128-SHA."""
+    from bridge.lab import LabOptions
+    from bridge.upstream import _server_choice
+    from lab_clients import BackgroundLab
+
+    with BackgroundLab(LabOptions(host="127.0.0.1", port=0, state_dir=tmp_path)) as lab:
+        chosen = asyncio.run(_server_choice("127.0.0.1", lab.port, [0x002F], 5))
+    assert chosen == 0x002F
