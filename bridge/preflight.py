@@ -1,0 +1,1256 @@
+"""`bridge preflight`: probe the legacy Exchange 2007 server and the bridge before the migration batch.
+
+Every check ends as pass / warn / fail / skip with a one-line summary and a fix. Probes run
+concurrently on one event loop; a host that cannot be reached costs one timeout (name resolution and
+TCP connect happen once per side, and everything that depends on them is skipped with the reason).
+Each legacy-side HTTP check is repeated through the bridge and the two results are compared.
+
+The password is held in memory only: it is never part of a Check, a report or a log line.
+Rendering (console table, JSON, HTML) lives in bridge.preflight_report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import datetime as dt
+import getpass
+import ipaddress
+import os
+import secrets
+import socket
+import ssl
+import sys
+import time
+import warnings
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import spnego
+from cryptography import x509
+
+from bridge.certificates import inspect_certificate
+from bridge.config import LegacyServer, load_toml, merge, parse_fingerprint, parse_legacy, validate_fqdn
+from bridge.proxy import ACME_PREFIX, SECURITY_HEADERS
+from bridge.tls import fingerprint, legacy_context, pin_flag
+from bridge.upstream import probe_obsolete_suites, response_has_body
+
+SCHEMA = "exchange-bridge-preflight/1"
+STATUSES = ("pass", "warn", "fail", "skip")
+DEFAULT_TIMEOUT = 10.0
+DEFAULT_HOLD = 5.0
+RPC_PORTS = (6001, 6002, 6004)
+USER_AGENT = "exchange-bridge-preflight"
+MAX_BODY = 1024 * 1024
+MAX_HEAD = 64 * 1024
+MAX_SUITES = 16
+EXPIRY_WARNING_DAYS = 14
+
+# The virtual directories a cutover migration touches (and OWA, which users notice first).
+HTTP_PATHS = {
+    "owa": ("GET", "/owa/"),
+    "ews": ("GET", "/EWS/Exchange.asmx"),
+    "autodiscover": ("GET", "/Autodiscover/Autodiscover.xml"),
+    "rpc": ("RPC_IN_DATA", "/rpc/rpcproxy.dll"),
+}
+PROTECTED_PATHS = ("ews", "autodiscover", "rpc")
+LOGON_PATH = "/EWS/Exchange.asmx"
+
+TLS_VERSIONS = (
+    ("TLS 1.0", ssl.TLSVersion.TLSv1),
+    ("TLS 1.1", ssl.TLSVersion.TLSv1_1),
+    ("TLS 1.2", ssl.TLSVersion.TLSv1_2),
+    ("TLS 1.3", ssl.TLSVersion.TLSv1_3),
+)
+VERSION_NAMES = {"TLSv1": "TLS 1.0", "TLSv1.1": "TLS 1.1", "TLSv1.2": "TLS 1.2", "TLSv1.3": "TLS 1.3"}
+ENUMERATION_CIPHERS = "ALL:@SECLEVEL=0"
+
+POX_NS = "{http://schemas.microsoft.com/exchange/autodiscover/outlook/responseschema/2006a}"
+POX_ERROR_NS = "{http://schemas.microsoft.com/exchange/autodiscover/responseschema/2006}"
+POX_REQUEST = (
+    '<?xml version="1.0" encoding="utf-8"?>'
+    '<Autodiscover xmlns="http://schemas.microsoft.com/exchange/autodiscover/outlook/requestschema/2006">'
+    "<Request><EMailAddress>{email}</EMailAddress>"
+    "<AcceptableResponseSchema>http://schemas.microsoft.com/exchange/autodiscover/outlook/responseschema/2006a</AcceptableResponseSchema>"
+    "</Request></Autodiscover>"
+)
+
+# Details compared between the direct probe and the same probe through the bridge.
+COMPARED_DETAILS = {
+    "http": ("http_status", "auth_schemes", "server_header"),
+    "logon": ("outcome", "http_status"),
+    "autodiscover": ("http_status", "error", "exchange_server", "legacy_dn", "auth_package"),
+    "rpc": ("rpc_in_data", "rpc_out_data"),
+}
+
+
+class PreflightUsageError(Exception):
+    """A preflight flag is missing or wrong; str() is one sentence."""
+
+
+class ProbeError(Exception):
+    """A probe could not get an answer; str() is a short reason."""
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class Check:
+    id: str
+    side: str  # "legacy" | "bridge"
+    status: str  # pass | warn | fail | skip
+    summary: str
+    details: dict[str, Any] = field(default_factory=dict)
+    fix: str = ""
+
+    def as_json(self) -> dict[str, Any]:
+        return {"id": self.id, "side": self.side, "status": self.status, "summary": self.summary, "details": self.details, "fix": self.fix}
+
+
+@dataclass
+class Credentials:
+    email: str
+    username: str
+    password: str = field(repr=False)
+
+
+@dataclass
+class Settings:
+    legacy: LegacyServer
+    fqdn: str | None = None
+    expect_ip: str | None = None
+    bridge_addr: str | None = None
+    https_port: int = 443
+    http_port: int = 80
+    ca_bundle: Path | None = None
+    credentials: Credentials | None = None
+    auth: str = "both"
+    timeout: float = DEFAULT_TIMEOUT
+    hold: float = DEFAULT_HOLD
+    legacy_fingerprint: str | None = None  # pinned in the bridge config: compared with what is served
+
+
+@dataclass
+class Report:
+    settings: Settings
+    checks: list[Check]
+    started: dt.datetime
+    duration: float
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def verdict(self) -> str:
+        statuses = {check.status for check in self.checks}
+        if "fail" in statuses:
+            return "fail"
+        return "warn" if "warn" in statuses else "pass"
+
+    def by_side(self, side: str) -> list[Check]:
+        return [check for check in self.checks if check.side == side]
+
+    def get(self, check_id: str) -> Check | None:
+        return next((check for check in self.checks if check.id == check_id), None)
+
+
+def worst(statuses: list[str]) -> str:
+    for status in ("fail", "warn", "pass"):
+        if status in statuses:
+            return status
+    return "skip"
+
+
+# --------------------------------------------------------------------------- which checks run
+
+
+def http_suffixes(settings: Settings) -> list[str]:
+    """The HTTP checks of one side (legacy direct, or the same through the bridge), in report order."""
+    suffixes = [f"http.{name}" for name in HTTP_PATHS]
+    if settings.credentials:
+        suffixes += [f"logon.{scheme}" for scheme in wanted_schemes(settings.auth)]
+        suffixes.append("autodiscover")
+        suffixes += [f"rpc.{port}" for port in RPC_PORTS]
+    return suffixes
+
+
+def wanted_schemes(auth: str) -> list[str]:
+    return ["basic", "ntlm"] if auth == "both" else [auth]
+
+
+def planned_checks(settings: Settings) -> list[tuple[str, str]]:
+    """(id, side) of every check this run reports, in report order."""
+    legacy = ["dns", "tcp", "tls", "renegotiation", "certificate"] + http_suffixes(settings)
+    planned = [(f"legacy.{name}", "legacy") for name in legacy]
+    if not settings.fqdn:
+        return planned + [("bridge.fqdn", "bridge")]
+    bridge = ["dns", "tcp", "port80.redirect", "port80.acme", "tls.modern", "tls.obsolete", "certificate", "headers", "idle"]
+    bridge += http_suffixes(settings)
+    return planned + [(f"bridge.{name}", "bridge") for name in bridge]
+
+
+# --------------------------------------------------------------------------- network primitives
+
+
+def quiet_tls_version(context: ssl.SSLContext, minimum: ssl.TLSVersion | None = None, maximum: ssl.TLSVersion | None = None) -> ssl.SSLContext:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TLS 1.0/1.1 are what we probe for
+        if minimum is not None:
+            context.minimum_version = minimum
+        if maximum is not None:
+            context.maximum_version = maximum
+    return context
+
+
+def legacy_client() -> ssl.SSLContext:
+    """The bridge's own client context for the legacy server (TLS 1.0 and up, unverified)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return legacy_context()
+
+
+def exact_version_context(version: ssl.TLSVersion, ciphers: str) -> ssl.SSLContext:
+    """An unverified client that offers only ``version`` (down to @SECLEVEL=0, for 2007-era servers)."""
+    context = legacy_client()
+    quiet_tls_version(context, version, version)
+    context.set_ciphers(ciphers)
+    return context
+
+
+def unverified_modern_context() -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+def trusting_context(ca_bundle: Path | None) -> ssl.SSLContext:
+    """The system trust store plus --ca-bundle, with name checking: what Exchange Online would demand."""
+    context = ssl.create_default_context()
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if ca_bundle is not None:
+        context.load_verify_locations(cafile=str(ca_bundle))
+    return context
+
+
+def is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def reason_of(exc: BaseException) -> str:
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return "no answer within the timeout"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return exc.verify_message or str(exc)
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or str(exc)
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, (ConnectionResetError, asyncio.IncompleteReadError)):
+        return "the connection was closed"
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc) or type(exc).__name__
+    return str(exc) or type(exc).__name__
+
+
+async def resolve(host: str, port: int, timeout: float) -> list[str]:
+    if is_ip(host):
+        return [host]
+    loop = asyncio.get_running_loop()
+    infos = await asyncio.wait_for(loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout)
+    addresses: list[str] = []
+    for info in infos:
+        address = info[4][0]
+        if address not in addresses:
+            addresses.append(address)
+    return addresses
+
+
+async def tcp_connect(address: str, port: int, timeout: float) -> float:
+    started = time.monotonic()
+    _, writer = await asyncio.wait_for(asyncio.open_connection(address, port), timeout)
+    elapsed = time.monotonic() - started
+    writer.close()
+    return elapsed
+
+
+@dataclass
+class Handshake:
+    version: str
+    cipher: str
+    der: bytes | None
+
+
+async def tls_handshake(address: str, port: int, context: ssl.SSLContext, sni: str, timeout: float) -> Handshake:
+    _, writer = await asyncio.wait_for(
+        asyncio.open_connection(address, port, ssl=context, server_hostname=sni, ssl_handshake_timeout=timeout), timeout
+    )
+    try:
+        ssl_object = writer.get_extra_info("ssl_object")
+        return Handshake(ssl_object.version(), ssl_object.cipher()[0], ssl_object.getpeercert(binary_form=True))
+    finally:
+        writer.close()
+
+
+def refused_handshake(exc: BaseException) -> bool:
+    """True when the server answered the ClientHello with a refusal (alert, reset, close), not silence."""
+    return isinstance(exc, (ssl.SSLError, ConnectionResetError, asyncio.IncompleteReadError, BrokenPipeError, EOFError))
+
+
+# --------------------------------------------------------------------------- a small HTTP/1.1 client
+
+
+@dataclass
+class HttpTarget:
+    """Where HTTP probes go: an address and port, the TLS name (SNI) and the Host header."""
+
+    address: str
+    port: int
+    sni: str  # "" sends no SNI
+    host_header: str
+    context: ssl.SSLContext
+    timeout: float
+
+
+@dataclass
+class HttpAnswer:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        return next((value for key, value in self.headers if key.lower() == name.lower()), None)
+
+    def all(self, name: str) -> list[str]:
+        return [value for key, value in self.headers if key.lower() == name.lower()]
+
+    @property
+    def schemes(self) -> list[str]:
+        """The authentication schemes offered, one per WWW-Authenticate header, in server order."""
+        words = [value.split(" ", 1)[0] for value in self.all("WWW-Authenticate") if value.strip()]
+        return list(dict.fromkeys(word for word in words if word))
+
+
+class HttpConnection:
+    def __init__(self, target: HttpTarget, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.target = target
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, target: HttpTarget) -> "HttpConnection":
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(
+                    target.address, target.port, ssl=target.context, server_hostname=target.sni,
+                    ssl_handshake_timeout=target.timeout, limit=MAX_HEAD,
+                ),
+                target.timeout,
+            )
+        except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
+            raise ProbeError(f"cannot connect ({reason_of(exc)})") from None
+        return cls(target, reader, writer)
+
+    def close(self) -> None:
+        self.writer.close()
+
+    async def request(self, method: str, path: str, headers: dict[str, str], body: bytes = b"") -> HttpAnswer:
+        lines = [f"{method} {path} HTTP/1.1", f"Host: {self.target.host_header}"]
+        lines += [f"{name}: {value}" for name, value in headers.items()]
+        if body or method in ("POST", "RPC_IN_DATA", "RPC_OUT_DATA"):
+            lines.append(f"Content-Length: {len(body)}")
+        try:
+            self.writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+            return await asyncio.wait_for(self._read_answer(method), self.target.timeout)
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
+            raise ProbeError(f"no HTTP answer to {method} {path.split('?')[0]} ({reason_of(exc)})") from None
+
+    async def _read_answer(self, method: str) -> HttpAnswer:
+        while True:
+            head = await self.reader.readuntil(b"\r\n\r\n")
+            status, headers = parse_head(head)
+            if not 100 <= status < 200:
+                break
+        body = await self._read_body(method, status, headers) if response_has_body(method, status) else b""
+        return HttpAnswer(status, headers, body)
+
+    async def _read_body(self, method: str, status: int, headers: list[tuple[str, str]]) -> bytes:
+        values = {key.lower(): value for key, value in headers}
+        if "chunked" in values.get("transfer-encoding", "").lower():
+            chunks = []
+            while True:
+                size = int((await self.reader.readuntil(b"\r\n")).split(b";")[0].strip(), 16)
+                if size == 0:
+                    while (await self.reader.readuntil(b"\r\n")) != b"\r\n":
+                        pass
+                    return b"".join(chunks)[:MAX_BODY]
+                chunks.append(await self.reader.readexactly(size))
+                await self.reader.readexactly(2)
+        if "content-length" in values:
+            length = int(values["content-length"])
+            if length > MAX_BODY:
+                raise ValueError(f"a {length}-byte answer is larger than expected")
+            return await self.reader.readexactly(length)
+        return await self.reader.read(MAX_BODY)
+
+
+def parse_head(raw: bytes) -> tuple[int, list[tuple[str, str]]]:
+    status_line, *lines = raw[:-4].decode("latin-1").split("\r\n")
+    parts = status_line.split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+        raise ValueError(f"not an HTTP/1.x answer: {status_line[:40]!r}")
+    headers = []
+    for line in lines:
+        name, _, value = line.partition(":")
+        headers.append((name.strip(), value.strip()))
+    return int(parts[1]), headers
+
+
+def request_headers(method: str) -> dict[str, str]:
+    if method.startswith("RPC_"):
+        # What Outlook sends on an echo request.
+        return {"User-Agent": "MSRPC", "Accept": "application/rpc", "Cache-Control": "no-cache", "Pragma": "no-cache"}
+    return {"User-Agent": USER_AGENT, "Accept": "*/*"}
+
+
+async def http_exchange(
+    target: HttpTarget,
+    method: str,
+    path: str,
+    *,
+    body: bytes = b"",
+    extra: dict[str, str] | None = None,
+    credentials: Credentials | None = None,
+    scheme: str | None = None,
+) -> HttpAnswer:
+    """One request on a fresh connection; with NTLM, the handshake runs on that connection."""
+    connection = await HttpConnection.open(target)
+    try:
+        headers = request_headers(method) | (extra or {})
+        if credentials is None or scheme is None:
+            return await connection.request(method, path, headers, body)
+        if scheme == "basic":
+            token = base64.b64encode(f"{credentials.username}:{credentials.password}".encode()).decode()
+            return await connection.request(method, path, headers | {"Authorization": f"Basic {token}"}, body)
+        return await ntlm_request(connection, method, path, headers, body, credentials)
+    finally:
+        connection.close()
+
+
+async def ntlm_request(connection: HttpConnection, method: str, path: str, headers: dict[str, str], body: bytes, credentials: Credentials) -> HttpAnswer:
+    host = connection.target.sni or connection.target.address
+    client = spnego.client(credentials.username, credentials.password, hostname=host, service="http", protocol="ntlm")
+    token = client.step()
+    word = "NTLM"
+    for _ in range(3):
+        answer = await connection.request(method, path, headers | {"Authorization": f"{word} {base64.b64encode(token).decode()}"}, body)
+        challenge = ntlm_challenge(answer)
+        if answer.status != 401 or challenge is None:
+            return answer
+        word, data = challenge
+        try:
+            token = client.step(data)
+        except Exception as exc:  # noqa: BLE001 - pyspnego raises assorted errors on a malformed challenge
+            raise ProbeError(f"the NTLM challenge could not be used ({type(exc).__name__})") from None
+        if token is None:
+            return answer
+    return answer
+
+
+def ntlm_challenge(answer: HttpAnswer) -> tuple[str, bytes] | None:
+    for value in answer.all("WWW-Authenticate"):
+        word, _, token = value.partition(" ")
+        if word.lower() in ("ntlm", "negotiate") and token.strip():
+            try:
+                return word, base64.b64decode(token.strip())
+            except ValueError:
+                return None
+    return None
+
+
+def offers(schemes: list[str], scheme: str) -> bool:
+    lowered = {s.lower() for s in schemes}
+    return "basic" in lowered if scheme == "basic" else bool(lowered & {"ntlm", "negotiate"})
+
+
+# --------------------------------------------------------------------------- evaluating answers
+
+
+def evaluate_path(name: str, settings: Settings, answer: HttpAnswer | None, error: str | None, side: str = "legacy") -> tuple[str, str, dict[str, Any], str]:
+    """(status, summary, details, fix) for an anonymous request to one virtual directory."""
+    method, path = HTTP_PATHS[name]
+    if answer is None:
+        return "fail", f"{method} {path}: {error}", {"path": path, "error": error}, "Check that IIS serves HTTPS on this port and that nothing in between drops the request."
+    details = {"path": path, "method": method, "http_status": answer.status, "auth_schemes": answer.schemes, "server_header": answer.header("Server")}
+    if answer.header("Location"):
+        details["location"] = answer.header("Location")
+    schemes = ", ".join(answer.schemes) or "none"
+    if answer.status == 404:
+        if name == "rpc":
+            return "fail", f"{path} answers 404: Outlook Anywhere (RPC over HTTP) is not published", details, (
+                "Install the Windows 'RPC over HTTP Proxy' feature and run Enable-OutlookAnywhere on the Client Access Server."
+            )
+        return "warn", f"{path} answers 404", details, f"Create or re-enable the {path.strip('/').split('/')[0]} virtual directory if the migration or users need it."
+    if side == "bridge" and answer.status in (502, 504):
+        return "fail", f"{path} answers {answer.status}: the bridge cannot reach the legacy server", details, (
+            "Check that the bridge's machine can reach the legacy server (journalctl -u exchange-bridge shows why)."
+        )
+    if answer.status >= 500:
+        return "fail", f"{path} answers {answer.status}", details, "Look at the Exchange server's event log and IIS logs for this virtual directory."
+    if answer.status == 401 and name in PROTECTED_PATHS:
+        missing = [scheme for scheme in wanted_schemes(settings.auth) if not offers(answer.schemes, scheme)]
+        if settings.auth != "both" and missing:
+            label = "Basic" if missing[0] == "basic" else "NTLM"
+            return "fail", f"{path} offers {schemes}, not {label}", details, (
+                f"Enable {label} authentication on {path.split('/')[1]} in IIS (Exchange: Set-OutlookAnywhere -ClientAuthenticationMethod), or run with the --auth the server offers."
+            )
+        if settings.auth == "both" and len(missing) == 2:
+            return "fail", f"{path} offers neither Basic nor NTLM ({schemes})", details, "Enable Basic or NTLM authentication on this virtual directory."
+        return "pass", f"{path} answers 401 and offers {schemes}", details, ""
+    if answer.status in (200, 301, 302, 401, 403, 405):
+        where = f" to {details['location']}" if "location" in details else ""
+        return "pass", f"{path} answers {answer.status}{where}", details, ""
+    return "warn", f"{path} answers {answer.status}", details, "Check this virtual directory's settings in IIS."
+
+
+def pox_settings(body: bytes) -> dict[str, Any]:
+    """EXCH/EXPR settings from an Autodiscover POX answer (or its error)."""
+    root = ET.fromstring(body)
+    error = root.find(f"{POX_ERROR_NS}Response/{POX_ERROR_NS}Error")
+    if error is not None:
+        return {"error": f"{error.findtext(f'{POX_ERROR_NS}ErrorCode', '')} {error.findtext(f'{POX_ERROR_NS}Message', '')}".strip()}
+    response = root.find(f"{POX_NS}Response")
+    if response is None:
+        return {"error": "the answer has no Response element"}
+    found: dict[str, Any] = {"legacy_dn": response.findtext(f"{POX_NS}User/{POX_NS}LegacyDN")}
+    account = response.find(f"{POX_NS}Account")
+    action = account.findtext(f"{POX_NS}Action") if account is not None else None
+    if action and action != "settings":
+        found["action"] = action
+        found["redirect"] = account.findtext(f"{POX_NS}RedirectAddr") or account.findtext(f"{POX_NS}RedirectUrl")
+    for protocol in response.iter(f"{POX_NS}Protocol"):
+        kind = protocol.findtext(f"{POX_NS}Type")
+        if kind == "EXCH":
+            found["exchange_server"] = protocol.findtext(f"{POX_NS}Server")
+            found["server_dn"] = protocol.findtext(f"{POX_NS}ServerDN")
+            found["mdb_dn"] = protocol.findtext(f"{POX_NS}MdbDN")
+            found["auth_package"] = protocol.findtext(f"{POX_NS}AuthPackage")
+        elif kind == "EXPR":
+            found["expr_server"] = protocol.findtext(f"{POX_NS}Server")
+            found["expr_ssl"] = protocol.findtext(f"{POX_NS}SSL")
+            found["expr_auth_package"] = protocol.findtext(f"{POX_NS}AuthPackage")
+    return found
+
+
+def rpc_outcome(answer: HttpAnswer | None, error: str | None) -> str:
+    if answer is None:
+        return f"error: {error}"
+    length = answer.header("Content-Length")
+    return f"{answer.status}" + (f" ({length} bytes)" if answer.status == 200 and length else "")
+
+
+# --------------------------------------------------------------------------- the runner
+
+
+class Preflight:
+    def __init__(self, settings: Settings, on_result: Callable[[Check], None] | None = None) -> None:
+        self.settings = settings
+        self.on_result = on_result
+        self.planned = planned_checks(settings)
+        self.results: dict[str, Check] = {}
+        self.direct: dict[str, Check] = {}  # legacy HTTP checks by suffix
+        self.through_bridge: dict[str, Check] = {}  # the same, through the bridge
+        self.facts: dict[str, Any] = {}
+        self.autodiscovered: dict[str, dict[str, Any]] = {}  # side -> EXCH/EXPR settings
+
+    # ---- bookkeeping -------------------------------------------------------------------------
+    def record(self, check: Check) -> Check:
+        self.results[check.id] = check
+        if self.on_result is not None:
+            self.on_result(check)
+        return check
+
+    def skip_remaining(self, prefix: str, reason: str) -> None:
+        for check_id, side in self.planned:
+            if check_id.startswith(prefix) and check_id not in self.results:
+                self.record(Check(check_id, side, "skip", reason))
+
+    async def run(self) -> Report:
+        started = dt.datetime.now(dt.timezone.utc)
+        clock = time.monotonic()
+        await asyncio.gather(self.legacy_side(), self.bridge_side())
+        self.compare_through_bridge()
+        self.skip_remaining("", "not run")
+        found = self.autodiscovered.get("legacy") or self.autodiscovered.get("bridge") or {}
+        self.facts = {"exchange_server": found.get("exchange_server"), "legacy_dn": found.get("legacy_dn"), "authentication": self.recommended_authentication()}
+        checks = [self.results[check_id] for check_id, _ in self.planned]
+        return Report(self.settings, checks, started, time.monotonic() - clock, self.facts)
+
+    # ---- legacy side ---------------------------------------------------------------------------
+    async def legacy_side(self) -> None:
+        legacy = self.settings.legacy
+        timeout = self.settings.timeout
+        address = await self.reach("legacy", legacy.host, legacy.port, "the legacy server")
+        if address is None:
+            return
+        sni = "" if is_ip(legacy.host) else legacy.host
+        try:
+            gate = await tls_handshake(address, legacy.port, legacy_client(), sni, timeout)
+        except Exception as exc:  # noqa: BLE001 - every handshake failure is reported, none is fatal
+            await self.legacy_without_tls(address, exc)
+            return
+        host_header = legacy.host if legacy.port == 443 else f"{legacy.host}:{legacy.port}"
+        target = HttpTarget(address, legacy.port, sni, host_header, legacy_client(), timeout)
+        await asyncio.gather(
+            self.legacy_tls_versions(address, sni, gate),
+            self.legacy_renegotiation(address, sni),
+            self.legacy_certificate(gate),
+            self.legacy_http(target),
+        )
+
+    async def reach(self, side: str, host: str, port: int, what: str, *, connect_to: str | None = None) -> str | None:
+        """Resolve and connect once; on failure record it and skip everything else on this side.
+
+        With ``connect_to`` (--bridge-addr) the name is resolved for the report only, while the
+        connection goes to that address at the same time.
+        """
+        timeout = self.settings.timeout
+        connecting = asyncio.ensure_future(tcp_connect(connect_to, port, timeout)) if connect_to else None
+        try:
+            addresses, resolve_error = await resolve(host, port, timeout), ""
+        except Exception as exc:  # noqa: BLE001
+            addresses = []
+            resolve_error = (exc.strerror or str(exc)) if isinstance(exc, socket.gaierror) else reason_of(exc)
+        if side == "bridge":
+            self.record(self.bridge_dns_check(addresses, resolve_error))
+        elif addresses:
+            summary = f"{host} is an IP address" if is_ip(host) else f"{host} resolves to {', '.join(addresses)}"
+            self.record(Check("legacy.dns", side, "pass", summary, {"addresses": addresses}))
+        else:
+            self.record(Check("legacy.dns", side, "fail", f"{host} does not resolve ({resolve_error})", {"error": resolve_error},
+                              "Check the --legacy name and this machine's DNS; use the name the bridge will use."))
+        address = connect_to or (addresses[0] if addresses else None)
+        if address is None:
+            self.skip_remaining(f"{side}.", f"skipped: {host} does not resolve")
+            return None
+        try:
+            elapsed = await (connecting or tcp_connect(address, port, timeout))
+        except Exception as exc:  # noqa: BLE001
+            reason = reason_of(exc)
+            self.record(Check(f"{side}.tcp", side, "fail", f"{address} port {port} cannot be reached: {reason}", {"address": address, "port": port, "error": reason},
+                              f"Make sure {what} listens on port {port} and that firewalls let this machine in."))
+            if side == "bridge":
+                await self.port80_checks(address)
+            self.skip_remaining(f"{side}.", f"skipped: port {port} cannot be reached")
+            return None
+        self.record(Check(f"{side}.tcp", side, "pass", f"{address} port {port} accepts connections ({elapsed * 1000:.0f} ms)",
+                          {"address": address, "port": port, "connect_ms": round(elapsed * 1000, 1)}))
+        return address
+
+    async def legacy_without_tls(self, address: str, exc: BaseException) -> None:
+        legacy = self.settings.legacy
+        reason = reason_of(exc)
+        details: dict[str, Any] = {"error": reason, "accepted": {}}
+        fix = "Make sure the server speaks HTTPS on this port (IIS site binding with a certificate)."
+        summary = f"no TLS handshake succeeded ({reason})"
+        if refused_handshake(exc):
+            obsolete = await probe_obsolete_suites(address, legacy.port, self.settings.timeout)
+            if obsolete:
+                details["obsolete_suites"] = obsolete
+                summary = f"offers only {', '.join(obsolete)}, which this machine's OpenSSL no longer has: this machine shares no suite with it"
+                fix = "Enable AES cipher suites on the legacy server (Windows 2003: install KB948963), then rerun."
+        self.record(Check("legacy.tls", "legacy", "fail", summary, details, fix))
+        self.skip_remaining("legacy.", "skipped: no TLS handshake with the legacy server")
+
+    async def legacy_tls_versions(self, address: str, sni: str, gate: Handshake) -> None:
+        port, timeout = self.settings.legacy.port, self.settings.timeout
+        results = await asyncio.gather(*(accepted_suites(address, port, sni, version, timeout) for _, version in TLS_VERSIONS))
+        accepted = {label: suites for (label, _), suites in zip(TLS_VERSIONS, results) if suites}
+        refused = [label for (label, _), suites in zip(TLS_VERSIONS, results) if not suites]
+        listing = "; ".join(f"{label} ({', '.join(suites)})" for label, suites in accepted.items())
+        details = {"accepted": accepted, "refused": refused, "negotiated": f"{VERSION_NAMES.get(gate.version, gate.version)} {gate.cipher}"}
+        if "TLS 1.2" in accepted or "TLS 1.3" in accepted:
+            statement = "it speaks TLS 1.2+, so only its certificate keeps Exchange Online from connecting directly"
+        else:
+            statement = "Exchange Online (TLS 1.2 or later) cannot connect to it directly: the bridge is needed"
+        refusals = f"; refuses {', '.join(refused)}" if refused else ""
+        self.record(Check("legacy.tls", "legacy", "pass", f"accepts {listing}{refusals}; {statement}", details))
+
+    async def legacy_renegotiation(self, address: str, sni: str) -> None:
+        context = legacy_client()
+        context.options &= ~getattr(ssl, "OP_LEGACY_SERVER_CONNECT", 0x4)
+        try:
+            await tls_handshake(address, self.settings.legacy.port, context, sni, self.settings.timeout)
+        except Exception as exc:  # noqa: BLE001
+            reason = reason_of(exc)
+            if "UNSAFE_LEGACY_RENEGOTIATION" in reason.upper():
+                self.record(Check("legacy.renegotiation", "legacy", "warn", "no RFC 5746 secure renegotiation: the bridge connects anyway (legacy server connect)",
+                                  {"rfc5746": False}, "Install the Windows update for MS10-049 (KB980436) on the legacy server when convenient; the migration works without it."))
+            else:
+                self.record(Check("legacy.renegotiation", "legacy", "warn", f"could not tell whether RFC 5746 is supported ({reason})", {"error": reason}, ""))
+            return
+        self.record(Check("legacy.renegotiation", "legacy", "pass", "supports RFC 5746 secure renegotiation", {"rfc5746": True}))
+
+    async def legacy_certificate(self, gate: Handshake) -> None:
+        if not gate.der:
+            self.record(Check("legacy.certificate", "legacy", "fail", "the server sent no certificate", {}, "Bind a certificate to the IIS HTTPS site."))
+            return
+        info = inspect_certificate(x509.load_der_x509_certificate(gate.der))
+        observed = fingerprint(gate.der)
+        details = {
+            "subject": info.subject, "sans": info.sans, "issuer": info.issuer, "not_before": info.not_before.isoformat(),
+            "not_after": info.not_after.isoformat(), "days_left": int(info.days_left), "key": info.key_type,
+            "signature_algorithm": info.signature_algorithm, "sha256": observed, "pin_flag": pin_flag(observed),
+            "self_signed": info.subject == info.issuer,
+        }
+        now = dt.datetime.now(dt.timezone.utc)
+        notes = []
+        if details["self_signed"]:
+            notes.append("self-signed")
+        if info.signature_algorithm == "sha1":
+            notes.append("SHA-1 signature")
+        if info.key_type.startswith("RSA ") and int(info.key_type.split()[1]) < 2048:
+            notes.append(f"{info.key_type}-bit key")
+        described = f"{info.subject}, issued by {'itself' if details['self_signed'] else info.issuer}, {info.key_type}, {info.signature_algorithm}"
+        if self.settings.legacy_fingerprint and self.settings.legacy_fingerprint != observed:
+            self.record(Check("legacy.certificate", "legacy", "fail", f"{described}: not the certificate pinned in the bridge config", details,
+                              f"If the certificate was renewed on purpose, set {pin_flag(observed)} (legacy_fingerprint in bridge.toml) and restart the bridge."))
+        elif info.not_after < now:
+            self.record(Check("legacy.certificate", "legacy", "fail", f"{described}: expired on {info.not_after:%Y-%m-%d}", details,
+                              "Renew it on the Exchange server (New-ExchangeCertificate, then Enable-ExchangeCertificate -Services IIS) and pin the new one with the flag shown in details."))
+        elif info.not_before > now:
+            self.record(Check("legacy.certificate", "legacy", "fail", f"{described}: not valid before {info.not_before:%Y-%m-%d}", details,
+                              "Fix the legacy server's clock or certificate."))
+        elif notes:
+            self.record(Check("legacy.certificate", "legacy", "warn", f"{described} ({', '.join(notes)}), {int(info.days_left)} days left; fine behind the bridge", details,
+                              f"Pin it on the bridge with {pin_flag(observed)} (legacy_fingerprint in bridge.toml)"))
+        else:
+            self.record(Check("legacy.certificate", "legacy", "pass", f"{described}, {int(info.days_left)} days left", details, ""))
+
+    async def legacy_http(self, target: HttpTarget) -> None:
+        results = await self.http_checks(target, "legacy", lambda check: self.record(check))
+        self.direct.update(results)
+
+    # ---- the HTTP checks, identical for both sides --------------------------------------------
+    async def http_checks(self, target: HttpTarget, side: str, emit: Callable[[Check], Any]) -> dict[str, Check]:
+        results: dict[str, Check] = {}
+
+        def done(suffix: str, status: str, summary: str, details: dict[str, Any] | None = None, fix: str = "") -> None:
+            check = Check(f"{side}.{suffix}", side, status, summary, details or {}, fix)
+            results[suffix] = check
+            emit(check)
+
+        async def probe_path(name: str) -> None:
+            method, path = HTTP_PATHS[name]
+            answer, error = await attempt(http_exchange(target, method, path))
+            done(f"http.{name}", *evaluate_path(name, self.settings, answer, error, side))
+
+        logons = wanted_schemes(self.settings.auth) if self.settings.credentials else []
+        await asyncio.gather(*(probe_path(name) for name in HTTP_PATHS), *(self.logon(target, scheme, done) for scheme in logons))
+        if not self.settings.credentials:
+            return results
+        scheme = self.working_scheme(results)
+        if scheme is None:
+            reason = "no logon succeeded" if any(results[f"logon.{s}"].status == "fail" for s in logons) else "no usable authentication scheme"
+            for suffix in ["autodiscover"] + [f"rpc.{port}" for port in RPC_PORTS]:
+                done(suffix, "skip", f"skipped: {reason}")
+            return results
+        settings = await self.autodiscover(target, side, scheme, done)
+        server = settings.get("exchange_server")
+        rpc_path = results["http.rpc"]
+        if not server or rpc_path.details.get("http_status") == 404:
+            reason = "no Exchange server name from Autodiscover" if not server else "/rpc/rpcproxy.dll is missing"
+            for port in RPC_PORTS:
+                done(f"rpc.{port}", "skip", f"skipped: {reason}")
+            return results
+        await asyncio.gather(*(self.rpc_echo(target, scheme, server, port, done) for port in RPC_PORTS))
+        return results
+
+    def working_scheme(self, results: dict[str, Check]) -> str | None:
+        for scheme in ("ntlm", "basic") if self.settings.auth == "both" else (self.settings.auth,):
+            check = results.get(f"logon.{scheme}")
+            if check is not None and check.status == "pass":
+                return scheme
+        return None
+
+    async def logon(self, target: HttpTarget, scheme: str, done: Callable[..., None]) -> None:
+        credentials = self.settings.credentials
+        assert credentials is not None
+        label = "Basic" if scheme == "basic" else "NTLM"
+        answer, error = await attempt(http_exchange(target, "GET", LOGON_PATH, credentials=credentials, scheme=scheme))
+        if answer is None:
+            done(f"logon.{scheme}", "fail", f"{label} logon as {credentials.username}: {error}", {"outcome": "error", "error": error},
+                 "Check that the server answers HTTPS on /EWS.")
+            return
+        details = {"outcome": "ok" if answer.status == 200 else "refused", "http_status": answer.status, "auth_schemes": answer.schemes, "user": credentials.username}
+        if answer.status == 200:
+            done(f"logon.{scheme}", "pass", f"{label} logon as {credentials.username} succeeded", details)
+        elif answer.status == 401 and not offers(answer.schemes, scheme):
+            details["outcome"] = "not offered"
+            summary = f"{label} is not offered (the server offers {', '.join(answer.schemes) or 'nothing'})"
+            if self.settings.auth == "both":
+                done(f"logon.{scheme}", "skip", f"skipped: {summary}", details)
+            else:
+                done(f"logon.{scheme}", "fail", summary, details, f"Enable {label} authentication on the Exchange virtual directories, or use --auth with a scheme the server offers.")
+        elif answer.status == 401:
+            done(f"logon.{scheme}", "fail", f"{label} logon as {credentials.username} was refused (401): wrong user name or password, or the account is locked or disabled", details,
+                 "Check the user name (DOMAIN\\user or UPN) and password with the customer; try the same account in OWA.")
+        else:
+            done(f"logon.{scheme}", "fail", f"{label} logon as {credentials.username} answered {answer.status}", details, "Check the EWS virtual directory in IIS.")
+
+    async def autodiscover(self, target: HttpTarget, side: str, scheme: str, done: Callable[..., None]) -> dict[str, Any]:
+        credentials = self.settings.credentials
+        assert credentials is not None
+        body = POX_REQUEST.format(email=credentials.email).encode()
+        answer, error = await attempt(http_exchange(
+            target, "POST", HTTP_PATHS["autodiscover"][1], body=body, extra={"Content-Type": "text/xml; charset=utf-8"}, credentials=credentials, scheme=scheme,
+        ))
+        fix = "Check Autodiscover for this mailbox on the server (Test-OutlookWebServices -Identity <mailbox>) and the e-mail address."
+        if answer is None:
+            done("autodiscover", "fail", f"Autodiscover POST for {credentials.email}: {error}", {"error": error}, fix)
+            return {}
+        if answer.status != 200:
+            done("autodiscover", "fail", f"Autodiscover POST for {credentials.email} answered {answer.status}", {"http_status": answer.status}, fix)
+            return {}
+        try:
+            found = pox_settings(answer.body)
+        except ET.ParseError as exc:
+            done("autodiscover", "fail", f"Autodiscover answered with XML that cannot be parsed ({exc})", {"http_status": 200}, fix)
+            return {}
+        details = {"http_status": 200, "email": credentials.email, "scheme": scheme, **found}
+        details.setdefault("error", None)
+        if found.get("error"):
+            done("autodiscover", "fail", f"Autodiscover for {credentials.email} answered an error: {found['error']}", details, fix)
+            return {}
+        if found.get("action"):
+            done("autodiscover", "warn", f"Autodiscover for {credentials.email} redirects ({found['action']} to {found.get('redirect')})", details,
+                 "Run preflight with the address Autodiscover redirects to, or give the Exchange server by hand.")
+            return {}
+        if not found.get("exchange_server"):
+            done("autodiscover", "fail", f"Autodiscover for {credentials.email} has no EXCH settings", details, fix)
+            return {}
+        summary = f"Exchange server {found['exchange_server']}, legacy DN {found.get('legacy_dn')}, auth package {found.get('auth_package')}"
+        self.autodiscovered[side] = found
+        if not found.get("expr_server"):
+            done("autodiscover", "warn", f"{summary}; no EXPR (Outlook Anywhere) block", details,
+                 "Run Enable-OutlookAnywhere so Autodiscover publishes EXPR, or create the migration endpoint with manual settings (shown below).")
+        else:
+            done("autodiscover", "pass", f"{summary}; EXPR {found['expr_server']}", details)
+        return found
+
+    async def rpc_echo(self, target: HttpTarget, scheme: str, server: str, port: int, done: Callable[..., None]) -> None:
+        credentials = self.settings.credentials
+        path = f"/rpc/rpcproxy.dll?{server}:{port}"
+        outcomes = {}
+        for method in ("RPC_IN_DATA", "RPC_OUT_DATA"):
+            answer, error = await attempt(http_exchange(target, method, path, credentials=credentials, scheme=scheme))
+            outcomes[method] = (answer, error)
+        details = {"path": path, "rpc_in_data": rpc_outcome(*outcomes["RPC_IN_DATA"]), "rpc_out_data": rpc_outcome(*outcomes["RPC_OUT_DATA"]), "scheme": scheme}
+        statuses = [answer.status if answer else None for answer, _ in outcomes.values()]
+        if statuses == [200, 200]:
+            done(f"rpc.{port}", "pass", f"RPC echo to {server}:{port} answered 200 on RPC_IN_DATA and RPC_OUT_DATA", details)
+            return
+        summary = f"RPC echo to {server}:{port}: RPC_IN_DATA {details['rpc_in_data']}, RPC_OUT_DATA {details['rpc_out_data']}"
+        if 503 in statuses:
+            fix = f"The RPC proxy cannot reach {server}:{port}: check the ValidPorts registry value of the RPC proxy and that {server} resolves on the Client Access Server."
+        elif 401 in statuses:
+            fix = f"Enable {'NTLM' if scheme == 'ntlm' else 'Basic'} authentication on /rpc (Set-OutlookAnywhere -ClientAuthenticationMethod)."
+        else:
+            fix = "Check the RPC over HTTP Proxy feature and Outlook Anywhere on the Client Access Server."
+        done(f"rpc.{port}", "fail", summary, details, fix)
+
+    # ---- bridge side ---------------------------------------------------------------------------
+    async def bridge_side(self) -> None:
+        settings = self.settings
+        if not settings.fqdn:
+            self.record(Check("bridge.fqdn", "bridge", "skip", "skipped: no --fqdn given, the bridge was not checked", {},
+                              "Rerun with --fqdn (and --bridge-addr before its DNS record exists) to check the bridge too."))
+            return
+        address = await self.reach("bridge", settings.fqdn, settings.https_port, "the bridge", connect_to=settings.bridge_addr)
+        if address is None:
+            return
+        target = HttpTarget(address, settings.https_port, settings.fqdn, self.bridge_host_header(), unverified_modern_context(), settings.timeout)
+        await asyncio.gather(
+            self.port80_checks(address),
+            self.bridge_tls_versions(address),
+            self.bridge_certificate(address),
+            self.bridge_idle_and_headers(target),
+            self.bridge_http(target),
+        )
+
+    def bridge_host_header(self) -> str:
+        port = self.settings.https_port
+        return self.settings.fqdn if port == 443 else f"{self.settings.fqdn}:{port}"  # type: ignore[return-value]
+
+    def bridge_dns_check(self, addresses: list[str], error: str) -> Check:
+        settings = self.settings
+        fqdn = settings.fqdn
+        details: dict[str, Any] = {"addresses": addresses, "expect_ip": settings.expect_ip, "bridge_addr": settings.bridge_addr}
+        if not addresses:
+            probed = f"; probing {settings.bridge_addr} as given with --bridge-addr" if settings.bridge_addr else ""
+            return Check("bridge.dns", "bridge", "fail", f"{fqdn} does not resolve ({error}){probed}", details | {"error": error},
+                         f"Publish an A record for {fqdn} pointing at the bridge's public IP before creating the migration endpoint.")
+        listing = ", ".join(addresses)
+        if settings.expect_ip and settings.expect_ip not in addresses:
+            return Check("bridge.dns", "bridge", "fail", f"{fqdn} resolves to {listing}, not {settings.expect_ip}", details,
+                         f"Point the A record of {fqdn} at {settings.expect_ip} (and wait for the old record's TTL).")
+        if settings.bridge_addr and settings.bridge_addr not in addresses:
+            return Check("bridge.dns", "bridge", "warn", f"{fqdn} resolves to {listing}, not to the probed --bridge-addr {settings.bridge_addr}", details,
+                         f"Point the A record of {fqdn} at {settings.bridge_addr} if that is the bridge Exchange Online should use.")
+        return Check("bridge.dns", "bridge", "pass", f"{fqdn} resolves to {listing}", details)
+
+    async def port80_checks(self, address: str) -> None:
+        settings = self.settings
+        port = settings.http_port
+        host = settings.fqdn if port == 80 else f"{settings.fqdn}:{port}"
+        try:
+            _, headers, status = await plain_http_get(address, port, host, "/", settings.timeout)
+        except Exception as exc:  # noqa: BLE001
+            reason = reason_of(exc)
+            fix = f"Open port {port} to the bridge: Let's Encrypt renews over HTTP-01 on it (ignore if the certificate is managed elsewhere)."
+            self.record(Check("bridge.port80.redirect", "bridge", "warn", f"port {port} does not answer ({reason})", {"port": port, "error": reason}, fix))
+            self.record(Check("bridge.port80.acme", "bridge", "skip", f"skipped: port {port} does not answer"))
+            return
+        location = headers.get("location", "")
+        details = {"port": port, "http_status": status, "location": location}
+        if status in (301, 302, 307, 308) and location.startswith(f"https://{settings.fqdn}"):
+            self.record(Check("bridge.port80.redirect", "bridge", "pass", f"port {port} redirects ({status}) to {location}", details))
+        else:
+            self.record(Check("bridge.port80.redirect", "bridge", "warn", f"port {port} answers {status} without redirecting to https://{settings.fqdn}", details,
+                              "Let the bridge itself listen on port 80 (it redirects and answers ACME challenges)."))
+        token = "preflight-" + secrets.token_urlsafe(12)
+        try:
+            _, headers, status = await plain_http_get(address, port, host, ACME_PREFIX + token, settings.timeout)
+        except Exception as exc:  # noqa: BLE001
+            self.record(Check("bridge.port80.acme", "bridge", "warn", f"the ACME challenge path got no answer ({reason_of(exc)})", {"port": port}, ""))
+            return
+        details = {"port": port, "path": ACME_PREFIX + token, "http_status": status, "location": headers.get("location", "")}
+        if status in (200, 404):
+            self.record(Check("bridge.port80.acme", "bridge", "pass", f"the ACME challenge path is served on port {port} (unknown token: {status})", details))
+        else:
+            self.record(Check("bridge.port80.acme", "bridge", "warn", f"the ACME challenge path answers {status} instead of being served", details,
+                              "Nothing may redirect or rewrite /.well-known/acme-challenge/ on port 80 in front of the bridge; certificate renewal needs it."))
+
+    async def bridge_tls_versions(self, address: str) -> None:
+        settings = self.settings
+
+        async def accepts(version: ssl.TLSVersion) -> tuple[bool | None, str]:
+            context = exact_version_context(version, "ALL:@SECLEVEL=0")
+            try:
+                handshake = await tls_handshake(address, settings.https_port, context, settings.fqdn or "", settings.timeout)
+            except Exception as exc:  # noqa: BLE001
+                reason = reason_of(exc)
+                if "NO_PROTOCOLS_AVAILABLE" in reason.upper() or "NO_CIPHERS_AVAILABLE" in reason.upper():
+                    return None, f"this machine's OpenSSL cannot offer it ({reason})"
+                return (False, reason) if refused_handshake(exc) else (None, reason)
+            return True, handshake.cipher
+
+        results = dict(zip([label for label, _ in TLS_VERSIONS], await asyncio.gather(*(accepts(version) for _, version in TLS_VERSIONS))))
+        details = {label: ("accepted: " + note if ok else ("refused: " + note if ok is False else "unknown: " + note)) for label, (ok, note) in results.items()}
+        modern_ok = [label for label in ("TLS 1.2", "TLS 1.3") if results[label][0]]
+        if results["TLS 1.2"][0] and results["TLS 1.3"][0]:
+            self.record(Check("bridge.tls.modern", "bridge", "pass", "accepts TLS 1.2 and TLS 1.3", details))
+        elif results["TLS 1.2"][0]:
+            self.record(Check("bridge.tls.modern", "bridge", "warn", "accepts TLS 1.2 but not TLS 1.3", details, "Run the bridge on a system whose OpenSSL has TLS 1.3."))
+        else:
+            self.record(Check("bridge.tls.modern", "bridge", "fail", f"refuses TLS 1.2 ({results['TLS 1.2'][1]})" + (f", accepts {', '.join(modern_ok)}" if modern_ok else ""), details,
+                              "Exchange Online connects with TLS 1.2: make sure the bridge itself (not another service) answers on this port."))
+        obsolete = {label: results[label] for label in ("TLS 1.0", "TLS 1.1")}
+        accepted = [label for label, (ok, _) in obsolete.items() if ok]
+        unknown = [label for label, (ok, _) in obsolete.items() if ok is None]
+        if accepted:
+            self.record(Check("bridge.tls.obsolete", "bridge", "fail", f"accepts {' and '.join(accepted)}, which the bridge never offers", details,
+                              "Something other than the bridge answers on this port, or a TLS offloader in front of it allows old versions: allow TLS 1.2+ only."))
+        elif unknown:
+            self.record(Check("bridge.tls.obsolete", "bridge", "skip", f"skipped: could not test {' and '.join(unknown)} ({obsolete[unknown[0]][1]})", details))
+        else:
+            self.record(Check("bridge.tls.obsolete", "bridge", "pass", "refuses TLS 1.0 and TLS 1.1", details))
+
+    async def bridge_certificate(self, address: str) -> None:
+        settings = self.settings
+        fqdn = settings.fqdn or ""
+        try:
+            served = await tls_handshake(address, settings.https_port, unverified_modern_context(), fqdn, settings.timeout)
+        except Exception as exc:  # noqa: BLE001
+            self.record(Check("bridge.certificate", "bridge", "fail", f"no TLS 1.2+ handshake to read the certificate ({reason_of(exc)})", {}, ""))
+            return
+        info = inspect_certificate(x509.load_der_x509_certificate(served.der or b""))
+        details = {"subject": info.subject, "sans": info.sans, "issuer": info.issuer, "not_after": info.not_after.isoformat(),
+                   "days_left": int(info.days_left), "key": info.key_type, "sha256": info.sha256, "ca_bundle": str(settings.ca_bundle) if settings.ca_bundle else None}
+        try:
+            await tls_handshake(address, settings.https_port, trusting_context(settings.ca_bundle), fqdn, settings.timeout)
+        except ssl.SSLCertVerificationError as exc:
+            message = exc.verify_message or str(exc)
+            details["verify_error"] = message
+            if "hostname mismatch" in message.lower() or "ip address mismatch" in message.lower():
+                self.record(Check("bridge.certificate", "bridge", "fail", f"the certificate does not cover {fqdn} (it names {', '.join(info.sans) or info.subject})", details,
+                                  f"Obtain a certificate for {fqdn} (bridge cert) or run the bridge with --fqdn {fqdn}."))
+            elif info.days_left < 0:
+                self.record(Check("bridge.certificate", "bridge", "fail", f"the certificate expired on {info.not_after:%Y-%m-%d}", details, "Renew it: bridge cert renew, then restart or SIGHUP the bridge."))
+            else:
+                self.record(Check("bridge.certificate", "bridge", "fail", f"the certificate chain is not trusted ({message}); issuer {info.issuer}", details,
+                                  "Serve the full chain (fullchain.pem) from a publicly trusted CA; for a staging or private CA pass it with --ca-bundle."))
+            return
+        except Exception as exc:  # noqa: BLE001
+            self.record(Check("bridge.certificate", "bridge", "fail", f"the verifying handshake failed ({reason_of(exc)})", details, ""))
+            return
+        summary = f"trusted chain for {fqdn} from {info.issuer}, {int(info.days_left)} days left"
+        if info.days_left < EXPIRY_WARNING_DAYS:
+            self.record(Check("bridge.certificate", "bridge", "warn", summary, details, "Renew the certificate before the migration runs (bridge cert renew)."))
+        else:
+            self.record(Check("bridge.certificate", "bridge", "pass", summary, details))
+
+    async def bridge_idle_and_headers(self, target: HttpTarget) -> None:
+        hold = self.settings.hold
+        try:
+            connection = await HttpConnection.open(target)
+        except ProbeError as exc:
+            self.record(Check("bridge.headers", "bridge", "fail", f"the bridge could not be asked ({exc})"))
+            self.record(Check("bridge.idle", "bridge", "skip", "skipped: no connection to hold"))
+            return
+        try:
+            try:
+                first = await connection.request("GET", "/owa/", request_headers("GET"))
+            except ProbeError as exc:
+                self.record(Check("bridge.headers", "bridge", "fail", f"the bridge did not answer GET /owa/ ({exc})"))
+                self.record(Check("bridge.idle", "bridge", "skip", "skipped: the first request got no answer"))
+                return
+            self.record(security_headers_check(first))
+            await asyncio.sleep(hold)
+            try:
+                second = await connection.request("GET", "/owa/", request_headers("GET"))
+            except ProbeError as exc:
+                self.record(Check("bridge.idle", "bridge", "fail", f"an idle connection did not survive {hold:g} s ({exc})", {"hold_seconds": hold},
+                                  "Raise the idle timeout of the bridge (--idle-timeout, default 1800 s) and of any load balancer or firewall in front of it to well above 15 minutes."))
+                return
+            note = "" if hold >= 900 else "; rerun with --hold 960 to prove the 15 minutes Outlook Anywhere channels may idle"
+            self.record(Check("bridge.idle", "bridge", "pass", f"an idle connection survived {hold:g} s (answer {second.status} after the pause){note}", {"hold_seconds": hold}))
+        finally:
+            connection.close()
+
+    async def bridge_http(self, target: HttpTarget) -> None:
+        self.through_bridge.update(await self.http_checks(target, "bridge", lambda check: None))
+
+    def compare_through_bridge(self) -> None:
+        """Record bridge.<suffix> for each HTTP check: the result through the bridge against the direct one."""
+        if not self.settings.fqdn:
+            return
+        for suffix, via in self.through_bridge.items():
+            self.record(compare(suffix, self.direct.get(suffix), via))
+
+    def recommended_authentication(self) -> str | None:
+        if self.settings.auth != "both":
+            return "Basic" if self.settings.auth == "basic" else "NTLM"
+        for results in (self.direct, self.through_bridge):
+            scheme = self.working_scheme(results)
+            if scheme:
+                return "NTLM" if scheme == "ntlm" else "Basic"
+        rpc = self.direct.get("http.rpc") or self.through_bridge.get("http.rpc")
+        if rpc and rpc.details.get("auth_schemes"):
+            return "NTLM" if offers(rpc.details["auth_schemes"], "ntlm") else "Basic"
+        return None
+
+
+def compare(suffix: str, direct: Check | None, via: Check) -> Check:
+    check_id = f"bridge.{suffix}"
+    if via.status == "skip":
+        return Check(check_id, "bridge", "skip", via.summary, via.details)
+    keys = COMPARED_DETAILS[suffix.split(".", 1)[0]]
+    through = {key: via.details.get(key) for key in keys}
+    if direct is None or direct.status == "skip":
+        return Check(check_id, "bridge", via.status, f"{via.summary} (no direct result to compare)", via.details | {"through_bridge": through}, via.fix)
+    direct_values = {key: direct.details.get(key) for key in keys}
+    details = via.details | {"direct": direct_values, "through_bridge": through}
+    if direct_values == through:
+        note = "" if direct.status == "pass" else f" (the direct check is {direct.status})"
+        return Check(check_id, "bridge", "pass", f"same as direct: {via.summary}{note}", details)
+    differences = ", ".join(f"{key} {direct_values[key]!r} directly but {through[key]!r} through the bridge" for key in keys if direct_values[key] != through[key])
+    return Check(check_id, "bridge", "fail", f"differs through the bridge: {differences}", details,
+                 "Check the bridge's forward_paths and its log (journalctl -u exchange-bridge) for this request; the bridge must pass it unchanged.")
+
+
+def security_headers_check(answer: HttpAnswer) -> Check:
+    found = {name: answer.header(name) for name, _ in SECURITY_HEADERS}
+    missing = [name for name, value in found.items() if not value]
+    if missing:
+        return Check("bridge.headers", "bridge", "warn", f"missing security header(s) {', '.join(missing)} on GET /owa/", {"headers": found},
+                     "Run the bridge itself on this port: it adds X-Frame-Options and X-Content-Type-Options.")
+    return Check("bridge.headers", "bridge", "pass", f"{' and '.join(found)} present", {"headers": found})
+
+
+async def attempt(coroutine: Any) -> tuple[HttpAnswer | None, str | None]:
+    try:
+        return await coroutine, None
+    except ProbeError as exc:
+        return None, str(exc)
+
+
+async def accepted_suites(address: str, port: int, sni: str, version: ssl.TLSVersion, timeout: float) -> list[str]:
+    """The suites the server accepts for one TLS version, in its order of preference ([] if refused)."""
+    found: list[str] = []
+    while len(found) < MAX_SUITES:
+        ciphers = ":".join(["ALL"] + [f"!{name}" for name in found] + ["@SECLEVEL=0"])
+        try:
+            context = exact_version_context(version, ciphers)
+        except ssl.SSLError:  # no suite left to offer
+            break
+        try:
+            handshake = await tls_handshake(address, port, context, sni, timeout)
+        except Exception:  # noqa: BLE001 - a refusal ends the enumeration
+            break
+        if handshake.cipher in found:
+            break
+        found.append(handshake.cipher)
+        if version == ssl.TLSVersion.TLSv1_3:
+            break  # TLS 1.3 suites cannot be excluded through set_ciphers
+    return found
+
+
+async def plain_http_get(address: str, port: int, host: str, path: str, timeout: float) -> tuple[bytes, dict[str, str], int]:
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(address, port), timeout)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: {USER_AGENT}\r\nConnection: close\r\n\r\n".encode())
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+    finally:
+        writer.close()
+    status, headers = parse_head(head)
+    return head, {name.lower(): value for name, value in headers}, status
+
+
+async def run_preflight(settings: Settings, on_result: Callable[[Check], None] | None = None) -> Report:
+    return await Preflight(settings, on_result).run()
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, metavar="FILE", help="a bridge TOML (as for `bridge up`): legacy, fqdn and ports come from it; flags win")
+    parser.add_argument("--legacy", metavar="HOST[:PORT]", help="the Exchange 2007 Client Access Server")
+    parser.add_argument("--fqdn", help="the bridge's public name: checks the bridge too")
+    parser.add_argument("--expect-ip", metavar="IP", help="the address the bridge's name must resolve to")
+    parser.add_argument("--bridge-addr", metavar="IP", help="probe the bridge at this address (SNI and Host stay the FQDN), e.g. before DNS is published")
+    parser.add_argument("--https-port", type=int, help="the bridge's HTTPS port (default 443)")
+    parser.add_argument("--http-port", type=int, help="the bridge's HTTP port (default 80)")
+    parser.add_argument("--ca-bundle", type=Path, metavar="FILE", help="also trust this CA for the bridge certificate (e.g. Let's Encrypt staging)")
+    parser.add_argument("--email", metavar="ADDR", help="a mailbox to test Autodiscover and the RPC proxy with (needs --username)")
+    parser.add_argument("--username", metavar="USER", help="logon name for that mailbox: DOMAIN\\user or user@domain")
+    parser.add_argument("--password-env", metavar="VAR", help="environment variable holding the password (default: ask at a prompt)")
+    parser.add_argument("--auth", choices=("basic", "ntlm", "both"), default="both", help="authentication to test (default both)")
+    parser.add_argument("--json", type=Path, metavar="FILE", help=f"write the report as JSON ({SCHEMA}, see docs/preflight-schema.md)")
+    parser.add_argument("--html", type=Path, metavar="FILE", help="write a self-contained HTML report for the customer")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="S", help=f"seconds per network step (default {DEFAULT_TIMEOUT:g})")
+    parser.add_argument("--hold", type=float, default=DEFAULT_HOLD, metavar="S", help=f"seconds an idle connection to the bridge must survive (default {DEFAULT_HOLD:g}; 960 proves 15 min)")
+
+
+def settings_from_args(args: argparse.Namespace, read_password: Callable[[str], str] | None = None) -> Settings:
+    file_values: dict[str, Any] = load_toml(args.config) if args.config else {}
+    values = merge(file_values, {"legacy": args.legacy, "fqdn": args.fqdn, "https_port": args.https_port, "http_port": args.http_port})
+    legacy = values.get("legacy")
+    if isinstance(legacy, list):
+        legacy = legacy[0] if legacy else None
+    if not legacy:
+        raise PreflightUsageError("No legacy server given: pass --legacy with the Exchange 2007 host (e.g. --legacy owa.customer.example) or --config with the bridge's TOML.")
+    settings = Settings(legacy=parse_legacy(str(legacy)))
+    if values.get("fqdn"):
+        settings.fqdn = validate_fqdn(str(values["fqdn"]))
+    for name in ("https_port", "http_port"):
+        if values.get(name) is not None:
+            setattr(settings, name, port_number(f"--{name.replace('_', '-')}", values[name]))
+    if values.get("legacy_fingerprint"):
+        settings.legacy_fingerprint = parse_fingerprint(str(values["legacy_fingerprint"]))
+    settings.expect_ip = ip_flag("--expect-ip", args.expect_ip)
+    settings.bridge_addr = ip_flag("--bridge-addr", args.bridge_addr)
+    if (settings.expect_ip or settings.bridge_addr) and not settings.fqdn:
+        raise PreflightUsageError("--expect-ip and --bridge-addr describe the bridge: give its name with --fqdn too.")
+    settings.ca_bundle = ca_bundle_flag(args.ca_bundle)
+    settings.auth = args.auth
+    if not args.timeout > 0:
+        raise PreflightUsageError(f"--timeout must be a positive number of seconds, not {args.timeout:g}.")
+    if args.hold < 0:
+        raise PreflightUsageError(f"--hold must be zero or more seconds, not {args.hold:g}.")
+    settings.timeout, settings.hold = args.timeout, args.hold
+    for flag, path in (("--json", args.json), ("--html", args.html)):
+        if path is not None and not path.resolve().parent.is_dir():
+            raise PreflightUsageError(f"{flag} {path}: the directory {path.resolve().parent} does not exist; create it or choose another path.")
+    settings.credentials = credentials_from_args(args, read_password or prompt_password)
+    return settings
+
+
+def port_number(flag: str, value: Any) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = -1
+    if not 0 < number < 65536:
+        raise PreflightUsageError(f"{flag} must be a port number from 1 to 65535, not {value!r}.")
+    return number
+
+
+def ip_flag(flag: str, value: str | None) -> str | None:
+    if value is None:
+        return None
+    if not is_ip(value.strip()):
+        raise PreflightUsageError(f"{flag} {value!r} is not an IP address; give the bridge's address, e.g. {flag} 203.0.113.10.")
+    return value.strip()
+
+
+def ca_bundle_flag(path: Path | None) -> Path | None:
+    if path is None:
+        return None
+    if not path.is_file():
+        raise PreflightUsageError(f"--ca-bundle {path} does not exist; give the PEM file of the CA to trust.")
+    try:
+        ssl.create_default_context().load_verify_locations(cafile=str(path))
+    except (ssl.SSLError, OSError):
+        raise PreflightUsageError(f"--ca-bundle {path} holds no PEM certificate; give the CA certificate in PEM form.") from None
+    return path
+
+
+def credentials_from_args(args: argparse.Namespace, read_password: Callable[[str], str]) -> Credentials | None:
+    if not args.email and not args.username:
+        if args.password_env:
+            raise PreflightUsageError("--password-env needs --email and --username: name the mailbox to test with.")
+        return None
+    if not (args.email and args.username):
+        raise PreflightUsageError("--email and --username go together: give the mailbox address and the logon name (DOMAIN\\user or UPN).")
+    if "@" not in args.email:
+        raise PreflightUsageError(f"--email {args.email!r} is not an e-mail address; give the mailbox's primary SMTP address.")
+    if args.password_env:
+        password = os.environ.get(args.password_env)
+        if not password:
+            raise PreflightUsageError(f"The environment variable {args.password_env} named by --password-env is not set or empty; export it first.")
+    else:
+        password = read_password(args.username)
+    return Credentials(args.email, args.username, password)
+
+
+def prompt_password(username: str) -> str:
+    if not sys.stdin.isatty():
+        raise PreflightUsageError("No terminal to ask for the password: put it in an environment variable and name it with --password-env.")
+    password = getpass.getpass(f"Password for {username}: ")
+    if not password:
+        raise PreflightUsageError("An empty password was given; rerun and type the mailbox password.")
+    return password
+
+
+def run(args: argparse.Namespace) -> int:
+    from bridge import preflight_report
+
+    settings = settings_from_args(args)
+    report = preflight_report.run_with_progress(settings)
+    preflight_report.print_report(report)
+    if args.json:
+        preflight_report.write_json(report, args.json)
+    if args.html:
+        preflight_report.write_html(report, args.html)
+    return 1 if report.verdict == "fail" else 0

@@ -1,0 +1,707 @@
+"""`bridge preflight` against the lab in several shapes and against a running bridge: real sockets, TLS, NTLM."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import re
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from rich.console import Console
+
+from bridge.certificates import LocalCA
+from bridge.cli import build_parser
+from bridge.config import LegacyServer
+from bridge.lab import LabOptions
+from bridge.preflight import SCHEMA, Credentials, PreflightUsageError, Report, Settings, planned_checks, run_preflight, settings_from_args
+from bridge.preflight_report import STATUS_COLOURS, print_report, render_html, report_json, run_with_progress
+from bridge.tls import pin_flag
+from bridge_clients import BRIDGE_FQDN, BackgroundBridge, bridge_config, ca_file, resolve_lab_names
+from lab_clients import LAB_PASSWORD, LAB_USER, BackgroundLab
+
+REPO = Path(__file__).resolve().parent.parent
+EMAIL = "alice@lab.test"
+TIMEOUT = 5.0
+# A password that appears nowhere else, so finding it in an output can only be a leak.
+SECRET_USER = "LAB\\bob"
+SECRET_PASSWORD = "Zq7-preflight-Secret!"
+
+
+# --------------------------------------------------------------------------- fixtures and helpers
+
+
+@pytest.fixture(scope="module")
+def state_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("preflight-lab")
+
+
+@pytest.fixture(scope="module")
+def lab_factory(state_dir):
+    started: dict[tuple, BackgroundLab] = {}
+
+    def lab(**options):
+        key = tuple(sorted((name, repr(value)) for name, value in options.items()))
+        if key not in started:
+            background = BackgroundLab(LabOptions(state_dir=state_dir, **options))
+            background.start()
+            started[key] = background
+        return started[key].lab
+
+    yield lab
+    for background in started.values():
+        background.shutdown()
+
+
+@pytest.fixture(scope="module")
+def lab(lab_factory):
+    return lab_factory()
+
+
+def settings_for(lab, *, password: str = LAB_PASSWORD, user: str = LAB_USER, email: str = EMAIL, credentials: bool = True, **overrides) -> Settings:
+    settings = Settings(
+        legacy=LegacyServer("127.0.0.1", lab.port),
+        credentials=Credentials(email, user, password) if credentials else None,
+        timeout=TIMEOUT,
+        hold=0.5,
+    )
+    for name, value in overrides.items():
+        setattr(settings, name, value)
+    return settings
+
+
+def preflight(settings: Settings) -> Report:
+    return asyncio.run(run_preflight(settings))
+
+
+def statuses(report: Report) -> dict[str, str]:
+    return {check.id: check.status for check in report.checks}
+
+
+def check(report: Report, check_id: str):
+    found = report.get(check_id)
+    assert found is not None, f"{check_id} missing from {list(statuses(report))}"
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class SilentServer:
+    """Accepts TCP connections and never says a word: every TLS handshake waits for the timeout."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.held: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self.sock.accept()
+            except OSError:
+                return
+            self.held.append(connection)
+
+    def close(self) -> None:
+        self.sock.close()
+        for connection in self.held:
+            connection.close()
+
+
+# --------------------------------------------------------------------------- the lab in its shapes
+
+
+def test_tls10_lab_full_run_finds_everything_the_batch_needs(lab):
+    started = time.monotonic()
+    report = preflight(settings_for(lab))
+    elapsed = time.monotonic() - started
+
+    found = statuses(report)
+    assert [check_id for check_id, _ in planned_checks(report.settings)] == list(found)
+    legacy = {check_id: status for check_id, status in found.items() if check_id.startswith("legacy.")}
+    assert legacy == {check_id: ("warn" if check_id == "legacy.certificate" else "pass") for check_id in legacy}
+    assert found["bridge.fqdn"] == "skip"
+    assert report.verdict == "warn"
+
+    tls = check(report, "legacy.tls")
+    assert tls.details["accepted"] == {"TLS 1.0": ["AES128-SHA", "AES256-SHA"]}
+    assert tls.details["refused"] == ["TLS 1.1", "TLS 1.2", "TLS 1.3"]
+    assert "cannot connect to it directly" in tls.summary
+
+    certificate = check(report, "legacy.certificate")
+    assert certificate.details["sha256"] == lab.fingerprint
+    assert certificate.details["pin_flag"] == pin_flag(lab.fingerprint)
+    assert certificate.details["key"] == "RSA 1024" and certificate.details["signature_algorithm"] == "sha1"
+    assert certificate.details["self_signed"] is True and "self-signed" in certificate.summary
+
+    assert check(report, "legacy.http.rpc").details["auth_schemes"] == ["Negotiate", "NTLM", "Basic"]
+    autodiscover = check(report, "legacy.autodiscover")
+    assert autodiscover.details["exchange_server"] == "EXCH2007.lab.local"
+    assert autodiscover.details["legacy_dn"].endswith("/cn=Recipients/cn=alice")
+    assert autodiscover.details["auth_package"] == "Ntlm" and autodiscover.details["expr_server"] == "127.0.0.1"
+    assert report.facts == {"exchange_server": "EXCH2007.lab.local", "legacy_dn": autodiscover.details["legacy_dn"], "authentication": "NTLM"}
+    # The echoes really reached the RPC proxy, for each port the migration uses.
+    targets = lab.counters.rpc_targets
+    assert all(targets.get(f"EXCH2007.lab.local:{port}", 0) >= 2 for port in (6001, 6002, 6004)), targets
+    assert check(report, "legacy.rpc.6001").details["rpc_in_data"] == "200 (20 bytes)"
+    assert lab.counters.auth_successes.get("ntlm", 0) >= 1 and lab.counters.auth_successes.get("basic", 0) >= 1
+    print(f"\nfull run against the TLS 1.0 lab (15 checks, credentials): {elapsed:.2f} s")
+    assert elapsed < 5
+
+
+def test_tls12_capable_lab_lists_suites_per_version(lab_factory):
+    report = preflight(settings_for(lab_factory(tls_max="1.2"), credentials=False))
+    tls = check(report, "legacy.tls")
+    assert tls.status == "pass"
+    accepted = tls.details["accepted"]
+    assert set(accepted) == {"TLS 1.0", "TLS 1.1", "TLS 1.2"}
+    assert accepted["TLS 1.2"][:2] == ["ECDHE-RSA-AES128-GCM-SHA256", "ECDHE-RSA-AES256-GCM-SHA384"]
+    assert "AES128-SHA" in accepted["TLS 1.2"] and accepted["TLS 1.0"] == ["AES128-SHA", "AES256-SHA"]
+    assert tls.details["refused"] == ["TLS 1.3"]
+    assert "speaks TLS 1.2+" in tls.summary
+    assert report.verdict == "warn"  # the self-signed certificate only
+
+
+def test_basic_only_lab(lab_factory):
+    basic_lab = lab_factory(auth="basic")
+    report = preflight(settings_for(basic_lab))
+    found = statuses(report)
+    assert found["legacy.logon.basic"] == "pass"
+    assert found["legacy.logon.ntlm"] == "skip" and "NTLM is not offered" in check(report, "legacy.logon.ntlm").summary
+    assert found["legacy.autodiscover"] == "pass" and check(report, "legacy.autodiscover").details["scheme"] == "basic"
+    assert all(found[f"legacy.rpc.{port}"] == "pass" for port in (6001, 6002, 6004))
+    assert check(report, "legacy.http.rpc").details["auth_schemes"] == ["Basic"]
+    assert report.facts["authentication"] == "Basic"
+    assert report.verdict == "warn"
+
+    asked_ntlm = preflight(settings_for(basic_lab, auth="ntlm"))
+    found = statuses(asked_ntlm)
+    assert found["legacy.http.rpc"] == "fail" and "not NTLM" in check(asked_ntlm, "legacy.http.rpc").summary
+    assert found["legacy.logon.ntlm"] == "fail"
+    assert found["legacy.autodiscover"] == "skip" and found["legacy.rpc.6001"] == "skip"
+    assert asked_ntlm.verdict == "fail"
+
+
+def test_ntlm_only_lab(lab_factory):
+    ntlm_lab = lab_factory(auth="ntlm")
+    report = preflight(settings_for(ntlm_lab))
+    found = statuses(report)
+    assert found["legacy.logon.ntlm"] == "pass" and found["legacy.logon.basic"] == "skip"
+    assert check(report, "legacy.autodiscover").details["scheme"] == "ntlm"
+    assert all(found[f"legacy.rpc.{port}"] == "pass" for port in (6001, 6002, 6004))
+    assert report.facts["authentication"] == "NTLM"
+    assert report.verdict == "warn"
+
+    asked_basic = preflight(settings_for(ntlm_lab, auth="basic"))
+    assert statuses(asked_basic)["legacy.logon.basic"] == "fail"
+    assert asked_basic.verdict == "fail"
+
+
+def test_expired_certificate_fails(lab_factory):
+    report = preflight(settings_for(lab_factory(expired_cert=True), credentials=False))
+    certificate = check(report, "legacy.certificate")
+    assert certificate.status == "fail" and "expired on" in certificate.summary
+    assert certificate.details["days_left"] < 0 and certificate.fix
+    assert report.verdict == "fail"
+
+
+def test_certificate_pinned_in_config_must_match(lab):
+    other = "ab" * 32
+    report = preflight(settings_for(lab, credentials=False, legacy_fingerprint=other))
+    certificate = check(report, "legacy.certificate")
+    assert certificate.status == "fail" and "not the certificate pinned" in certificate.summary
+    assert pin_flag(lab.fingerprint) in certificate.fix
+    matching = preflight(settings_for(lab, credentials=False, legacy_fingerprint=lab.fingerprint))
+    assert check(matching, "legacy.certificate").status == "warn"
+
+
+def test_wrong_password_fails_logon_and_skips_what_depends_on_it(lab):
+    failures_before = sum(lab.counters.auth_failures.values())
+    report = preflight(settings_for(lab, password="not-the-password"))
+    found = statuses(report)
+    assert found["legacy.logon.basic"] == "fail" and found["legacy.logon.ntlm"] == "fail"
+    assert "wrong user name or password" in check(report, "legacy.logon.basic").summary
+    assert found["legacy.autodiscover"] == "skip" and "no logon succeeded" in check(report, "legacy.autodiscover").summary
+    assert all(found[f"legacy.rpc.{port}"] == "skip" for port in (6001, 6002, 6004))
+    assert sum(lab.counters.auth_failures.values()) >= failures_before + 2
+    assert report.verdict == "fail"
+
+
+def test_missing_rpc_proxy_fails_and_skips_the_echoes(lab_factory):
+    report = preflight(settings_for(lab_factory(rpc=False)))
+    rpc = check(report, "legacy.http.rpc")
+    assert rpc.status == "fail" and rpc.details["http_status"] == 404 and "not published" in rpc.summary
+    assert "Enable-OutlookAnywhere" in rpc.fix
+    found = statuses(report)
+    assert found["legacy.autodiscover"] == "pass"
+    assert all(found[f"legacy.rpc.{port}"] == "skip" for port in (6001, 6002, 6004))
+    assert "/rpc/rpcproxy.dll is missing" in check(report, "legacy.rpc.6001").summary
+    assert report.verdict == "fail"
+
+
+def test_closed_port_fails_at_once_and_skips_the_rest():
+    port = free_port()
+    started = time.monotonic()
+    report = preflight(Settings(legacy=LegacyServer("127.0.0.1", port), credentials=Credentials(EMAIL, LAB_USER, LAB_PASSWORD), timeout=TIMEOUT))
+    elapsed = time.monotonic() - started
+    found = statuses(report)
+    assert found["legacy.dns"] == "pass" and found["legacy.tcp"] == "fail"
+    assert "connection refused" in check(report, "legacy.tcp").summary
+    assert all(status == "skip" for check_id, status in found.items() if check_id not in ("legacy.dns", "legacy.tcp"))
+    assert report.verdict == "fail"
+    print(f"\nrun against a closed port: {elapsed:.3f} s")
+    assert elapsed < 1.0
+
+
+def test_unresolvable_legacy_name_fails_and_skips_the_rest():
+    report = preflight(Settings(legacy=LegacyServer("no-such-exchange.invalid", 443), timeout=TIMEOUT))
+    found = statuses(report)
+    assert found["legacy.dns"] == "fail" and "does not resolve" in check(report, "legacy.dns").summary
+    assert found["legacy.tcp"] == "skip" and found["legacy.certificate"] == "skip"
+    assert report.verdict == "fail"
+
+
+def test_silent_hosts_cost_one_timeout_not_one_per_check():
+    """Both sides accept TCP and never speak TLS: every probe waits, concurrently, for one timeout."""
+    resolve_lab_names()
+    silent = SilentServer()
+    try:
+        timeout = 1.0
+        settings = Settings(
+            legacy=LegacyServer("127.0.0.1", silent.port), fqdn=BRIDGE_FQDN, bridge_addr="127.0.0.1",
+            https_port=silent.port, http_port=silent.port, credentials=Credentials(EMAIL, LAB_USER, LAB_PASSWORD), timeout=timeout, hold=0,
+        )
+        started = time.monotonic()
+        report = preflight(settings)
+        elapsed = time.monotonic() - started
+    finally:
+        silent.close()
+    found = statuses(report)
+    assert found["legacy.tcp"] == "pass" and found["legacy.tls"] == "fail"
+    assert "no answer within the timeout" in check(report, "legacy.tls").summary
+    assert found["bridge.tls.modern"] == "fail" and found["bridge.certificate"] == "fail"
+    assert found["bridge.logon.ntlm"] == "fail" and found["bridge.autodiscover"] == "skip"
+    print(f"\nrun against silent hosts with --timeout {timeout:g}: {elapsed:.2f} s for {len(found)} checks")
+    assert timeout <= elapsed < 2 * timeout
+
+
+class Rc4OnlyServer:
+    """Speaks just enough TLS 1.0 to look like Windows 2003 without KB948963: RC4-SHA or nothing.
+
+    A ClientHello offering RC4-SHA gets a ServerHello choosing it; any other gets a handshake_failure
+    alert, which is all this machine's OpenSSL (no RC4) ever sees.
+    """
+
+    RC4_SHA = 0x0005
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self.sock.accept()
+            except OSError:
+                return
+            with connection:
+                connection.settimeout(2)
+                try:
+                    connection.sendall(self._answer(self._read_record(connection)))
+                    time.sleep(0.05)
+                except OSError:
+                    pass
+
+    @staticmethod
+    def _read_record(connection: socket.socket) -> bytes:
+        data = b""
+        while len(data) < 5 or len(data) < 5 + struct.unpack("!H", data[3:5])[0]:
+            chunk = connection.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+    def _answer(self, record: bytes) -> bytes:
+        hello = record[5:]
+        if len(hello) < 42:  # a bare TCP connect (the reachability check) sends nothing
+            return b""
+        session_id_length = hello[38]
+        offset = 39 + session_id_length
+        suites_length = struct.unpack("!H", hello[offset : offset + 2])[0]
+        suites = [struct.unpack("!H", hello[offset + 2 + i : offset + 4 + i])[0] for i in range(0, suites_length, 2)]
+        if self.RC4_SHA not in suites:
+            return b"\x15\x03\x01\x00\x02\x02\x28"  # fatal handshake_failure
+        body = b"\x03\x01" + os.urandom(32) + b"\x00" + struct.pack("!H", self.RC4_SHA) + b"\x00"
+        handshake = b"\x02" + struct.pack("!I", len(body))[1:] + body
+        return b"\x16\x03\x01" + struct.pack("!H", len(handshake)) + handshake
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_rc4_only_server_is_named_as_sharing_no_suite_with_this_machine():
+    server = Rc4OnlyServer()
+    try:
+        report = preflight(Settings(legacy=LegacyServer("127.0.0.1", server.port), timeout=TIMEOUT))
+    finally:
+        server.close()
+    tls = check(report, "legacy.tls")
+    assert tls.status == "fail" and tls.details["obsolete_suites"] == ["RC4-SHA"]
+    assert "offers only RC4-SHA" in tls.summary and "shares no suite" in tls.summary
+    assert "KB948963" in tls.fix
+    assert check(report, "legacy.http.rpc").status == "skip"
+
+
+# --------------------------------------------------------------------------- a running bridge
+
+
+@pytest.fixture(scope="module")
+def local_ca() -> LocalCA:
+    return LocalCA.create()
+
+
+@pytest.fixture(scope="module")
+def running_bridge(lab, local_ca, tmp_path_factory):
+    with BackgroundBridge(bridge_config(lab.port, tmp_path_factory.mktemp("bridge"), local_ca)) as bridge:
+        yield bridge
+
+
+@pytest.fixture(scope="module")
+def ca_bundle(local_ca, tmp_path_factory) -> Path:
+    return ca_file(local_ca, tmp_path_factory.mktemp("ca"))
+
+
+def bridge_settings(lab, bridge, **overrides) -> Settings:
+    resolve_lab_names()
+    values = {"fqdn": BRIDGE_FQDN, "bridge_addr": "127.0.0.1", "https_port": bridge.https_port, "http_port": bridge.http_port}
+    return settings_for(lab, **(values | overrides))
+
+
+@pytest.fixture(scope="module")
+def bridge_report(lab, running_bridge, ca_bundle) -> Report:
+    started = time.monotonic()
+    report = preflight(bridge_settings(lab, running_bridge, ca_bundle=ca_bundle, hold=1.0, expect_ip="127.0.0.1"))
+    print(f"\nfull run against the lab and a bridge (34 checks, --hold 1): {time.monotonic() - started:.2f} s")
+    return report
+
+
+def test_bridge_in_front_of_the_lab_passes_every_bridge_check(bridge_report, running_bridge):
+    found = statuses(bridge_report)
+    bridge_side = {check_id: status for check_id, status in found.items() if check_id.startswith("bridge.")}
+    assert bridge_side == {check_id: "pass" for check_id in bridge_side}, bridge_side
+    assert len(bridge_side) == 9 + 10
+    assert bridge_report.verdict == "warn"  # the lab's self-signed certificate, nothing else
+    assert check(bridge_report, "bridge.tls.obsolete").details["TLS 1.0"].startswith("refused")
+    certificate = check(bridge_report, "bridge.certificate")
+    assert certificate.details["issuer"] == "CN=exchange-bridge local test CA" and 85 <= certificate.details["days_left"] <= 90
+    redirect = check(bridge_report, "bridge.port80.redirect")
+    assert redirect.details["location"] == f"https://{BRIDGE_FQDN}:{running_bridge.https_port}/"
+    rpc = check(bridge_report, "bridge.rpc.6001")
+    assert rpc.summary.startswith("same as direct") and rpc.details["direct"] == rpc.details["through_bridge"]
+    assert check(bridge_report, "bridge.autodiscover").details["expr_server"] == BRIDGE_FQDN
+    assert check(bridge_report, "bridge.idle").details["hold_seconds"] == 1.0
+    assert bridge_report.duration < 5
+
+
+def test_bridge_that_does_not_forward_rpc_differs_from_direct(lab, local_ca, ca_bundle, tmp_path):
+    config = bridge_config(lab.port, tmp_path, local_ca, forward_paths=("/owa", "/EWS", "/Autodiscover"))
+    with BackgroundBridge(config) as bridge:
+        report = preflight(bridge_settings(lab, bridge, ca_bundle=ca_bundle, hold=0))
+    rpc = check(report, "bridge.http.rpc")
+    assert rpc.status == "fail" and "differs through the bridge" in rpc.summary
+    assert rpc.details["direct"]["http_status"] == 401 and rpc.details["through_bridge"]["http_status"] == 404
+    assert all(check(report, f"bridge.rpc.{port}").status == "skip" for port in (6001, 6002, 6004))
+    assert check(report, "bridge.http.ews").status == "pass"
+    assert report.verdict == "fail"
+
+
+def test_bridge_certificate_untrusted_without_the_ca_bundle(lab, running_bridge):
+    report = preflight(bridge_settings(lab, running_bridge, credentials=None, hold=0))
+    certificate = check(report, "bridge.certificate")
+    assert certificate.status == "fail" and "not trusted" in certificate.summary
+    assert "--ca-bundle" in certificate.fix
+
+
+def test_bridge_name_resolving_elsewhere_than_expected(lab, running_bridge, ca_bundle):
+    report = preflight(bridge_settings(lab, running_bridge, credentials=None, ca_bundle=ca_bundle, hold=0, expect_ip="192.0.2.7"))
+    dns = check(report, "bridge.dns")
+    assert dns.status == "fail" and "not 192.0.2.7" in dns.summary
+    assert check(report, "bridge.tcp").status == "pass"  # probed at --bridge-addr all the same
+
+
+def test_bridge_that_cannot_reach_the_legacy_server(local_ca, ca_bundle, tmp_path):
+    dead_port = free_port()
+    with BackgroundBridge(bridge_config(dead_port, tmp_path, local_ca)) as bridge:
+        report = preflight(bridge_settings(SimpleNamespace(port=dead_port), bridge, ca_bundle=ca_bundle, hold=0))
+    found = statuses(report)
+    assert found["legacy.tcp"] == "fail" and found["legacy.http.rpc"] == "skip"
+    assert found["bridge.certificate"] == "pass" and found["bridge.tls.modern"] == "pass"
+    rpc = check(report, "bridge.http.rpc")
+    assert rpc.status == "fail" and "the bridge cannot reach the legacy server" in rpc.summary and "no direct result" in rpc.summary
+    assert found["bridge.logon.ntlm"] == "fail" and found["bridge.autodiscover"] == "skip"
+
+
+def test_bridge_port_closed(lab):
+    resolve_lab_names()
+    report = preflight(settings_for(lab, credentials=False, fqdn=BRIDGE_FQDN, bridge_addr="127.0.0.1", https_port=free_port(), http_port=free_port()))
+    found = statuses(report)
+    assert found["bridge.tcp"] == "fail" and found["bridge.port80.redirect"] == "warn"
+    assert found["bridge.certificate"] == "skip" and found["bridge.http.rpc"] == "skip"
+
+
+# --------------------------------------------------------------------------- reports
+
+
+def test_json_report_follows_the_documented_schema(bridge_report):
+    data = json.loads(json.dumps(report_json(bridge_report)))
+    assert data["schema"] == SCHEMA and data["verdict"] == "warn"
+    assert set(data) >= {"schema", "verdict", "checks", "target", "facts", "next_steps", "data_handling"}
+    for entry in data["checks"]:
+        assert list(entry) == ["id", "side", "status", "summary", "details", "fix"]
+        assert entry["side"] in ("legacy", "bridge") and entry["status"] in ("pass", "warn", "fail", "skip")
+    documented = (REPO / "docs" / "preflight-schema.md").read_text()
+    assert SCHEMA in documented
+    for check_id, _ in planned_checks(bridge_report.settings) + [("bridge.fqdn", "bridge")]:
+        assert f"`{check_id}`" in documented or check_id.startswith(("bridge.http.", "bridge.logon.", "bridge.autodiscover", "bridge.rpc.")), check_id
+    steps = "\n".join(data["next_steps"])
+    assert "Test-MigrationServerAvailability -ExchangeOutlookAnywhere -Autodiscover -EmailAddress alice@lab.test" in steps
+    assert "New-MigrationEndpoint -ExchangeOutlookAnywhere" in steps
+    assert f"-RpcProxyServer {BRIDGE_FQDN} -ExchangeServer EXCH2007.lab.local -Authentication NTLM" in steps
+
+
+def test_password_never_reaches_any_output(lab_factory, tmp_path):
+    secret_lab = lab_factory(users={SECRET_USER: SECRET_PASSWORD})
+    settings = settings_for(secret_lab, user=SECRET_USER, password=SECRET_PASSWORD, email="bob@lab.test")
+    progress = io.StringIO()
+    report = run_with_progress(settings, Console(file=progress, force_terminal=True, width=120))
+    assert check(report, "legacy.logon.basic").status == "pass" and check(report, "legacy.rpc.6004").status == "pass"
+    console = io.StringIO()
+    print_report(report, Console(file=console, width=120))
+    outputs = {"progress": progress.getvalue(), "console": console.getvalue(), "json": json.dumps(report_json(report)), "html": render_html(report)}
+    basic_token = base64.b64encode(f"{SECRET_USER}:{SECRET_PASSWORD}".encode()).decode()
+    for name, text in outputs.items():
+        assert SECRET_PASSWORD not in text and basic_token not in text, f"the password leaked into the {name} output"
+    assert "legacy.rpc.6004" in outputs["console"] and "WARN" in outputs["console"]
+    assert "preflight" in outputs["progress"]  # the progress display ran
+
+
+def test_html_report_is_self_contained(bridge_report):
+    page = render_html(bridge_report)
+    assert not re.search(r"\b(?:src|href)\s*=", page, re.IGNORECASE)
+    assert "<link" not in page and "<script" not in page and "@import" not in page
+    for needle in ("Verdict: WARN", 'id="path-picture"', 'data-hop="front" data-status="pass"', 'data-hop="back" data-status="pass"',
+                   "Test-MigrationServerAvailability -ExchangeOutlookAnywhere -Autodiscover", "New-MigrationEndpoint -ExchangeOutlookAnywhere",
+                   "terminates TLS", "destroyed"):
+        assert needle in page, needle
+
+
+def chromium(*arguments: str, directory: Path) -> subprocess.CompletedProcess:
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    if binary is None:
+        pytest.fail("chromium is missing; run scripts/test.sh, which installs it (apt-get install chromium).")
+    profile = directory / "chromium-profile"
+    command = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}", *arguments]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+
+def png_pixels(data: bytes) -> tuple[int, int, list[bytes]]:
+    """Rows of RGB pixels of an 8-bit RGB or RGBA PNG (what Chromium writes)."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    position, chunks, header = 8, [], None
+    while position < len(data):
+        length, kind = struct.unpack(">I4s", data[position : position + 8])
+        body = data[position + 8 : position + 8 + length]
+        if kind == b"IHDR":
+            header = struct.unpack(">IIBBBBB", body)
+        elif kind == b"IDAT":
+            chunks.append(body)
+        position += 12 + length
+    width, height, depth, colour_type, _, _, interlace = header
+    assert depth == 8 and colour_type in (2, 6) and interlace == 0
+    channels = 3 if colour_type == 2 else 4
+    raw = zlib.decompress(b"".join(chunks))
+    stride = width * channels
+    rows, previous = [], bytearray(stride)
+    for y in range(height):
+        kind, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1 : (y + 1) * (stride + 1)])
+        for x in range(stride):
+            left = line[x - channels] if x >= channels else 0
+            up, up_left = previous[x], previous[x - channels] if x >= channels else 0
+            if kind == 1:
+                line[x] = (line[x] + left) & 255
+            elif kind == 2:
+                line[x] = (line[x] + up) & 255
+            elif kind == 3:
+                line[x] = (line[x] + (left + up) // 2) & 255
+            elif kind == 4:
+                p = left + up - up_left
+                pa, pb, pc = abs(p - left), abs(p - up), abs(p - up_left)
+                line[x] = (line[x] + (left if pa <= pb and pa <= pc else up if pb <= pc else up_left)) & 255
+        rows.append(bytes(line) if channels == 3 else bytes(b for i, b in enumerate(line) if i % 4 != 3))
+        previous = line
+    return width, height, rows
+
+
+def count_colour(rows: list[bytes], colour: str, first_row: int, last_row: int) -> int:
+    pixel = bytes.fromhex(colour.lstrip("#"))
+    return sum(1 for row in rows[first_row:last_row] for x in range(0, len(row), 3) if row[x : x + 3] == pixel)
+
+
+def test_html_report_renders_in_headless_chromium(lab, local_ca, ca_bundle, tmp_path):
+    config = bridge_config(lab.port, tmp_path, local_ca, forward_paths=("/owa", "/EWS", "/Autodiscover"))
+    with BackgroundBridge(config) as bridge:
+        report = preflight(bridge_settings(lab, bridge, ca_bundle=ca_bundle, hold=0))
+    assert report.verdict == "fail"
+    page = tmp_path / "preflight.html"
+    page.write_text(render_html(report), encoding="utf-8")
+
+    dom = chromium("--dump-dom", page.as_uri(), directory=tmp_path)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert "Verdict: FAIL" in dom.stdout
+    assert re.search(r'<svg[^>]*id="path-picture"', dom.stdout)
+    assert 'data-hop="front" data-status="pass"' in dom.stdout and 'data-hop="back" data-status="fail"' in dom.stdout
+
+    shot = tmp_path / "preflight.png"
+    result = chromium("--window-size=1000,500", "--hide-scrollbars", f"--screenshot={shot}", page.as_uri(), directory=tmp_path)
+    assert result.returncode == 0 and shot.exists(), result.stderr[-2000:]
+    width, height, rows = png_pixels(shot.read_bytes())
+    assert (width, height) == (1000, 500)
+    # The red verdict banner on top, then the path picture: a green front hop and a red back hop.
+    assert count_colour(rows, STATUS_COLOURS["fail"], 0, 60) > 20000
+    assert count_colour(rows, STATUS_COLOURS["pass"], 120, 420) > 500
+    assert count_colour(rows, STATUS_COLOURS["fail"], 120, 420) > 500
+
+
+# --------------------------------------------------------------------------- settings and the command line
+
+
+def parse(*argv: str):
+    return build_parser().parse_args(["preflight", *argv])
+
+
+def test_config_file_supplies_defaults_and_flags_win(tmp_path, lab):
+    config = tmp_path / "bridge.toml"
+    config.write_text(
+        f'fqdn = "bridge.example.com"\nlegacy = ["127.0.0.1:{lab.port}", "10.0.0.2"]\nhttps_port = 8443\nhttp_port = 8080\n'
+        f'legacy_fingerprint = "sha256:{lab.fingerprint}"\nacme_email = "ops@example.com"\n'
+    )
+    settings = settings_from_args(parse("--config", str(config), "--http-port", "80"))
+    assert settings.legacy == LegacyServer("127.0.0.1", lab.port)
+    assert (settings.fqdn, settings.https_port, settings.http_port) == ("bridge.example.com", 8443, 80)
+    assert settings.legacy_fingerprint == lab.fingerprint and settings.credentials is None
+    overridden = settings_from_args(parse("--config", str(config), "--legacy", "owa.example.com", "--fqdn", "other.example.com"))
+    assert overridden.legacy == LegacyServer("owa.example.com", 443) and overridden.fqdn == "other.example.com"
+
+
+def test_password_comes_from_the_named_variable_or_the_prompt(monkeypatch):
+    monkeypatch.setenv("PREFLIGHT_TEST_PASSWORD", "from-env")
+    settings = settings_from_args(parse("--legacy", "owa.example.com", "--email", EMAIL, "--username", LAB_USER, "--password-env", "PREFLIGHT_TEST_PASSWORD"))
+    assert settings.credentials.password == "from-env" and "from-env" not in repr(settings)
+    prompted = settings_from_args(parse("--legacy", "owa.example.com", "--email", EMAIL, "--username", LAB_USER), read_password=lambda user: f"typed for {user}")
+    assert prompted.credentials.password == f"typed for {LAB_USER}"
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        ((), "No legacy server given"),
+        (("--legacy", "owa.example.com", "--email", EMAIL), "--email and --username go together"),
+        (("--legacy", "owa.example.com", "--email", EMAIL, "--username", "u", "--password-env", "PREFLIGHT_UNSET_VARIABLE"), "PREFLIGHT_UNSET_VARIABLE"),
+        (("--legacy", "owa.example.com", "--fqdn", "bridge.example.com", "--bridge-addr", "bridge.example.com"), "is not an IP address"),
+        (("--legacy", "owa.example.com", "--bridge-addr", "192.0.2.1"), "give its name with --fqdn"),
+        (("--legacy", "owa.example.com", "--ca-bundle", "/nonexistent/ca.pem"), "--ca-bundle"),
+        (("--legacy", "owa.example.com", "--https-port", "70000"), "--https-port"),
+        (("--legacy", "owa.example.com", "--timeout", "0"), "--timeout"),
+        (("--legacy", "owa.example.com", "--json", "/nonexistent/dir/report.json"), "does not exist"),
+    ],
+)
+def test_usage_errors_are_one_sentence(argv, words, monkeypatch):
+    monkeypatch.delenv("PREFLIGHT_UNSET_VARIABLE", raising=False)
+    with pytest.raises(PreflightUsageError) as caught:
+        settings_from_args(parse(*argv), read_password=lambda user: pytest.fail("no prompt expected"))
+    message = str(caught.value)
+    assert words in message and message.endswith(".") and "\n" not in message
+
+
+def run_cli(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("PREFLIGHT_")}
+    environment |= {"PYTHONPATH": str(REPO), "COLUMNS": "120"} | (env or {})
+    return subprocess.run([sys.executable, "-m", "bridge.cli", "preflight", *argv], capture_output=True, text=True, timeout=60, env=environment, cwd=REPO)
+
+
+def test_cli_exit_codes_reports_and_no_password(lab_factory, tmp_path):
+    secret_lab = lab_factory(users={SECRET_USER: SECRET_PASSWORD})
+    json_path, html_path = tmp_path / "report.json", tmp_path / "report.html"
+    started = time.monotonic()
+    result = run_cli("--legacy", f"127.0.0.1:{secret_lab.port}", "--email", "bob@lab.test", "--username", SECRET_USER, "--password-env", "PREFLIGHT_PW",
+                     "--json", str(json_path), "--html", str(html_path), "--timeout", "5", env={"PREFLIGHT_PW": SECRET_PASSWORD})
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stdout + result.stderr
+    data = json.loads(json_path.read_text())
+    assert data["schema"] == SCHEMA and data["verdict"] == "warn"
+    assert {entry["id"]: entry["status"] for entry in data["checks"]}["legacy.rpc.6002"] == "pass"
+    for name, text in (("stdout", result.stdout), ("stderr", result.stderr), ("json", json_path.read_text()), ("html", html_path.read_text())):
+        assert SECRET_PASSWORD not in text, f"the password leaked into {name}"
+    assert "WARN:" in result.stdout and "New-MigrationEndpoint" in result.stdout
+    print(f"\nCLI run (process start included) against the lab: {elapsed:.2f} s")
+
+    closed = run_cli("--legacy", f"127.0.0.1:{free_port()}", "--json", str(json_path))
+    assert closed.returncode == 1
+    assert json.loads(json_path.read_text())["verdict"] == "fail"
+
+
+def test_cli_with_config_checks_the_bridge_it_names(lab, running_bridge, ca_bundle, tmp_path):
+    config = tmp_path / "bridge.toml"
+    config.write_text(f'fqdn = "{BRIDGE_FQDN}"\nlegacy = ["127.0.0.1:{lab.port}"]\nhttps_port = {running_bridge.https_port}\nhttp_port = {running_bridge.http_port}\n')
+    json_path = tmp_path / "report.json"
+    result = run_cli("--config", str(config), "--bridge-addr", "127.0.0.1", "--ca-bundle", str(ca_bundle), "--hold", "0", "--json", str(json_path))
+    data = json.loads(json_path.read_text())
+    found = {entry["id"]: entry["status"] for entry in data["checks"]}
+    assert data["target"]["https_port"] == running_bridge.https_port and data["target"]["fqdn"] == BRIDGE_FQDN
+    # This process cannot resolve *.lab.test: that alone fails, the rest is probed at --bridge-addr.
+    assert found["bridge.dns"] == "fail"
+    assert [check_id for check_id, status in found.items() if status == "fail"] == ["bridge.dns"]
+    assert found["bridge.certificate"] == "pass" and found["bridge.http.rpc"] == "pass"
+    assert result.returncode == 1
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        ((), "No legacy server given"),
+        (("--legacy", "owa.example.com", "--email", EMAIL), "--email and --username go together"),
+        (("--legacy", "owa.example.com", "--fqdn", "192.0.2.1"), "is an IP address"),
+    ],
+)
+def test_cli_usage_errors_exit_2_with_one_sentence(argv, words):
+    result = run_cli(*argv)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0] and lines[0].endswith("."), result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
