@@ -85,10 +85,12 @@ class RunningBridge:
     ssl_context: Any
     runners: list[web.ServerRunner] = field(default_factory=list)
     background: list[asyncio.Task] = field(default_factory=list)
+    renewal: Any = None  # bridge.renewal.Renewer when the certificate comes from ACME
 
     async def close(self) -> None:
         for task in self.background:
             task.cancel()
+        await asyncio.gather(*self.background, return_exceptions=True)
         for runner in reversed(self.runners):
             await runner.cleanup()
 
@@ -96,6 +98,8 @@ class RunningBridge:
         if self.config.cert and self.config.key:
             load_front_certificate(self.ssl_context, self.config.cert, self.config.key)
             log.info("certificate reloaded from %s", self.config.cert)
+        elif self.renewal is not None:
+            self.renewal.reload()
 
 
 CertificateSource = Callable[[BridgeConfig, dict[str, str]], Awaitable[tuple[Path, Path]]]
@@ -133,6 +137,11 @@ async def start_bridge(config: BridgeConfig, certificate_source: CertificateSour
     bridge = RunningBridge(config, proxy, bound_port(https_runner), bound_port(http_runner), ssl_context, runners)
     proxy.set_public_port(bridge.https_port)
     redirector.set_https_port(bridge.https_port)
+    if certificate_source is None and not (config.cert and config.key):
+        from bridge.renewal import Renewer
+
+        bridge.renewal = Renewer(config, challenges, ssl_context)
+        bridge.background.append(asyncio.create_task(bridge.renewal.run(), name="certificate-renewal"))
     return bridge
 
 

@@ -232,6 +232,10 @@ def build_config(values: dict[str, Any], *, require_fqdn: bool = True, require_l
             setattr(config, name, str(values[name]))
     if values.get("acme_ca_bundle"):
         config.acme_ca_bundle = Path(values["acme_ca_bundle"])
+        if not config.acme_ca_bundle.is_file():
+            raise ConfigError(f"--acme-ca-bundle {config.acme_ca_bundle} does not exist; give the PEM file of the CA that signed the ACME server's certificate.")
+    if config.acme_directory.lower() not in ("letsencrypt", "letsencrypt-staging") and not config.acme_directory.startswith(("https://", "http://")):
+        raise ConfigError(f"--acme-directory {config.acme_directory!r} is not letsencrypt, letsencrypt-staging or a directory URL; give one of those.")
     if bool(config.acme_eab_kid) != bool(config.acme_eab_hmac_key):
         raise ConfigError("--acme-eab-kid and --acme-eab-hmac-key go together; give both as your CA shows them, or neither.")
     if config.key_type not in ("ecdsa-p256", "rsa-2048", "rsa-3072"):
