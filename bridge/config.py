@@ -30,9 +30,20 @@ DEFAULT_FORWARD_PATHS = (
 # Outlook Anywhere keeps channels open with a 900 s server-to-client keep-alive: stay well above it.
 DEFAULT_IDLE_TIMEOUT = 30 * 60.0
 DEFAULT_CONNECT_TIMEOUT = 10.0
+# Operations and security (issue 6).
+DEFAULT_STATUS_BIND = "127.0.0.1:8404"
+DEFAULT_BAN_THRESHOLD = 10
+DEFAULT_BAN_WINDOW = 600.0
+DEFAULT_BAN_DURATION = 3600.0
+DEFAULT_MAX_CONNECTIONS = 1000
+DEFAULT_HEADER_TIMEOUT = 15.0
+DEFAULT_DRAIN_TIMEOUT = 30.0
 
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 _FINGERPRINT = re.compile(r"^(?:sha256:)?([0-9A-Fa-f]{2}(?::?[0-9A-Fa-f]{2}){31})$")
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class ConfigError(Exception):
@@ -73,6 +84,17 @@ class BridgeConfig:
     acme_eab_hmac_key: str | None = None
     acme_ca_bundle: Path | None = None
     key_type: str = "ecdsa-p256"
+    # Operations and security
+    status_bind: str = DEFAULT_STATUS_BIND  # "off" disables the status listener
+    ban_threshold: int = DEFAULT_BAN_THRESHOLD
+    ban_window: float = DEFAULT_BAN_WINDOW
+    ban_duration: float = DEFAULT_BAN_DURATION
+    ban_command: str | None = None
+    never_ban: tuple[Network, ...] = ()
+    allow: tuple[Network, ...] = ()  # empty: every source may connect
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
 
     @property
     def legacy_hostnames(self) -> set[str]:
@@ -240,7 +262,75 @@ def build_config(values: dict[str, Any], *, require_fqdn: bool = True, require_l
         raise ConfigError("--acme-eab-kid and --acme-eab-hmac-key go together; give both as your CA shows them, or neither.")
     if config.key_type not in ("ecdsa-p256", "rsa-2048", "rsa-3072"):
         raise ConfigError(f"--key-type {config.key_type!r} is not supported; use ecdsa-p256, rsa-2048 or rsa-3072.")
+    _operations(config, values)
     return config
+
+
+def _operations(config: BridgeConfig, values: dict[str, Any]) -> None:
+    """Status listener, bans, allow-list and connection limits."""
+    if values.get("status_bind"):
+        config.status_bind = str(values["status_bind"]).strip()
+        parse_status_bind(config.status_bind)
+    if values.get("ban_threshold") is not None:
+        config.ban_threshold = _count("--ban-threshold", values["ban_threshold"])
+    if values.get("ban_window") is not None:
+        config.ban_window = _seconds("--ban-window", values["ban_window"])
+    if values.get("ban_duration") is not None:
+        config.ban_duration = _seconds("--ban-duration", values["ban_duration"])
+    if values.get("ban_command"):
+        config.ban_command = str(values["ban_command"])
+    config.never_ban = parse_networks(_as_list(values.get("never_ban")), "--never-ban")
+    config.allow = parse_networks(_as_list(values.get("allow")), "--allow")
+    if values.get("max_connections") is not None:
+        config.max_connections = _count("--max-connections", values["max_connections"])
+    if values.get("header_timeout") is not None:
+        config.header_timeout = _seconds("--header-timeout", values["header_timeout"])
+    if values.get("drain_timeout") is not None:
+        config.drain_timeout = _seconds("--drain-timeout", values["drain_timeout"])
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _count(name: str, value: Any) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a whole number, not {value!r}.") from None
+    if number < 1:
+        raise ConfigError(f"{name} must be at least 1, not {value!r}.")
+    return number
+
+
+def parse_networks(values: list[Any], flag: str) -> tuple[Network, ...]:
+    """Addresses or CIDR ranges, e.g. 203.0.113.7 or 40.96.0.0/13."""
+    networks = []
+    for value in values:
+        text = str(value).strip()
+        try:
+            networks.append(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            raise ConfigError(f"{flag} {text!r} is not an address or CIDR range; write e.g. 203.0.113.7 or 40.96.0.0/13.") from None
+    return tuple(networks)
+
+
+def parse_status_bind(text: str) -> tuple[str, int] | None:
+    """HOST:PORT, [IPv6]:PORT or PORT (on 127.0.0.1); None for "off"."""
+    value = text.strip()
+    if value.lower() in ("off", "none", "no"):
+        return None
+    host, port_text = "127.0.0.1", value
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ""
+    elif ":" in value:
+        host, _, port_text = value.rpartition(":")
+    if not port_text.isdigit() or not 0 <= int(port_text) < 65536 or not host or not (_is_ip(host) or host == "localhost"):
+        raise ConfigError(f"--status-bind {text!r} is not ADDRESS:PORT; write e.g. 127.0.0.1:8404, or off to disable the status page.")
+    return host, int(port_text)
 
 
 def _normalise_prefix(prefix: str) -> str:

@@ -83,6 +83,10 @@ async def demo(args: argparse.Namespace) -> int:
             if args.check:
                 return 1 if failed else 0
             console.print(try_it_yourself(setup, lab))
+            if bridge.status_port:
+                password_file = config.state_dir / "status-password"
+                console.print(f"Status page: http://127.0.0.1:{bridge.status_port}/ (user admin, password in {password_file}); "
+                              f"or `bridge status --status-bind 127.0.0.1:{bridge.status_port} --state-dir {config.state_dir}`.")
             await wait_for_signal()
             return 0
         finally:
@@ -110,6 +114,7 @@ def demo_config(args: argparse.Namespace, state_dir: Path, lab: Lab) -> tuple[Pa
         key=key_path,
         state_dir=state_dir,
         legacy_fingerprint=lab.fingerprint.removeprefix("sha256:").replace(":", "").lower(),
+        status_bind="127.0.0.1:0",  # a free port: a real bridge on this machine may hold 8404
     )
     return ca_file, config
 

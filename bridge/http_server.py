@@ -103,9 +103,14 @@ async def start_site(
     ssl_context: Any = None,
     keepalive_timeout: float = 75.0,
     backlog: int = 1024,
+    guard: Any = None,
 ) -> web.ServerRunner:
-    """Start serving ``handler`` on host:port; raises OSError when the port cannot be bound."""
-    server = AnyMethodServer(
+    """Start serving ``handler`` on host:port; raises OSError when the port cannot be bound.
+
+    ``guard`` (a bridge.guard.ConnectionGuard) puts its connection gate under TLS and its request
+    handler in place of the plain one.
+    """
+    server = (guard.server if guard is not None else AnyMethodServer)(
         handler,
         keepalive_timeout=keepalive_timeout,
         access_log=None,
@@ -116,7 +121,7 @@ async def start_site(
     )
     runner = web.ServerRunner(server, handle_signals=False, access_log=None)
     await runner.setup()
-    site = web.TCPSite(
+    site = (guard.site if guard is not None else web.TCPSite)(
         runner, host=host, port=port, ssl_context=ssl_context, backlog=backlog, reuse_address=True
     )
     try:

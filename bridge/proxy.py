@@ -17,7 +17,9 @@ from urllib.parse import unquote
 from aiohttp import web
 from aiohttp.web_request import BaseRequest
 
+from bridge.bans import carries_final_credentials
 from bridge.config import BridgeConfig
+from bridge.guard import check_request_head
 from bridge.http_server import ConnectionState, connection_state
 from bridge.upstream import (
     LegacyPool,
@@ -38,6 +40,7 @@ SET_BY_BRIDGE = frozenset({"x-forwarded-proto", "x-forwarded-port"})
 SECURITY_HEADERS = (("X-Frame-Options", "SAMEORIGIN"), ("X-Content-Type-Options", "nosniff"))
 UPSTREAM_KEY = "upstream"
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+COALESCE_LIMIT = 16 * 1024  # a response up to this size leaves in one write (headers with the body)
 
 
 class IdleTimer:
@@ -94,6 +97,10 @@ class Proxy:
         self.set_public_port(config.https_port)
         self._location_names: frozenset[str] = frozenset()
         self._location_pattern: re.Pattern[str] | None = None
+        # Operations hooks, set by start_bridge: bridge.bans.BanGuard, bridge.status.BridgeStats, bridge.guard.ConnectionGuard
+        self.bans = None
+        self.stats = None
+        self.guard = None
 
     def set_public_port(self, port: int) -> None:
         self.https_port = str(port)
@@ -111,18 +118,42 @@ class Proxy:
     # ---- entry point -------------------------------------------------------------------------
     async def handle(self, request: BaseRequest) -> web.StreamResponse:
         exchange = Exchange()
+        stats = self.stats
+        if stats is not None:
+            stats.begin(request, exchange)
         try:
             refusal = self.refuse(request)
             if refusal:
                 exchange.status = refusal.status
                 return refusal
-            return await self.forward(request, exchange)
+            response = await self.forward(request, exchange)
+            self.note_failed_logon(request, exchange)
+            return response
         finally:
+            if stats is not None:
+                stats.end(request, exchange)
             self.log_access(request, exchange)
+
+    def note_failed_logon(self, request: BaseRequest, exchange: Exchange) -> None:
+        """An upstream 401 to Basic or to a final NTLM/Negotiate message counts towards a ban."""
+        if exchange.status == 401 and self.bans is not None and carries_final_credentials(request.headers.get("Authorization")):
+            self.bans.record_failure(connection_state(request).peer)
 
     # ---- what may pass ---------------------------------------------------------------------
     def refuse(self, request: BaseRequest) -> web.Response | None:
         """A local answer for requests that must not reach the legacy server, else None."""
+        if self.bans is not None and self.bans.is_banned(connection_state(request).peer):
+            response = local_response(403, "Forbidden: too many failed logons from this address; try again later.")
+            response.force_close()
+            return response
+        problem = check_request_head(request)
+        if problem is not None:
+            if self.guard is not None:
+                self.guard.reject(problem.reason)
+            log.info("%d for %s: %s", problem.status, connection_state(request).peer, problem.message)
+            response = local_response(problem.status, problem.message)
+            response.force_close()
+            return response
         target = request.raw_path
         if not target.startswith("/"):
             return local_response(400, "The request target must be a path (absolute-form and authority-form are not accepted).")
@@ -268,7 +299,7 @@ class Proxy:
             timer.touch()
             exchange.bytes_in += len(data)
             if chunked:
-                write(b"%x\r\n" % len(data) + data + b"\r\n")
+                write(b"".join((b"%x\r\n" % len(data), data, b"\r\n")))  # one copy of the chunk, one TLS record
             else:
                 write(data)
             await drain()
@@ -296,6 +327,10 @@ class Proxy:
             upstream.reusable = False
             response.force_close()
         exchange.status = head.status
+        if length is not None and length.isdigit() and int(length) <= COALESCE_LIMIT:
+            # aiohttp (>= 3.12) then holds the headers until the first body bytes: a small response
+            # costs one TLS record and one send instead of two. Larger ones get their headers at once.
+            response._send_headers_immediately = False
         await response.prepare(request)
         exchange.response = response
         write = response.write

@@ -44,6 +44,7 @@ def bridge_config(lab_port: int, directory: Path, ca: LocalCA, *, fqdn: str = BR
         cert=cert,
         key=key_path,
         state_dir=directory / "state",
+        status_bind="off",  # many test bridges run at once; the status tests give their own
     )
     return replace(config, **overrides)
 

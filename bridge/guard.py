@@ -1,0 +1,564 @@
+"""What reaches the proxy at all: the connection gate and request-head hygiene.
+
+The gate sits under TLS. Each accepted TCP connection first meets ``Gate``: a source outside
+``--allow`` is closed before a single TLS byte is sent; plain HTTP sent to the HTTPS port gets a
+clear-text 400 saying so; bytes that are neither TLS nor HTTP close the connection; past
+``--max-connections`` the client gets ``503`` with ``Retry-After``. Only then does TLS start, with
+asyncio's own ``SSLProtocol`` (what ``loop.create_server(ssl=...)`` uses), in front of the request
+handler.
+
+The request handler (``GuardedRequestHandler``) adds a header-read deadline (slowloris), answers
+an oversized request line with 414 and oversized headers with 431, and keeps reading the body of
+the request being finished while the bridge drains. ``check_request_head`` then refuses what the
+parser let through but a proxy must not forward: smuggling shapes (Content-Length with
+Transfer-Encoding, two lengths, transfer codings other than chunked), tunnelling and tracing
+methods, odd method tokens, fragments, unsupported versions and bad Host values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import re
+import threading
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
+from aiohttp.http_parser import HttpRequestParserPy
+from aiohttp.web_protocol import RequestPayloadError
+from aiohttp.web_request import BaseRequest
+
+from bridge.http_server import MAX_FIELD_SIZE, MAX_HEADERS, MAX_LINE_SIZE, AnyMethodRequestHandler, AnyMethodServer
+
+log = logging.getLogger("bridge.guard")
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+MAX_HEAD_BYTES = 32 * 1024  # all header fields together (IIS's default MaxRequestBytes is 16 KiB)
+MAX_METHOD_LENGTH = 32
+METHOD_TOKEN = re.compile(r"[A-Z][A-Z0-9_-]*")
+REFUSED_METHODS = frozenset({"CONNECT", "TRACE", "TRACK"})
+HOST_VALUE = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+SUPPORTED_VERSIONS = ((1, 1), (1, 0))
+TLS_HANDSHAKE_RECORD = 0x16
+BUSY_RETRY_AFTER = 10  # seconds a client is asked to wait when --max-connections is reached
+BUSY_HEAD_LIMIT = 16 * 1024
+
+
+# --------------------------------------------------------------------------- policy and counters
+
+
+@dataclass
+class ConnectionGuard:
+    """Settings and live counters shared by the gate and the request handlers (one per listener)."""
+
+    allow: tuple[Network, ...] = ()
+    max_connections: int = 1000
+    header_timeout: float = 15.0
+    public_origin: str = ""
+    open_connections: int = 0
+    busy_connections: int = 0
+    rejections: Counter = field(default_factory=Counter)  # reason -> count
+
+    def allows(self, peer: str) -> bool:
+        if not self.allow:
+            return True
+        try:
+            address = ipaddress.ip_address(peer)
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.allow)
+
+    def reject(self, reason: str) -> None:
+        self.rejections[reason] += 1
+
+    def apply(self, allow: Iterable[Network], max_connections: int, header_timeout: float, public_origin: str | None = None) -> None:
+        """New settings (SIGHUP); open connections keep going, new ones follow the new rules."""
+        self.allow = tuple(allow)
+        self.max_connections = max_connections
+        self.header_timeout = header_timeout
+        if public_origin is not None:
+            self.public_origin = public_origin
+
+    # Factories for http_server.start_site(guard=...)
+    def server(self, handler: Any, **kwargs: Any) -> "GuardedServer":
+        return GuardedServer(handler, guard=self, **kwargs)
+
+    def site(self, runner: web.BaseRunner, **kwargs: Any) -> "GatedSite":
+        return GatedSite(runner, guard=self, **kwargs)
+
+
+def peer_address(transport: asyncio.BaseTransport) -> str:
+    peer = transport.get_extra_info("peername")
+    return peer[0] if peer else ""
+
+
+# --------------------------------------------------------------------------- the gate under TLS
+
+
+class GatedSite(web.TCPSite):
+    """A TCPSite whose connections pass the Gate first (TLS starts only after it)."""
+
+    def __init__(self, runner: web.BaseRunner, *, guard: ConnectionGuard, **kwargs: Any) -> None:
+        super().__init__(runner, **kwargs)
+        self.guard = guard
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)
+        loop = asyncio.get_running_loop()
+        server = self._runner.server
+        assert server is not None
+        ssl_context = self._ssl_context
+        guard = self.guard
+        self._server = await loop.create_server(
+            lambda: Gate(guard, server, ssl_context),
+            self._host,
+            self._port,
+            backlog=self._backlog,
+            reuse_address=self._reuse_address,
+            reuse_port=self._reuse_port,
+        )
+        self._bound_port = self._server.sockets[0].getsockname()[1] if self._server.sockets else self._port
+
+
+class Gate(asyncio.Protocol):
+    """First protocol of every TCP connection: decides before TLS, then hands the transport over."""
+
+    def __init__(self, guard: ConnectionGuard, app_factory: Any, ssl_context: Any) -> None:
+        self.guard = guard
+        self.app_factory = app_factory
+        self.ssl_context = ssl_context
+        self.transport: asyncio.Transport | None = None
+        self.counted = False
+        self.busy = False
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        guard = self.guard
+        peer = peer_address(transport)
+        if not guard.allows(peer):
+            guard.reject("allow-list")
+            log.info("closed a connection from %s: not in --allow", peer)
+            transport.abort()
+            return
+        self.transport = transport
+        if guard.open_connections >= guard.max_connections:
+            if guard.busy_connections >= guard.max_connections:
+                guard.reject("max-connections")
+                transport.abort()
+                return
+            self.busy = True
+            guard.busy_connections += 1
+        else:
+            self.counted = True
+            guard.open_connections += 1
+        if self.ssl_context is None:
+            self.hand_over(b"")
+            return
+        self.timer = asyncio.get_running_loop().call_later(guard.header_timeout, self.timed_out)
+
+    def data_received(self, data: bytes) -> None:
+        self.cancel_timer()
+        transport = self.transport
+        if transport is None or not data:
+            return
+        if data[0] == TLS_HANDSHAKE_RECORD:
+            self.hand_over(data)
+        elif data[:1].isalpha():
+            self.guard.reject("plain-http")
+            log.info("plain HTTP from %s on the HTTPS port: answered 400", peer_address(transport))
+            transport.write(plain_http_answer(self.guard.public_origin))
+            transport.close()
+        else:
+            self.guard.reject("not-tls")
+            log.info("closed a connection from %s: neither TLS nor HTTP", peer_address(transport))
+            transport.abort()
+
+    def hand_over(self, first_bytes: bytes) -> None:
+        transport = self.transport
+        assert transport is not None
+        on_close = self.release
+        app = BusyResponder(self.guard, on_close) if self.busy else self.app_factory()
+        self.transport = None  # the Gate is done; the counted slot is released by the new protocol
+        if self.ssl_context is None:
+            transport.set_protocol(app)
+            app.connection_made(transport)
+            if isinstance(app, GuardedRequestHandler):
+                app.state.on_close(on_close)
+            return
+        tls = CountedSSLProtocol(
+            asyncio.get_running_loop(), app, self.ssl_context, None, server_side=True,
+            ssl_handshake_timeout=self.guard.header_timeout, on_close=on_close, guard=self.guard,
+        )
+        transport.set_protocol(tls)
+        tls.connection_made(transport)
+        feed_buffered(tls, first_bytes)
+
+    def timed_out(self) -> None:
+        self.timer = None
+        if self.transport is not None:
+            self.guard.reject("tls-timeout")
+            self.transport.abort()
+
+    def cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def release(self) -> None:
+        if self.counted:
+            self.counted = False
+            self.guard.open_connections -= 1
+        if self.busy:
+            self.busy = False
+            self.guard.busy_connections -= 1
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        # Only reached while the Gate still owns the transport (before the hand-over).
+        self.cancel_timer()
+        self.transport = None
+        self.release()
+
+
+def _counted_ssl_protocol() -> type:
+    from asyncio import sslproto
+
+    class CountedSSLProtocol(sslproto.SSLProtocol):
+        """asyncio's server-side TLS protocol, releasing the connection slot when the socket closes."""
+
+        def __init__(self, *args: Any, on_close: Any, guard: ConnectionGuard, **kwargs: Any) -> None:
+            self.max_size = 0  # no buffer of its own: the thread's shared one (get_buffer) serves every connection
+            super().__init__(*args, **kwargs)
+            del self.max_size
+            self._on_close = on_close
+            self._guard = guard
+
+        def get_buffer(self, n: int) -> memoryview:
+            self._ssl_buffer_view = view = _shared_receive_buffer()
+            return view
+
+        def connection_lost(self, exc: BaseException | None) -> None:
+            try:
+                if not getattr(self._app_protocol, "guard_connected", True):
+                    self._guard.reject("tls-handshake")
+                self._on_close()
+            finally:
+                super().connection_lost(exc)
+
+    return CountedSSLProtocol
+
+
+_receive_buffers = threading.local()
+
+
+def _shared_receive_buffer() -> memoryview:
+    """One 256 KiB socket receive buffer per thread, for every TLS connection.
+
+    asyncio's SSLProtocol gives each connection its own zero-filled (so resident) 256 KiB buffer:
+    250 MiB for 1000 idle connections. Its bytes are copied into the TLS object as soon as the
+    read returns (buffer_updated), before any other code runs, so one per event-loop thread is enough.
+    """
+    view = getattr(_receive_buffers, "view", None)
+    if view is None:
+        view = _receive_buffers.view = memoryview(bytearray(256 * 1024))
+    return view
+
+
+CountedSSLProtocol = _counted_ssl_protocol()
+
+
+def feed_buffered(protocol: asyncio.BufferedProtocol, data: bytes) -> None:
+    """Give bytes already read to a buffered protocol, as the transport would have."""
+    view = memoryview(data)
+    while view:
+        buffer = protocol.get_buffer(len(view))
+        count = min(len(buffer), len(view))
+        buffer[:count] = view[:count]
+        protocol.buffer_updated(count)
+        view = view[count:]
+
+
+def plain_http_answer(public_origin: str) -> bytes:
+    where = f"use {public_origin}/" if public_origin else "use https://"
+    return simple_response(400, "Bad Request", f"This port speaks HTTPS only; {where}.")
+
+
+def simple_response(status: int, reason: str, text: str, *extra: str) -> bytes:
+    body = (text + "\n").encode()
+    lines = [f"HTTP/1.1 {status} {reason}", "Content-Type: text/plain; charset=utf-8", f"Content-Length: {len(body)}", "Connection: close", *extra]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+class BusyResponder(asyncio.Protocol):
+    """Over --max-connections: read the request head (bounded), answer 503 with Retry-After, close."""
+
+    guard_connected = False
+
+    def __init__(self, guard: ConnectionGuard, on_close: Any = None) -> None:
+        self.guard = guard
+        self.on_close = on_close
+        self.buffer = b""
+        self.transport: asyncio.Transport | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.guard_connected = True
+        self.transport = transport
+        self.timer = asyncio.get_running_loop().call_later(self.guard.header_timeout, self.answer)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if b"\r\n\r\n" in self.buffer or len(self.buffer) > BUSY_HEAD_LIMIT:
+            self.answer()
+
+    def answer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        transport, self.transport = self.transport, None
+        if transport is None:
+            return
+        self.guard.reject("max-connections")
+        log.warning("503 for %s: --max-connections %d reached", peer_address(transport), self.guard.max_connections)
+        transport.write(
+            simple_response(
+                503, "Service Unavailable", "The bridge has too many open connections; try again shortly.",
+                f"Retry-After: {BUSY_RETRY_AFTER}",
+            )
+        )
+        transport.close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.transport = None
+        if self.on_close is not None:
+            self.on_close()
+
+
+# --------------------------------------------------------------------------- request handler
+
+
+class TargetTooLong(HttpProcessingError):
+    code = 414
+    message = "request line too long"
+
+
+class HeadTooLarge(HttpProcessingError):
+    code = 431
+    message = "request header fields too large"
+
+
+class VersionNotSupported(HttpProcessingError):
+    code = 505
+    message = "HTTP version not supported"
+
+
+class GuardedParser(HttpRequestParserPy):
+    """aiohttp's pure-Python request parser, with oversized heads told apart (414 / 431) and 505."""
+
+    def parse_message(self, lines: list[bytes]) -> Any:
+        message = super().parse_message(lines)
+        if tuple(message.version) not in SUPPORTED_VERSIONS:
+            raise VersionNotSupported()
+        return message
+
+    def feed_data(self, data: bytes, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().feed_data(data, *args, **kwargs)
+        except LineTooLong:
+            raise (HeadTooLarge() if self._lines else TargetTooLong()) from None
+        except BadHttpMessage as exc:
+            if "Too many headers" in str(exc.message):
+                raise HeadTooLarge() from None
+            raise
+
+    def head_in_progress(self) -> bool:
+        """Part of a request head has arrived and its blank line has not."""
+        return self._payload_parser is None and not self._upgraded and bool(self._lines or self._tail)
+
+
+def new_parser(protocol: Any, loop: asyncio.AbstractEventLoop, read_bufsize: int = 2**16) -> GuardedParser:
+    return GuardedParser(
+        protocol,
+        loop,
+        read_bufsize,
+        max_line_size=MAX_LINE_SIZE,
+        max_field_size=MAX_FIELD_SIZE,
+        max_headers=MAX_HEADERS,
+        payload_exception=RequestPayloadError,
+        auto_decompress=False,
+    )
+
+
+class GuardedRequestHandler(AnyMethodRequestHandler):
+    """The bridge's request handler with a header deadline, 414/431 answers and drain-friendly close."""
+
+    def __init__(self, manager: web.Server, *, loop: asyncio.AbstractEventLoop, guard: ConnectionGuard, **kwargs: Any) -> None:
+        super().__init__(manager, loop=loop, **kwargs)
+        self.guard = guard
+        self._parser = new_parser(self, loop, kwargs.get("read_bufsize", 2**16))
+        self.head_timer: asyncio.TimerHandle | None = None
+        self.guard_connected = False
+        self.draining = False
+
+    async def shutdown(self, timeout: float | None = 15.0) -> None:
+        """Drain: the request in progress gets ``timeout`` seconds in all, then it is cancelled.
+
+        (aiohttp alone waits ``timeout`` for the handler, then up to ``timeout`` again after
+        cancelling the request's payload, which a proxy waiting on its upstream ignores.)
+        """
+        self.draining = True
+        if self._request_in_progress and timeout:
+            finished = self._loop.create_future()
+            self._handler_waiter = finished
+            try:
+                await asyncio.wait_for(asyncio.shield(finished), timeout)
+            except asyncio.TimeoutError:
+                pass
+            finally:
+                self._handler_waiter = None
+            if self._request_in_progress and self._task_handler is not None:
+                self._task_handler.cancel()
+        await super().shutdown(timeout)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.guard_connected = True
+        self.arm_head_timer()  # the first request head must arrive in time
+
+    def data_received(self, data: bytes) -> None:
+        # While draining, aiohttp's close()/shutdown() would stop reading: keep feeding the body of
+        # the request being finished so it can complete.
+        draining = self.draining and self._request_in_progress and self.transport is not None
+        if draining:
+            closing = self._close, self._force_close
+            self._close = self._force_close = False
+        requests_before = self._request_count
+        try:
+            super().data_received(data)
+        finally:
+            if draining:
+                self._close, self._force_close = closing
+        parser = self._parser
+        if isinstance(parser, GuardedParser) and parser.head_in_progress():
+            self.arm_head_timer()
+        elif self._request_count != requests_before:
+            self.cancel_head_timer()
+
+    def arm_head_timer(self) -> None:
+        if self.head_timer is None:
+            self.head_timer = self._loop.call_later(self.guard.header_timeout, self.head_timed_out)
+
+    def cancel_head_timer(self) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+
+    def head_timed_out(self) -> None:
+        self.head_timer = None
+        transport = self.transport
+        if transport is None or self._force_close:
+            return
+        if self._request_in_progress:  # a pipelined head behind a running request: check again later
+            self.arm_head_timer()
+            return
+        self.guard.reject("header-timeout")
+        log.info("408 for %s: request head not complete within %g s", self.state.peer, self.guard.header_timeout)
+        transport.write(simple_response(408, "Request Timeout", "The request head did not arrive in time."))
+        self.force_close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.cancel_head_timer()
+        super().connection_lost(exc)
+
+    def handle_error(self, request: BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None) -> web.StreamResponse:
+        if status != 400 or not isinstance(exc, HttpProcessingError):
+            return super().handle_error(request, status, exc, message)
+        # A request head the parser refused: a short answer and one log line, no traceback.
+        status = exc.code if isinstance(exc, (TargetTooLong, HeadTooLarge, VersionNotSupported)) else 400
+        reason = {414: "target-too-long", 431: "head-too-large", 505: "bad-version"}.get(status, "malformed-head")
+        self.guard.reject(reason)
+        log.info("%d for %s: %s", status, self.state.peer, _short(exc))
+        return refusal(status, HEAD_REFUSALS[status])
+
+
+HEAD_REFUSALS = {
+    400: "The request is not valid HTTP/1.1 (malformed request line or header, or ambiguous message framing).",
+    414: "The request line is too long.",
+    431: "The request header fields are too large.",
+    505: "Only HTTP/1.0 and HTTP/1.1 are supported.",
+}
+
+
+def _short(exc: BaseException) -> str:
+    text = getattr(exc, "message", "") or type(exc).__name__
+    return str(text).replace("\r", "\\r").replace("\n", "\\n")[:120]
+
+
+def refusal(status: int, message: str) -> web.Response:
+    response = web.Response(status=status, text=message + "\n")
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["X-Frame-Options"] = "SAMEORIGIN"
+    response.force_close()
+    return response
+
+
+class GuardedServer(AnyMethodServer):
+    def __init__(self, handler: Any, *, guard: ConnectionGuard, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.guard = guard
+
+    def __call__(self) -> GuardedRequestHandler:
+        return GuardedRequestHandler(self, loop=self._loop, guard=self.guard, **self._kwargs)
+
+
+# --------------------------------------------------------------------------- head checks
+
+
+@dataclass(frozen=True)
+class HeadProblem:
+    status: int
+    reason: str  # metrics label
+    message: str  # one sentence for the client
+
+
+def check_request_head(request: BaseRequest) -> HeadProblem | None:
+    """What the parser accepted but a proxy must not forward; None when the head is fine."""
+    return check_head(request.method, request.version, request.raw_path, request.headers, request.raw_headers)
+
+
+def check_head(method: str, version: tuple[int, int], target: str, headers: Any, raw_headers: Any) -> HeadProblem | None:
+    """``check_request_head`` on a parsed head (aiohttp's RawRequestMessage fields)."""
+    if len(method) > MAX_METHOD_LENGTH or not METHOD_TOKEN.fullmatch(method):
+        return HeadProblem(400, "bad-method", "The request method is not a valid method token.")
+    if method in REFUSED_METHODS:
+        return HeadProblem(405, "refused-method", f"The bridge does not relay {method} requests.")
+    if tuple(version) not in SUPPORTED_VERSIONS:
+        return HeadProblem(505, "bad-version", "Only HTTP/1.0 and HTTP/1.1 are supported.")
+    lengths = headers.getall("Content-Length", [])
+    codings = headers.getall("Transfer-Encoding", [])
+    if len(lengths) > 1:
+        return HeadProblem(400, "smuggling", "The request has more than one Content-Length.")
+    if codings and lengths:
+        return HeadProblem(400, "smuggling", "The request has both Content-Length and Transfer-Encoding.")
+    if codings:
+        if tuple(version) == (1, 0):
+            return HeadProblem(400, "smuggling", "HTTP/1.0 requests may not use Transfer-Encoding.")
+        if len(codings) > 1 or codings[0].strip().lower() != "chunked":
+            return HeadProblem(501, "smuggling", "Only Transfer-Encoding: chunked is supported.")
+    hosts = headers.getall("Host", [])
+    if len(hosts) > 1 or (hosts and not HOST_VALUE.fullmatch(hosts[0])):
+        return HeadProblem(400, "bad-host", "The Host header is not a valid host name.")
+    if "#" in target:
+        return HeadProblem(400, "bad-target", "The request target may not contain a fragment.")
+    if sum(len(name) + len(value) + 4 for name, value in raw_headers) > MAX_HEAD_BYTES:
+        return HeadProblem(431, "head-too-large", "The request header fields are too large.")
+    return None

@@ -1,0 +1,525 @@
+"""Observability: live counters, the status listener (HTML, JSON, Prometheus) and `bridge status`.
+
+The status listener (default ``127.0.0.1:8404``, ``--status-bind``) answers only with HTTP Basic
+``admin`` and the password kept in ``STATE_DIR/status-password`` (0600, generated on first start;
+there is no built-in default). ``/`` is an auto-refreshing page, ``/status.json`` what
+``bridge status`` shows, ``/metrics`` the Prometheus text format (``prometheus-client``).
+
+Counters cost the request path a few integer updates: bytes of running requests are read from
+their ``Exchange`` objects when someone looks, so a channel streaming for hours is counted live.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import hmac
+import html
+import json
+import logging
+import os
+import secrets
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from bridge import __version__
+from bridge.config import ConfigError, parse_status_bind
+
+log = logging.getLogger("bridge.status")
+
+STATUS_USER = "admin"
+PASSWORD_FILE = "status-password"
+REFRESH_SECONDS = 5
+RPC_METHODS = frozenset({"RPC_IN_DATA", "RPC_OUT_DATA"})
+
+
+# --------------------------------------------------------------------------- counters
+
+
+class BridgeStats:
+    """Counters the proxy updates; everything else is read from the bridge's parts on demand."""
+
+    def __init__(self, forward_prefixes: tuple[str, ...] = ()) -> None:
+        self.started = time.time()
+        self.prefixes = tuple((prefix.lower(), prefix) for prefix in forward_prefixes)
+        self.requests: Counter[tuple[str, int]] = Counter()
+        self.bytes_in_done = 0
+        self.bytes_out_done = 0
+        self.active: dict[int, Any] = {}  # id -> Exchange of each request in progress
+        self.rpc_channels = 0
+
+    def begin(self, request: Any, exchange: Any) -> None:
+        self.active[id(exchange)] = exchange
+        if request.method in RPC_METHODS:
+            self.rpc_channels += 1
+
+    def end(self, request: Any, exchange: Any) -> None:
+        self.active.pop(id(exchange), None)
+        if request.method in RPC_METHODS:
+            self.rpc_channels -= 1
+        self.bytes_in_done += exchange.bytes_in
+        self.bytes_out_done += exchange.bytes_out
+        self.requests[(self.route(request.raw_path), exchange.status)] += 1
+
+    def route(self, target: str) -> str:
+        """The forwarded virtual directory a request went to, or "other" (bounded label set)."""
+        lowered = target.split("?", 1)[0].lower()
+        for prefix, label in self.prefixes:
+            if lowered == prefix or lowered.startswith(prefix + "/"):
+                return label
+        return "other"
+
+    @property
+    def bytes_in(self) -> int:
+        return self.bytes_in_done + sum(exchange.bytes_in for exchange in self.active.values())
+
+    @property
+    def bytes_out(self) -> int:
+        return self.bytes_out_done + sum(exchange.bytes_out for exchange in self.active.values())
+
+
+def certificate_summary(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {"subject": "-", "days_left": None, "not_after": None}
+    try:
+        from bridge.certificates import inspect_certificate, load_pem_chain
+
+        info = inspect_certificate(load_pem_chain(Path(path))[0])
+    except Exception as exc:  # noqa: BLE001 - the page must render even if the file went away
+        return {"subject": f"unreadable: {exc}", "days_left": None, "not_after": None}
+    return {"subject": info.subject, "names": info.sans, "days_left": round(info.days_left, 1), "not_after": info.not_after.isoformat()}
+
+
+def snapshot(bridge: Any) -> dict[str, Any]:
+    """Everything the page, the JSON and `bridge status` show (plain data)."""
+    stats: BridgeStats = bridge.stats
+    guard = bridge.guard
+    bans = bridge.bans
+    now = time.time()
+    legacy = []
+    for server, health in bridge.proxy.pool.health.items():
+        down = bool(health.last_error)
+        legacy.append({"server": str(server), "state": "down" if down else "up", "error": health.last_error})
+    from bridge.bans import summary
+
+    return {
+        "version": __version__,
+        "fqdn": bridge.config.fqdn,
+        "uptime_seconds": int(now - stats.started),
+        "certificate": certificate_summary(getattr(bridge, "certificate_path", None) or bridge.config.cert),
+        "legacy": legacy,
+        "connections_open": guard.open_connections if guard else None,
+        "connections_limit": guard.max_connections if guard else None,
+        "rpc_channels_open": stats.rpc_channels,
+        "bytes_in": stats.bytes_in,
+        "bytes_out": stats.bytes_out,
+        "requests": [
+            {"route": route, "status": status, "count": count} for (route, status), count in sorted(stats.requests.items())
+        ],
+        "rejected": dict(sorted(guard.rejections.items())) if guard else {},
+        "auth_failures": bans.failures_total if bans else 0,
+        "bans_total": bans.bans_total if bans else 0,
+        "banned_requests": bans.refused_total if bans else 0,
+        "bans": summary(bans.active().items()) if bans else [],
+    }
+
+
+class SnapshotCollector:
+    """Prometheus collector that reads a snapshot at scrape time."""
+
+    def __init__(self, bridge: Any) -> None:
+        self.bridge = bridge
+
+    def collect(self) -> Any:
+        data = snapshot(self.bridge)
+        yield _gauge("bridge_uptime_seconds", "Seconds since the bridge started.", data["uptime_seconds"])
+        days = data["certificate"]["days_left"]
+        if days is not None:
+            yield _gauge("bridge_certificate_days_left", "Days until the front certificate expires.", days)
+        up = GaugeMetricFamily("bridge_legacy_up", "1 when the legacy server's last connection attempt succeeded.", labels=["server"])
+        for entry in data["legacy"]:
+            up.add_metric([entry["server"]], 1 if entry["state"] == "up" else 0)
+        yield up
+        if data["connections_open"] is not None:
+            yield _gauge("bridge_client_connections", "Open client connections on the HTTPS port.", data["connections_open"])
+            yield _gauge("bridge_client_connections_limit", "The --max-connections setting.", data["connections_limit"])
+        yield _gauge("bridge_rpc_channels", "Outlook Anywhere RPC_IN_DATA/RPC_OUT_DATA requests in progress.", data["rpc_channels_open"])
+        yield _counter("bridge_received_bytes", "Request body bytes received from clients.", data["bytes_in"])
+        yield _counter("bridge_sent_bytes", "Response body bytes sent to clients.", data["bytes_out"])
+        requests = CounterMetricFamily("bridge_requests", "Requests answered, by forwarded route and status.", labels=["route", "status"])
+        for entry in data["requests"]:
+            requests.add_metric([entry["route"], str(entry["status"])], entry["count"])
+        yield requests
+        rejected = CounterMetricFamily("bridge_rejected", "Connections or request heads refused before the proxy, by reason.", labels=["reason"])
+        for reason, count in data["rejected"].items():
+            rejected.add_metric([reason], count)
+        yield rejected
+        yield _counter("bridge_auth_failures", "Upstream 401 answers to requests carrying final credentials.", data["auth_failures"])
+        yield _counter("bridge_bans", "Bans made by the brute-force guard since start.", data["bans_total"])
+        yield _counter("bridge_banned_requests", "Requests refused with 403 because the client is banned.", data["banned_requests"])
+        yield _gauge("bridge_bans_active", "Addresses banned right now.", len(data["bans"]))
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=value)
+
+
+def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, documentation, value=value)
+
+
+# --------------------------------------------------------------------------- the listener
+
+
+def status_password(state_dir: Path) -> str:
+    """The status password, generated (0600) on first use; never a built-in default."""
+    path = Path(state_dir) / PASSWORD_FILE
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        text = ""
+    if text:
+        if path.stat().st_mode & 0o077:
+            os.chmod(path, 0o600)
+            log.warning("%s was readable by others; made it 0600", path)
+        return text
+    from bridge.certificates import atomic_write
+
+    password = secrets.token_urlsafe(18)
+    atomic_write(path, (password + "\n").encode(), mode=0o600)
+    log.info("generated the status page password in %s", path)
+    return password
+
+
+class StatusPage:
+    def __init__(self, bridge: Any, password: str) -> None:
+        self.bridge = bridge
+        self.expected = f"{STATUS_USER}:{password}".encode()
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(SnapshotCollector(bridge))  # type: ignore[arg-type]
+        self.refused = 0
+
+    @web.middleware
+    async def authenticate(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        try:
+            given = base64.b64decode(token.strip(), validate=True) if scheme.lower() == "basic" else b""
+        except ValueError:
+            given = b""
+        if not hmac.compare_digest(given, self.expected):
+            self.refused += 1
+            if header:
+                log.warning("status page: wrong credentials from %s", request.remote)
+            response = web.Response(status=401, text="The status page needs the user admin and the password from the state directory.\n")
+            response.headers["WWW-Authenticate"] = 'Basic realm="exchange-bridge status", charset="UTF-8"'
+            return response
+        response = await handler(request)
+        response.headers["Cache-Control"] = "no-store"
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["X-Frame-Options"] = "DENY"
+        return response
+
+    async def page(self, request: web.Request) -> web.Response:
+        return web.Response(text=render_html(snapshot(self.bridge)), content_type="text/html")
+
+    async def json(self, request: web.Request) -> web.Response:
+        return web.json_response(snapshot(self.bridge))
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        response = web.Response(body=generate_latest(self.registry))
+        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return response
+
+    def application(self) -> web.Application:
+        app = web.Application(middlewares=[self.authenticate])
+        app.router.add_get("/", self.page)
+        app.router.add_get("/status.json", self.json)
+        app.router.add_get("/metrics", self.metrics)
+        return app
+
+
+async def start_status_listener(bridge: Any) -> tuple[web.AppRunner, int] | None:
+    """Start the status listener per --status-bind; None when it is off or its port is taken."""
+    address = parse_status_bind(bridge.config.status_bind)
+    if address is None:
+        return None
+    host, port = address
+    password = status_password(bridge.config.state_dir)
+    runner = web.AppRunner(StatusPage(bridge, password).application(), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host=host, port=port, reuse_address=True)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        # The status page is secondary to the migration: say so and keep the bridge running.
+        log.error("status page not started: cannot listen on %s:%d (%s); choose another --status-bind or off", host, port, exc.strerror or exc)
+        return None
+    bound = site._server.sockets[0].getsockname()[1] if site._server and site._server.sockets else port  # type: ignore[union-attr]
+    where = f"[{host}]" if ":" in host else host
+    if not host.startswith("127.") and host not in ("::1", "localhost"):
+        log.warning("the status page listens on %s, which is not loopback: its Basic password travels in clear text", host)
+    log.info("status page on http://%s:%d/ (user %s, password in %s)", where, bound, STATUS_USER, Path(bridge.config.state_dir) / PASSWORD_FILE)
+    return runner, bound
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if count < 1024 or unit == "TiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count} B"
+
+
+def human_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    days, seconds = divmod(seconds, 86400)
+    hours, seconds = divmod(seconds, 3600)
+    minutes, seconds = divmod(seconds, 60)
+    if days:
+        return f"{days}d {hours}h {minutes}m"
+    if hours:
+        return f"{hours}h {minutes}m"
+    return f"{minutes}m {seconds}s"
+
+
+def render_html(data: dict[str, Any]) -> str:
+    e = html.escape
+    cert = data["certificate"]
+    days = "-" if cert["days_left"] is None else f"{cert['days_left']:.0f} days left"
+    legacy_rows = "".join(
+        f"<tr><td>{e(entry['server'])}</td><td class='{e(entry['state'])}'>{e(entry['state'])}</td><td>{e(entry['error'])}</td></tr>"
+        for entry in data["legacy"]
+    )
+    request_rows = "".join(
+        f"<tr><td>{e(entry['route'])}</td><td>{entry['status']}</td><td>{entry['count']}</td></tr>" for entry in data["requests"]
+    ) or "<tr><td colspan=3>none yet</td></tr>"
+    rejected_rows = "".join(f"<tr><td>{e(reason)}</td><td>{count}</td></tr>" for reason, count in data["rejected"].items()) or "<tr><td colspan=2>none</td></tr>"
+    ban_rows = "".join(
+        f"<tr><td>{e(ban['address'])}</td><td>{human_duration(ban['seconds_left'])}</td><td>{e(ban['reason'])}</td></tr>" for ban in data["bans"]
+    ) or "<tr><td colspan=3>none</td></tr>"
+    connections = "-" if data["connections_open"] is None else f"{data['connections_open']} of {data['connections_limit']}"
+    return f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><meta http-equiv="refresh" content="{REFRESH_SECONDS}">
+<title>exchange-bridge {e(data['fqdn'])}</title>
+<style>body{{font-family:sans-serif;margin:1.5em}}table{{border-collapse:collapse;margin-bottom:1.2em}}
+td,th{{border:1px solid #bbb;padding:.25em .6em;text-align:left}}th{{background:#eee}}.up{{color:#070}}.down{{color:#b00;font-weight:bold}}</style>
+</head><body>
+<h1>exchange-bridge {e(data['fqdn'])}</h1>
+<table>
+<tr><th>uptime</th><td id="uptime">{human_duration(data['uptime_seconds'])}</td></tr>
+<tr><th>certificate</th><td id="certificate">{e(cert['subject'])} ({e(days)})</td></tr>
+<tr><th>client connections</th><td id="connections">{connections}</td></tr>
+<tr><th>RPC channels</th><td id="rpc">{data['rpc_channels_open']}</td></tr>
+<tr><th>bytes from clients</th><td id="bytes-in">{data['bytes_in']} ({human_bytes(data['bytes_in'])})</td></tr>
+<tr><th>bytes to clients</th><td id="bytes-out">{data['bytes_out']} ({human_bytes(data['bytes_out'])})</td></tr>
+<tr><th>failed logons</th><td id="auth-failures">{data['auth_failures']}</td></tr>
+<tr><th>bans made / requests refused</th><td id="bans">{data['bans_total']} / {data['banned_requests']}</td></tr>
+</table>
+<h2>Legacy servers</h2><table><tr><th>server</th><th>state</th><th>last error</th></tr>{legacy_rows}</table>
+<h2>Requests</h2><table id="requests"><tr><th>route</th><th>status</th><th>count</th></tr>{request_rows}</table>
+<h2>Refused before the proxy</h2><table id="rejected"><tr><th>reason</th><th>count</th></tr>{rejected_rows}</table>
+<h2>Current bans</h2><table id="current-bans"><tr><th>address</th><th>time left</th><th>reason</th></tr>{ban_rows}</table>
+<p>exchange-bridge {e(data['version'])} &middot; refreshes every {REFRESH_SECONDS} s &middot; <a href="/metrics">metrics</a> &middot; <a href="/status.json">json</a></p>
+</body></html>
+"""
+
+
+# --------------------------------------------------------------------------- `bridge status`
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", help="status listener URL (default: from --status-bind, http://127.0.0.1:8404)")
+    parser.add_argument("--status-bind", help="the bridge's --status-bind, to find the URL")
+    parser.add_argument("--state-dir", type=Path, help="the bridge's state directory, to read the password")
+    parser.add_argument("--config", type=Path, help="the bridge's TOML config, to find status_bind and state_dir")
+    parser.add_argument("--password-file", type=Path, help="file holding the status password (default: STATE_DIR/status-password)")
+    parser.add_argument("--once", action="store_true", help="print one snapshot and exit (no live view)")
+    parser.add_argument("--json", action="store_true", help="print the raw JSON snapshot and exit")
+    parser.add_argument("--interval", type=float, default=2.0, metavar="S", help="seconds between refreshes of the live view (default 2)")
+
+
+def _client_settings(args: argparse.Namespace) -> tuple[str, Path]:
+    from bridge.config import DEFAULT_STATUS_BIND, default_state_dir, load_toml
+
+    values = load_toml(args.config) if args.config else {}
+    state_dir = args.state_dir or (Path(values["state_dir"]) if values.get("state_dir") else default_state_dir())
+    url = args.url
+    if not url:
+        address = parse_status_bind(args.status_bind or values.get("status_bind") or DEFAULT_STATUS_BIND)
+        if address is None:
+            raise ConfigError("The status listener is off (--status-bind off); start the bridge with --status-bind 127.0.0.1:8404.")
+        host, port = address
+        url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    return url.rstrip("/"), args.password_file or state_dir / PASSWORD_FILE
+
+
+def fetch(url: str, password_file: Path, timeout: float = 5.0) -> dict[str, Any]:
+    try:
+        password = password_file.read_text().strip()
+    except FileNotFoundError:
+        raise ConfigError(f"{password_file} does not exist; give the bridge's --state-dir (the bridge writes the password there on first start).") from None
+    except PermissionError:
+        raise ConfigError(f"{password_file} is not readable by this user; run as the bridge's user or root.") from None
+    token = base64.b64encode(f"{STATUS_USER}:{password}".encode()).decode()
+    request = urllib.request.Request(url + "/status.json", headers={"Authorization": f"Basic {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        if exc.code == 401:
+            raise ConfigError(f"The status page at {url} refused the password in {password_file}; point --state-dir at the running bridge's state directory.") from None
+        raise ConfigError(f"The status page at {url} answered {exc.code}; check --url.") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ConfigError(f"No status page at {url} ({reason}); is the bridge running, and with which --status-bind?") from None
+
+
+def render_rich(data: dict[str, Any]) -> Any:
+    from rich.console import Group
+    from rich.table import Table
+
+    cert = data["certificate"]
+    overview = Table.grid(padding=(0, 2))
+    overview.add_row("bridge", f"{data['fqdn']} (exchange-bridge {data['version']}), up {human_duration(data['uptime_seconds'])}")
+    days = "-" if cert["days_left"] is None else f"{cert['days_left']:.0f} days left"
+    overview.add_row("certificate", f"{cert['subject']}, {days}")
+    overview.add_row("connections", f"{data['connections_open']} of {data['connections_limit']}, RPC channels {data['rpc_channels_open']}")
+    overview.add_row("traffic", f"{human_bytes(data['bytes_in'])} from clients, {human_bytes(data['bytes_out'])} to clients")
+    overview.add_row("logons", f"{data['auth_failures']} failed, {data['bans_total']} bans, {data['banned_requests']} requests refused")
+    legacy = Table(title="legacy servers", title_justify="left")
+    for column in ("server", "state", "last error"):
+        legacy.add_column(column)
+    for entry in data["legacy"]:
+        colour = "green" if entry["state"] == "up" else "bold red"
+        legacy.add_row(entry["server"], f"[{colour}]{entry['state']}[/]", entry["error"])
+    requests = Table(title="requests", title_justify="left")
+    for column in ("route", "status", "count"):
+        requests.add_column(column)
+    for entry in data["requests"]:
+        requests.add_row(entry["route"], str(entry["status"]), str(entry["count"]))
+    bans = Table(title="bans", title_justify="left")
+    for column in ("address", "time left", "reason"):
+        bans.add_column(column)
+    for ban in data["bans"]:
+        bans.add_row(ban["address"], human_duration(ban["seconds_left"]), ban["reason"])
+    parts: list[Any] = [overview, legacy, requests]
+    if data["rejected"]:
+        rejected = Table(title="refused before the proxy", title_justify="left")
+        rejected.add_column("reason")
+        rejected.add_column("count")
+        for reason, count in data["rejected"].items():
+            rejected.add_row(reason, str(count))
+        parts.append(rejected)
+    parts.append(bans)
+    return Group(*parts)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.live import Live
+
+    url, password_file = _client_settings(args)
+    data = fetch(url, password_file)
+    console = Console()
+    if args.json:
+        print(json.dumps(data, indent=1))
+        return 0
+    if args.once:
+        console.print(render_rich(data))
+        return 0
+    interval = max(args.interval, 0.2)
+    try:
+        with Live(render_rich(data), console=console, refresh_per_second=4, screen=False) as live:
+            while True:
+                time.sleep(interval)
+                live.update(render_rich(fetch(url, password_file)))
+    except KeyboardInterrupt:
+        return 0
+
+
+# --------------------------------------------------------------------------- wiring into a running bridge
+
+
+def connection_guard(config: Any) -> Any:
+    """The HTTPS listener's ConnectionGuard from the configuration (before the listener starts)."""
+    from bridge.guard import ConnectionGuard
+
+    port = "" if config.https_port in (0, 443) else f":{config.https_port}"
+    return ConnectionGuard(
+        allow=tuple(config.allow), max_connections=config.max_connections, header_timeout=config.header_timeout,
+        public_origin=f"https://{config.fqdn}{port}",
+    )
+
+
+def redirect_guard(config: Any) -> Any:
+    """Port 80's ConnectionGuard: header timeout and connection limit, no allow-list (ACME HTTP-01
+    validation comes from addresses Let's Encrypt does not publish)."""
+    from bridge.guard import ConnectionGuard
+
+    return ConnectionGuard(max_connections=config.max_connections, header_timeout=config.header_timeout)
+
+
+async def attach_operations(bridge: Any, guard: Any, https_runner: Any) -> None:
+    """Bans, counters and the status listener for a started bridge; drains take --drain-timeout."""
+    from bridge.bans import BanGuard, policy_from_config
+
+    config = bridge.config
+    guard.public_origin = bridge.proxy.public_origin
+    bridge.guard = guard
+    bridge.bans = BanGuard(config.state_dir, policy_from_config(config))
+    bridge.stats = BridgeStats(config.forward_paths)
+    bridge.proxy.bans, bridge.proxy.stats, bridge.proxy.guard = bridge.bans, bridge.stats, guard
+    https_runner._shutdown_timeout = config.drain_timeout
+    if config.allow:
+        log.info("only %s may connect (--allow)", ", ".join(str(network) for network in config.allow))
+    bridge.bans.restore_hooks()
+    bridge.background.append(asyncio.create_task(bridge.bans.run_forever(), name="ban-housekeeping"))
+    started = await start_status_listener(bridge)
+    if started is not None:
+        runner, bridge.status_port = started
+        bridge.runners.insert(0, runner)  # closed last, so the page shows the drain
+
+
+# Settings SIGHUP applies to a running bridge; the rest need a restart.
+RESTART_SETTINGS = ("fqdn", "legacy", "bind", "https_port", "http_port", "state_dir", "status_bind", "legacy_fingerprint", "legacy_ca")
+
+
+def reload_settings(bridge: Any, new: Any) -> None:
+    """Apply a re-read configuration (SIGHUP) without dropping connections."""
+    from bridge.bans import policy_from_config
+
+    old = bridge.config
+    changed = [name for name in RESTART_SETTINGS if getattr(old, name) != getattr(new, name)]
+    if changed:
+        log.warning("SIGHUP: %s changed; restart the bridge to apply %s", ", ".join(changed), "them" if len(changed) > 1 else "it")
+    if bridge.guard is not None:
+        bridge.guard.apply(new.allow, new.max_connections, new.header_timeout)
+    if bridge.bans is not None:
+        bridge.bans.policy = policy_from_config(new)
+    for name in ("cert", "key", "allow", "never_ban", "max_connections", "header_timeout", "drain_timeout", "ban_threshold",
+                 "ban_window", "ban_duration", "ban_command", "idle_timeout", "connect_timeout", "log_level"):
+        setattr(old, name, getattr(new, name))
+    bridge.proxy.pool.connect_timeout = new.connect_timeout
+    for runner in bridge.runners:
+        guard = getattr(runner.server, "guard", None)
+        if guard is bridge.guard:
+            runner._shutdown_timeout = new.drain_timeout
+        elif guard is not None:  # port 80
+            guard.apply((), new.max_connections, new.header_timeout)
+    logging.getLogger().setLevel(getattr(logging, new.log_level.upper(), logging.INFO))
+    log.info("configuration reloaded (allow-list: %s, max connections %d)", ", ".join(map(str, new.allow)) or "any source", new.max_connections)
