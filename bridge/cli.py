@@ -20,6 +20,8 @@ SUBCOMMANDS = {
     "demo": ("bridge.demo", "start the lab and a bridge in front of it, and show NTLM, Basic and RPC going through"),
     "cert": ("bridge.acme", "obtain, renew or show the bridge's certificate"),
     "preflight": ("bridge.preflight", "check the legacy server and the bridge before creating the migration batch"),
+    "status": ("bridge.status", "show a running bridge's status page (connections, traffic, bans) live in the terminal"),
+    "ban": ("bridge.bans", "list, add or lift bans of client addresses (kept in the state dir)"),
 }
 
 # Exceptions whose message is a complete sentence for the user.
@@ -33,11 +35,16 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}; see `{self.prog} --help`.\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``chosen``, only that subcommand's module is imported (the bridge's process
+    then does not carry the ACME, lab and preflight code in memory)."""
     parser = OneLineParser(prog="bridge", description="exchange-bridge: migrate Exchange 2007 to Exchange Online over a TLS 1.2 bridge.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
+        if chosen is not None and name != chosen:
+            sub.add_parser(name, help=help_text, description=help_text)
+            continue
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
@@ -57,7 +64,8 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv[0] if argv and argv[0] in SUBCOMMANDS else None)
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()
