@@ -1,0 +1,711 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark: the bridge against HAProxy, both in front of a TLS-1.0-only nginx.
+
+Everything runs on 127.0.0.1 in a temporary directory:
+
+- nginx (TLS 1.0 only, RSA key exchange CBC suites, an RSA-1024 SHA-1 certificate like Exchange 2007)
+  serves /owa/small (1 KiB), /owa/large (a sparse file) and accepts uploads on /EWS/upload;
+- the bridge (``python -m bridge.cli up`` as a subprocess, so /proc/<pid> is the proxy alone) and
+  HAProxy configured equivalently (TLS 1.2+ front, TLS 1.0 back, 30 min timeouts, one server
+  connection per client connection) run side by side;
+- each measurement alternates bridge and HAProxy (and swaps the order every round) so drift cancels.
+
+Usage:  python scripts/bench.py [--quick] [--rounds N] [--json results.json]
+See docs/benchmark.md for what is measured and the figures obtained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from bridge.certificates import LocalCA, cert_pem, legacy_self_signed, new_private_key, write_pair  # noqa: E402
+from bridge.tls import LEGACY_CIPHERS, fingerprint, pin_flag  # noqa: E402
+
+FQDN = "bench.lab.test"
+TOOLS = ("haproxy", "nginx", "wrk", "curl", "openssl")
+MIB = 1024 * 1024
+MB = 1_000_000
+GB = 1_000_000_000
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PROXIES = ("bridge", "haproxy")
+
+console = Console()
+
+
+# ---- the targets of issue 7 -------------------------------------------------------------------
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    label: str
+    unit: str
+    better: str  # "higher" | "lower"
+    target: str  # human-readable target
+    check: Callable[[float, float, float], bool] | None  # (bridge, haproxy, ratio) -> met
+
+
+METRICS = (
+    Metric("small_rps", "small requests", "req/s", "higher", "ratio >= 0.35", lambda b, h, r: r >= 0.35),
+    Metric("small_p50_ms", "small p50 latency", "ms", "lower", "-", None),
+    Metric("small_p99_ms", "small p99 latency", "ms", "lower", "ratio <= 3", lambda b, h, r: r <= 3.0),
+    Metric("small_cpu_us_per_request", "small CPU per request", "us", "lower", "-", None),
+    Metric("download_mb_s", "download", "MB/s", "higher", "ratio >= 0.8", lambda b, h, r: r >= 0.8),
+    Metric("upload_mb_s", "upload", "MB/s", "higher", "ratio >= 0.8", lambda b, h, r: r >= 0.8),
+    Metric("download_cpu_s_per_gb", "download CPU", "CPU-s/GB", "lower", "ratio <= 1.5", lambda b, h, r: r <= 1.5),
+    Metric("upload_cpu_s_per_gb", "upload CPU", "CPU-s/GB", "lower", "ratio <= 1.5", lambda b, h, r: r <= 1.5),
+    Metric("download_rss_growth_mib", "RSS growth, download", "MiB", "lower", "bridge <= 16 MiB", lambda b, h, r: b <= 16),
+    Metric("upload_rss_growth_mib", "RSS growth, upload", "MiB", "lower", "bridge <= 16 MiB", lambda b, h, r: b <= 16),
+    Metric("idle_rss_mib", "RSS with idle connections", "MiB", "lower", "bridge <= 150 MiB", lambda b, h, r: b <= 150),
+    Metric("idle_rss_growth_mib", "RSS added by idle connections", "MiB", "lower", "-", None),
+    Metric("start_rss_mib", "RSS at start", "MiB", "lower", "-", None),
+)
+
+
+# ---- small helpers ------------------------------------------------------------------------------
+def missing_tools() -> list[str]:
+    return [tool for tool in TOOLS if shutil.which(tool) is None and not Path("/usr/sbin", tool).exists()]
+
+
+def tool_path(tool: str) -> str:
+    return shutil.which(tool) or str(Path("/usr/sbin", tool))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with status {process.returncode} before listening on port {port}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{what} did not listen on port {port} within {timeout:g} s")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields_ = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields_[11]) + int(fields_[12])) / CLOCK_TICKS  # utime + stime (all threads)
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+class RssSampler:
+    """Samples a process's RSS every few milliseconds while a stream runs; peak - start is the growth."""
+
+    def __init__(self, pid: int, interval: float = 0.02) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.start = rss_bytes(pid)
+        self.peak = self.start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, rss_bytes(self.pid))
+
+    def __enter__(self) -> "RssSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes(self.pid))
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.start
+
+
+def command_version(command: list[str], pattern: str) -> str:
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    match = re.search(pattern, result.stdout + result.stderr)
+    return match.group(1) if match else "?"
+
+
+def machine_info() -> dict[str, Any]:
+    model = "?"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    memory = 0
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            memory = int(line.split()[1]) // 1024
+    os_name = "?"
+    release = Path("/etc/os-release")
+    if release.exists():
+        for line in release.read_text().splitlines():
+            if line.startswith("PRETTY_NAME="):
+                os_name = line.split("=", 1)[1].strip('"')
+    return {"cpu": model, "cores": os.cpu_count(), "memory_mib": memory, "kernel": platform.release(), "os": os_name}
+
+
+def versions() -> dict[str, str]:
+    import aiohttp
+
+    from bridge import __version__
+
+    found = {
+        "bridge": __version__,
+        "python": platform.python_version(),
+        "aiohttp": aiohttp.__version__,
+        "python_openssl": ssl.OPENSSL_VERSION,
+        "haproxy": command_version([tool_path("haproxy"), "-v"], r"version (\S+)"),
+        "nginx": command_version([tool_path("nginx"), "-v"], r"nginx/(\S+)"),
+        "wrk": command_version([tool_path("wrk"), "--version"], r"wrk (\S+)"),
+        "curl": command_version([tool_path("curl"), "--version"], r"curl (\S+)"),
+        "openssl": command_version([tool_path("openssl"), "version"], r"OpenSSL (\S+)"),
+    }
+    try:
+        import uvloop
+
+        found["uvloop"] = uvloop.__version__
+    except ImportError:
+        found["uvloop"] = "not installed"
+    return found
+
+
+# ---- the test bed -------------------------------------------------------------------------------
+@dataclass
+class Settings:
+    rounds: int
+    wrk_seconds: float
+    wrk_connections: int
+    wrk_threads: int
+    stream_bytes: int
+    idle_connections: int
+    quick: bool
+    only: tuple[str, ...] = ("small", "download", "upload", "idle")
+
+
+@dataclass
+class Proxy:
+    name: str
+    port: int
+    process: subprocess.Popen
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+@dataclass
+class Bed:
+    directory: Path
+    ca_file: Path
+    nginx_port: int
+    uploads: Path
+    nginx: subprocess.Popen | None = None
+    proxies: dict[str, Proxy] = field(default_factory=dict)
+
+    def stop(self) -> None:
+        for proxy in self.proxies.values():
+            stop_process(proxy.process)
+        if self.nginx is not None:
+            stop_process(self.nginx)
+        if self.uploads.parent != self.directory:
+            shutil.rmtree(self.uploads, ignore_errors=True)
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
+NGINX_CONF = """\
+{user}worker_processes auto;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log warn;
+events {{ worker_connections 16384; }}
+http {{
+    log_format bench '$request_method $uri $status $request_length $bytes_sent $ssl_protocol $ssl_cipher';
+    access_log off;
+    client_body_temp_path {dir}/nginx-body;
+    proxy_temp_path {dir}/nginx-proxy;
+    fastcgi_temp_path {dir}/nginx-fastcgi;
+    uwsgi_temp_path {dir}/nginx-uwsgi;
+    scgi_temp_path {dir}/nginx-scgi;
+    keepalive_requests 100000000;
+    keepalive_timeout 1800s;
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1;
+        ssl_ciphers AES128-SHA:AES256-SHA:@SECLEVEL=0;
+        ssl_prefer_server_ciphers on;
+        ssl_session_cache shared:bench:10m;
+        root {dir}/www;
+        output_buffers 2 256k;
+        client_max_body_size 0;
+        client_body_timeout 1800s;
+        location = /owa/small {{ }}
+        location = /owa/large {{ access_log {dir}/nginx-access.log bench; }}
+        # Uploads are PUT into a file in memory (tmpfs): nginx answers only once it has read the
+        # whole body, and the file's size proves every byte arrived. ("return 200" would answer
+        # early and discard the body in the background, which proves nothing.)
+        location /EWS/upload/ {{
+            access_log {dir}/nginx-access.log bench;
+            root {uploads};
+            dav_methods PUT;
+            create_full_put_path on;
+            client_body_temp_path {uploads}/tmp;
+            client_body_buffer_size 1m;
+        }}
+    }}
+}}
+"""
+
+HAPROXY_CONF = """\
+global
+    maxconn {maxconn}
+defaults
+    mode http
+    timeout connect 10s
+    timeout client 30m
+    timeout server 30m
+    timeout http-keep-alive 30m
+    timeout http-request 30m
+    # One server connection per client connection, as NTLM needs and as the bridge does.
+    http-reuse never
+frontend front
+    bind 127.0.0.1:{port} ssl crt {pem} ssl-min-ver TLSv1.2 alpn http/1.1
+    option forwardfor
+    http-request set-header X-Forwarded-Proto https
+    default_backend legacy
+backend legacy
+    server exchange2007 127.0.0.1:{nginx_port} ssl verify none ssl-min-ver TLSv1.0 ciphers {ciphers}
+"""
+
+
+def upload_directory(directory: Path, size: int) -> Path:
+    """Where nginx writes uploads: tmpfs when it has room (no disk writes), else the bench directory."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 2 * size + 64 * MIB:
+        return Path(tempfile.mkdtemp(prefix="bridge-bench-uploads-", dir=shm))
+    return directory / "uploads"
+
+
+def build_bed(directory: Path, settings: Settings) -> Bed:
+    """Start nginx, the bridge and HAProxy; on failure, stop whatever was started before raising."""
+    bed = Bed(directory, directory / "ca.pem", free_port(), upload_directory(directory, settings.stream_bytes))
+    try:
+        start_bed(bed, settings)
+    except BaseException:
+        bed.stop()
+        raise
+    return bed
+
+
+def start_bed(bed: Bed, settings: Settings) -> None:
+    directory = bed.directory
+    www = directory / "www"
+    (www / "owa").mkdir(parents=True)
+    (www / "owa" / "small").write_bytes(b"x" * 1023 + b"\n")
+    with open(www / "owa" / "large", "wb") as large:
+        large.truncate(settings.stream_bytes)  # sparse: reads as zeros from the page cache
+    upload = directory / "upload.bin"
+    with open(upload, "wb") as handle:
+        handle.truncate(settings.stream_bytes)
+
+    legacy_cert, legacy_key = legacy_self_signed(directory / "legacy", ["exchange2007.lab.test"])
+    ca = LocalCA.create("exchange-bridge benchmark CA")
+    key = new_private_key("ecdsa-p256")
+    front_cert, front_key = write_pair(directory, ca.issue([FQDN], key), key)
+    bed.ca_file.write_bytes(cert_pem(ca.cert))
+    (directory / "haproxy.pem").write_bytes(front_cert.read_bytes() + front_key.read_bytes())
+
+    (bed.uploads / "tmp").mkdir(parents=True)
+    # As root, nginx would switch its workers to "nobody", who cannot read the private temp directory.
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    conf = directory / "nginx.conf"
+    conf.write_text(
+        NGINX_CONF.format(user=user, dir=directory, port=bed.nginx_port, cert=legacy_cert, key=legacy_key, uploads=bed.uploads)
+    )
+    bed.nginx = subprocess.Popen(
+        [tool_path("nginx"), "-c", str(conf), "-p", str(directory), "-e", str(directory / "nginx-error.log"), "-g", "daemon off;"],
+        stdout=subprocess.DEVNULL, stderr=open(directory / "nginx-stderr.log", "wb"),
+    )
+    wait_for_port(bed.nginx_port, bed.nginx, "nginx")
+
+    der = ssl.PEM_cert_to_DER_cert(legacy_cert.read_text())
+    pin = pin_flag(fingerprint(der)).split(" ", 1)[1]
+    bridge_port = free_port()
+    bridge_log = directory / "bridge.log"
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    bridge = subprocess.Popen(
+        [sys.executable, "-m", "bridge.cli", "up", "--fqdn", FQDN, "--legacy", f"127.0.0.1:{bed.nginx_port}",
+         "--bind", "127.0.0.1", "--https-port", str(bridge_port), "--http-port", str(free_port()),
+         "--cert", str(front_cert), "--key", str(front_key), "--state-dir", str(directory / "state"),
+         "--legacy-fingerprint", pin, "--log-level", "warning",
+         # No status listener (it would take 127.0.0.1:8404); as many connections as HAProxy's maxconn.
+         "--status-bind", "off", "--max-connections", str(settings.idle_connections + 1000)],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=open(bridge_log, "wb"),
+    )
+    bed.proxies["bridge"] = Proxy("bridge", bridge_port, bridge, bridge_log)
+
+    haproxy_port = free_port()
+    haproxy_conf = directory / "haproxy.cfg"
+    haproxy_conf.write_text(
+        HAPROXY_CONF.format(maxconn=settings.idle_connections + 1000, port=haproxy_port, pem=directory / "haproxy.pem", nginx_port=bed.nginx_port, ciphers=LEGACY_CIPHERS)
+    )
+    haproxy_log = directory / "haproxy.log"
+    haproxy = subprocess.Popen(
+        [tool_path("haproxy"), "-db", "-f", str(haproxy_conf)], stdout=subprocess.DEVNULL, stderr=open(haproxy_log, "wb")
+    )
+    bed.proxies["haproxy"] = Proxy("haproxy", haproxy_port, haproxy, haproxy_log)
+    for proxy in bed.proxies.values():
+        wait_for_port(proxy.port, proxy.process, proxy.name)
+
+
+# ---- measurements -------------------------------------------------------------------------------
+def url(proxy: Proxy, path: str) -> str:
+    return f"https://{FQDN}:{proxy.port}{path}"
+
+
+def check_path(bed: Bed, proxy: Proxy) -> None:
+    """One request through the proxy, to fail early with a clear message if the chain is broken."""
+    result = run_curl(bed, proxy, ["-o", "/dev/null", url(proxy, "/owa/small")])
+    if result["http_code"] != 200 or result["size_download"] != 1024:
+        raise RuntimeError(f"{proxy.name} answered {result['http_code']} with {result['size_download']} bytes for /owa/small; see {proxy.log}")
+
+
+def run_curl(bed: Bed, proxy: Proxy, extra: list[str], timeout: float = 900) -> dict[str, Any]:
+    command = [
+        tool_path("curl"), "-sS", "--http1.1", "--cacert", str(bed.ca_file),
+        "--resolve", f"{FQDN}:{proxy.port}:127.0.0.1",
+        "-w", "%{http_code} %{size_download} %{size_upload} %{time_total}", *extra,
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise RuntimeError(f"curl through {proxy.name} failed: {result.stderr.strip()}")
+    code, downloaded, uploaded, total = result.stdout.split()[-4:]
+    return {"http_code": int(code), "size_download": int(downloaded), "size_upload": int(uploaded), "time_total": float(total)}
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60000.0}
+
+
+def _ms(text: str) -> float:
+    match = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    if not match:
+        raise ValueError(f"unexpected wrk latency {text!r}")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def measure_small(bed: Bed, proxy: Proxy, settings: Settings) -> dict[str, float]:
+    command = [
+        tool_path("wrk"), f"-t{settings.wrk_threads}", f"-c{settings.wrk_connections}", f"-d{settings.wrk_seconds:g}s",
+        "--latency", "-H", f"Host: {FQDN}", f"https://127.0.0.1:{proxy.port}/owa/small",
+    ]
+    cpu_before = cpu_seconds(proxy.pid)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=settings.wrk_seconds + 60)
+    cpu = cpu_seconds(proxy.pid) - cpu_before
+    out = result.stdout
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    p50 = re.search(r"^\s+50%\s+(\S+)", out, re.M)
+    p99 = re.search(r"^\s+99%\s+(\S+)", out, re.M)
+    requests = re.search(r"(\d+) requests in", out)
+    if result.returncode != 0 or not (rps and p50 and p99 and requests):
+        raise RuntimeError(f"wrk through {proxy.name} failed: {(result.stderr or out).strip()[:300]}")
+    errors = re.search(r"Socket errors: (.*)", out)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if non2xx:
+        raise RuntimeError(f"{proxy.name} answered {non2xx.group(1)} small requests with an error status; see {proxy.log}")
+    return {
+        "small_rps": float(rps.group(1)),
+        "small_p50_ms": _ms(p50.group(1)),
+        "small_p99_ms": _ms(p99.group(1)),
+        "small_cpu_us_per_request": cpu / max(int(requests.group(1)), 1) * 1e6,
+        "small_socket_errors": errors.group(1) if errors else "",
+    }
+
+
+def last_nginx_line(bed: Bed, uri: str) -> list[str]:
+    log = bed.directory / "nginx-access.log"
+    for _ in range(50):  # nginx writes the line when it has finished with the request
+        lines = [line.split() for line in log.read_text().splitlines()] if log.exists() else []
+        matching = [line for line in lines if len(line) >= 5 and line[1] == uri]
+        if matching:
+            return matching[-1]
+        time.sleep(0.1)
+    raise RuntimeError(f"nginx logged no request for {uri}")
+
+
+def measure_stream(bed: Bed, proxy: Proxy, settings: Settings, direction: str) -> dict[str, float]:
+    size = settings.stream_bytes
+    log = bed.directory / "nginx-access.log"
+    if log.exists():
+        log.write_text("")  # nginx appends (O_APPEND): truncating keeps only this stream's line
+    if direction == "download":
+        extra = ["-o", "/dev/null", url(proxy, "/owa/large")]
+    else:
+        extra = ["-o", "/dev/null", "-H", "Expect:", "-H", "Content-Type: application/octet-stream",
+                 "-T", str(bed.directory / "upload.bin"), url(proxy, "/EWS/upload/blob")]
+    cpu_before = cpu_seconds(proxy.pid)
+    with RssSampler(proxy.pid) as rss:
+        started = time.perf_counter()
+        result = run_curl(bed, proxy, extra)
+        elapsed = time.perf_counter() - started
+    cpu = cpu_seconds(proxy.pid) - cpu_before
+    moved = result["size_download"] if direction == "download" else result["size_upload"]
+    expected = (200,) if direction == "download" else (201, 204)
+    if result["http_code"] not in expected or moved != size:
+        raise RuntimeError(f"{direction} through {proxy.name}: status {result['http_code']}, {moved} of {size} bytes; see {proxy.log}")
+    line = last_nginx_line(bed, "/owa/large" if direction == "download" else "/EWS/upload/blob")
+    if direction == "upload":
+        stored = bed.uploads / "EWS" / "upload" / "blob"
+        stored_size = stored.stat().st_size
+        stored.unlink()
+        if stored_size != size:
+            raise RuntimeError(f"nginx stored {stored_size} bytes of the {size}-byte upload through {proxy.name}")
+    if direction == "download" and int(line[4]) < size:
+        raise RuntimeError(f"nginx sent only {line[4]} bytes of the {size}-byte download through {proxy.name}")
+    seconds = max(result["time_total"], 1e-6)
+    return {
+        f"{direction}_mb_s": size / seconds / MB,
+        f"{direction}_cpu_s_per_gb": cpu / (size / GB),
+        f"{direction}_rss_growth_mib": rss.growth / MIB,
+        f"{direction}_wall_s": elapsed,
+        f"{direction}_backend_tls": f"{line[5]} {line[6]}" if len(line) > 6 else "?",
+    }
+
+
+async def _open_idle(port: int, ca_file: Path, count: int) -> tuple[list[asyncio.StreamWriter], int]:
+    context = ssl.create_default_context(cafile=str(ca_file))
+    request = f"GET /owa/small HTTP/1.1\r\nHost: {FQDN}\r\n\r\n".encode()
+    semaphore = asyncio.Semaphore(50)
+    writers: list[asyncio.StreamWriter] = []
+    failures = 0
+
+    async def one() -> None:
+        nonlocal failures
+        async with semaphore:
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection("127.0.0.1", port, ssl=context, server_hostname=FQDN), 30
+                )
+                writer.write(request)
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+                length = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))  # type: ignore[union-attr]
+                await asyncio.wait_for(reader.readexactly(length), 30)
+                if not head.startswith(b"HTTP/1.1 200"):
+                    failures += 1
+                writers.append(writer)
+            except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ssl.SSLError, AttributeError):
+                failures += 1
+
+    await asyncio.gather(*(one() for _ in range(count)))
+    return writers, failures
+
+
+def measure_idle(bed: Bed, proxy: Proxy, settings: Settings) -> dict[str, float]:
+    """RSS with N open client connections, each having made one request (its upstream pinned)."""
+    loop = asyncio.new_event_loop()
+    try:
+        before = rss_bytes(proxy.pid)
+        writers, failures = loop.run_until_complete(_open_idle(proxy.port, bed.ca_file, settings.idle_connections))
+        time.sleep(1.0)
+        with_idle = rss_bytes(proxy.pid)
+        for writer in writers:
+            writer.close()
+        loop.run_until_complete(asyncio.sleep(0.2))
+    finally:
+        loop.close()
+    if failures:
+        raise RuntimeError(f"{failures} of {settings.idle_connections} idle connections through {proxy.name} failed; see {proxy.log}")
+    return {"idle_rss_mib": with_idle / MIB, "idle_rss_growth_mib": (with_idle - before) / MIB}
+
+
+# ---- orchestration ------------------------------------------------------------------------------
+def raise_fd_limit(needed: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < needed:
+        target = hard if hard == resource.RLIM_INFINITY else min(hard, max(needed, soft))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+def run_benchmark(settings: Settings, keep: bool = False) -> dict[str, Any]:
+    raise_fd_limit(4 * settings.idle_connections + 1024)
+    directory = Path(tempfile.mkdtemp(prefix="bridge-bench-"))
+    bed: Bed | None = None
+    samples: dict[str, dict[str, list[Any]]] = {name: {} for name in PROXIES}
+    try:
+        console.print(f"[dim]building the test bed in {directory} ...[/]")
+        bed = build_bed(directory, settings)
+        for proxy in bed.proxies.values():
+            check_path(bed, proxy)
+            samples[proxy.name]["start_rss_mib"] = [rss_bytes(proxy.pid) / MIB]
+        steps: list[tuple[str, Callable[[Bed, Proxy, Settings], dict[str, Any]]]] = [
+            ("small requests", measure_small),
+            ("download", lambda b, p, s: measure_stream(b, p, s, "download")),
+            ("upload", lambda b, p, s: measure_stream(b, p, s, "upload")),
+        ]
+        steps = [(label, step) for label, step in steps if label.split()[0] in settings.only]
+        for round_number in range(settings.rounds):
+            order = PROXIES if round_number % 2 == 0 else tuple(reversed(PROXIES))
+            for label, step in steps:
+                for name in order:
+                    console.print(f"[dim]round {round_number + 1}/{settings.rounds}: {label} through {name}[/]")
+                    for key, value in step(bed, bed.proxies[name], settings).items():
+                        samples[name].setdefault(key, []).append(value)
+        for name in PROXIES if "idle" in settings.only else ():  # last: nothing runs after it
+            console.print(f"[dim]{settings.idle_connections} idle connections through {name}[/]")
+            for key, value in measure_idle(bed, bed.proxies[name], settings).items():
+                samples[name].setdefault(key, []).append(value)
+        for proxy in bed.proxies.values():
+            if proxy.process.poll() is not None:
+                raise RuntimeError(f"{proxy.name} exited during the benchmark; see {proxy.log}")
+    finally:
+        if bed is not None:
+            bed.stop()
+        if keep:
+            console.print(f"[dim]kept {directory}[/]")
+        else:
+            shutil.rmtree(directory, ignore_errors=True)
+    return summarise(samples, settings)
+
+
+def summarise(samples: dict[str, dict[str, list[Any]]], settings: Settings) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for metric in METRICS:
+        if metric.key not in samples["bridge"]:
+            continue  # left out with --only
+        bridge = statistics.median(samples["bridge"][metric.key])
+        haproxy = statistics.median(samples["haproxy"][metric.key])
+        ratio = bridge / haproxy if haproxy > 0 else None  # e.g. no RSS growth at all for HAProxy
+        met = metric.check(bridge, haproxy, ratio if ratio is not None else 0.0) if metric.check else None
+        if metric.check and ratio is None and metric.target.startswith("ratio"):
+            met = bridge <= 0
+        results[metric.key] = {
+            "label": metric.label, "unit": metric.unit, "bridge": round(bridge, 3), "haproxy": round(haproxy, 3),
+            "ratio": round(ratio, 3) if ratio is not None else None, "target": metric.target, "met": met,
+        }
+    return {
+        "machine": machine_info(),
+        "versions": versions(),
+        "settings": vars(settings),
+        "results": results,
+        "samples": samples,
+    }
+
+
+def print_report(report: dict[str, Any]) -> None:
+    machine, found = report["machine"], report["versions"]
+    console.print(
+        f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_mib']} MiB, {machine['os']}, Linux {machine['kernel']}"
+    )
+    console.print("versions: " + ", ".join(f"{name} {version}" for name, version in found.items()))
+    s = report["settings"]
+    console.print(
+        f"settings: {s['rounds']} round(s), wrk {s['wrk_threads']} threads x {s['wrk_connections']} connections x {s['wrk_seconds']:g} s, "
+        f"streams of {s['stream_bytes'] / MIB:g} MiB, {s['idle_connections']} idle connections; medians shown"
+    )
+    table = Table(title="bridge vs HAProxy (same run)")
+    for column in ("metric", "unit", "bridge", "HAProxy", "ratio", "target", "met"):
+        table.add_column(column, justify="left" if column in ("metric", "unit", "target") else "right")
+    for row in report["results"].values():
+        met = {True: "[green]yes[/]", False: "[red]no[/]", None: ""}[row["met"]]
+        table.add_row(row["label"], row["unit"], f"{row['bridge']:,.2f}", f"{row['haproxy']:,.2f}", "-" if row["ratio"] is None else f"{row['ratio']:.2f}", row["target"], met)
+    console.print(table)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Benchmark the bridge against HAProxy in front of a TLS-1.0-only nginx.")
+    parser.add_argument("--quick", action="store_true", help="a short smoke run: 64 MiB streams, 2 s wrk, 100 idle connections, 1 round")
+    parser.add_argument("--rounds", type=int, help="alternating rounds per measurement (default 3, --quick 1)")
+    parser.add_argument("--duration", type=float, help="seconds per wrk run (default 10, --quick 2)")
+    parser.add_argument("--connections", type=int, default=50, help="wrk keep-alive connections (default 50)")
+    parser.add_argument("--threads", type=int, default=2, help="wrk threads (default 2)")
+    parser.add_argument("--stream-mib", type=int, help="size of the download and the upload in MiB (default 1024, --quick 64)")
+    parser.add_argument("--idle", type=int, help="idle client connections for the memory figure (default 1000, --quick 100)")
+    parser.add_argument("--only", help="comma-separated subset of small,download,upload,idle (default: all)")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON to PATH")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory (configs, logs) for inspection")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds, so the servers are stopped
+    missing = missing_tools()
+    if missing:
+        console.print(f"[bold red]error:[/] the benchmark needs {', '.join(missing)}; install with: apt-get install -y {' '.join(missing)}", highlight=False)
+        return 2
+    settings = Settings(
+        rounds=args.rounds or (1 if args.quick else 3),
+        wrk_seconds=args.duration or (2.0 if args.quick else 10.0),
+        wrk_connections=args.connections,
+        wrk_threads=args.threads,
+        stream_bytes=(args.stream_mib or (64 if args.quick else 1024)) * MIB,
+        idle_connections=args.idle or (100 if args.quick else 1000),
+        quick=args.quick,
+    )
+    if args.only:
+        settings.only = tuple(part.strip() for part in args.only.split(","))
+        unknown = set(settings.only) - {"small", "download", "upload", "idle"}
+        if unknown:
+            console.print(f"[bold red]error:[/] --only takes small, download, upload and idle, not {', '.join(sorted(unknown))}.", highlight=False)
+            return 2
+    try:
+        report = run_benchmark(settings, keep=args.keep)
+    except (RuntimeError, subprocess.TimeoutExpired, OSError) as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        return 1
+    print_report(report)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        console.print(f"results written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""A short run of scripts/bench.py: it builds nginx, the bridge and HAProxy and writes a complete JSON.
+
+No timing is asserted (the figures depend on the machine); what must hold is that every measurement
+ran through both proxies and produced a plausible number, so the benchmark keeps working as the
+bridge changes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "scripts" / "bench.py"
+TOOLS = ("haproxy", "nginx", "wrk", "curl", "openssl")
+
+METRICS = (
+    "small_rps", "small_p50_ms", "small_p99_ms", "small_cpu_us_per_request", "download_mb_s", "upload_mb_s", "download_cpu_s_per_gb",
+    "upload_cpu_s_per_gb", "download_rss_growth_mib", "upload_rss_growth_mib", "idle_rss_mib",
+    "idle_rss_growth_mib", "start_rss_mib",
+)
+POSITIVE = ("small_rps", "small_p50_ms", "small_p99_ms", "small_cpu_us_per_request", "download_mb_s", "upload_mb_s", "download_cpu_s_per_gb",
+            "upload_cpu_s_per_gb", "idle_rss_mib", "start_rss_mib")
+
+
+def _missing() -> list[str]:
+    return [tool for tool in TOOLS if shutil.which(tool) is None and not Path("/usr/sbin", tool).exists()]
+
+
+@pytest.mark.skipif(bool(_missing()), reason=f"needs {', '.join(_missing())} (apt-get install -y haproxy nginx wrk curl)")
+def test_quick_benchmark_writes_every_figure_for_both_proxies(tmp_path: Path) -> None:
+    output = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--stream-mib", "16", "--duration", "1", "--idle", "50", "--json", str(output)],
+        capture_output=True, text=True, timeout=90, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads(output.read_text())
+
+    assert set(report) >= {"machine", "versions", "settings", "results", "samples"}
+    assert report["machine"]["cores"] >= 1 and report["machine"]["cpu"]
+    for tool in ("haproxy", "nginx", "wrk", "python", "aiohttp"):
+        assert report["versions"][tool] not in ("", "?"), tool
+    assert set(report["results"]) == set(METRICS)
+    for key, row in report["results"].items():
+        assert set(row) >= {"bridge", "haproxy", "ratio", "unit", "target", "met"}, key
+        if key in POSITIVE:
+            assert row["bridge"] > 0 and row["haproxy"] > 0, (key, row)
+        if row["target"] != "-":
+            assert row["met"] in (True, False), key
+    # The streams really went through TLS 1.0 with an RSA key exchange CBC suite on the backend leg.
+    for proxy in ("bridge", "haproxy"):
+        assert report["samples"][proxy]["download_backend_tls"] == ["TLSv1 AES128-SHA"], proxy
+    # The printed table names the machine and both proxies.
+    assert "machine:" in result.stdout and "HAProxy" in result.stdout and "bridge" in result.stdout
+
+
+def test_missing_tools_are_named_in_one_sentence(tmp_path: Path) -> None:
+    empty_path = tmp_path / "bin"
+    empty_path.mkdir()
+    (empty_path / "python").symlink_to(sys.executable)
+    result = subprocess.run(
+        [sys.executable, str(BENCH), "--quick"], capture_output=True, text=True, timeout=30,
+        env={"PATH": str(empty_path), "HOME": str(tmp_path), "COLUMNS": "300"},
+    )
+    assert result.returncode == 2
+    message = (result.stdout + result.stderr).strip()
+    assert message.count("\n") == 0, message
+    assert "apt-get install -y" in message and "wrk" in message
