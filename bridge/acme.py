@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from bridge import __version__
 from bridge.certificates import atomic_write, cert_pem, inspect_certificate, key_pem, new_private_key
+from bridge.app import add_acme_arguments
 from bridge.config import BridgeConfig, build_config, load_toml, merge
 
 log = logging.getLogger("bridge.acme")
@@ -594,12 +595,7 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-dir", help="where certificates and state are kept")
     parser.add_argument("--bind", help="address for the HTTP-01 listener (default: all)")
     parser.add_argument("--http-port", help="port the CA's HTTP-01 validation reaches (default 80)")
-    parser.add_argument("--acme-directory", help="letsencrypt | letsencrypt-staging | directory URL")
-    parser.add_argument("--acme-email", help="contact e-mail for the ACME account")
-    parser.add_argument("--acme-eab-kid", help="External Account Binding key id")
-    parser.add_argument("--acme-eab-hmac-key", help="External Account Binding HMAC key")
-    parser.add_argument("--acme-ca-bundle", help="CA bundle trusted for the ACME server")
-    parser.add_argument("--key-type", help="ecdsa-p256 | rsa-2048 | rsa-3072")
+    add_acme_arguments(parser)
     parser.add_argument("--log-level", help="debug | info | warning")
 
 

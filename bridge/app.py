@@ -44,12 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--idle-timeout", metavar="S", help="seconds without data before a connection closes (default 1800)")
     parser.add_argument("--connect-timeout", metavar="S", help="seconds to connect to the legacy server (default 10)")
     parser.add_argument("--forward-path", dest="forward_paths", action="append", metavar="PREFIX", help="replace the list of forwarded paths (repeatable)")
-    parser.add_argument("--acme-directory", help="letsencrypt | letsencrypt-staging | directory URL")
-    parser.add_argument("--acme-email", help="contact e-mail for the ACME account")
-    parser.add_argument("--acme-eab-kid", help="External Account Binding key id")
-    parser.add_argument("--acme-eab-hmac-key", help="External Account Binding HMAC key")
-    parser.add_argument("--acme-ca-bundle", help="CA bundle trusted for the ACME server")
-    parser.add_argument("--key-type", help="ecdsa-p256 | rsa-2048 | rsa-3072")
+    add_acme_arguments(parser)
     parser.add_argument("--log-level", help="debug | info | warning")
     ops = parser.add_argument_group("operations and security")
     ops.add_argument("--status-bind", metavar="ADDR:PORT", help="status page and /metrics listener (default 127.0.0.1:8404; off disables)")
@@ -62,6 +57,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ops.add_argument("--ban-duration", metavar="S", help="seconds a ban lasts (default 3600)")
     ops.add_argument("--ban-command", metavar="CMD", help="run 'CMD ban IP SECONDS' and 'CMD unban IP' on each ban and unban")
     ops.add_argument("--never-ban", action="append", metavar="CIDR", help="addresses never banned (repeatable)")
+
+
+def add_acme_arguments(parser: argparse.ArgumentParser) -> None:
+    """Certificate flags, shared by `bridge up` and `bridge cert`."""
+    parser.add_argument("--acme-directory", help="letsencrypt | letsencrypt-staging | directory URL")
+    parser.add_argument("--acme-email", help="contact e-mail for the ACME account")
+    parser.add_argument("--acme-eab-kid", help="External Account Binding key id")
+    parser.add_argument("--acme-eab-hmac-key", help="External Account Binding HMAC key")
+    parser.add_argument("--acme-ca-bundle", help="CA bundle trusted for the ACME server")
+    parser.add_argument("--key-type", help="ecdsa-p256 | rsa-2048 | rsa-3072")
 
 
 def config_from_args(args: argparse.Namespace) -> BridgeConfig:

@@ -14,6 +14,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from bridge.config import is_ip_address
+
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
 
@@ -202,7 +204,7 @@ def legacy_self_signed(directory: Path, names: list[str], *, days: int = 365, ex
 
     directory.mkdir(parents=True, exist_ok=True)
     cert, key = directory / "legacy-cert.pem", directory / "legacy-key.pem"
-    san = ",".join(("IP:" if _is_ip(n) else "DNS:") + n for n in names)
+    san = ",".join(("IP:" if is_ip_address(n) else "DNS:") + n for n in names)
     if shutil.which("openssl") is None:
         raise RuntimeError("The openssl command is missing; install it (apt-get install openssl) to create the lab's SHA-1 certificate.")
     if expired:
@@ -218,10 +220,3 @@ def legacy_self_signed(directory: Path, names: list[str], *, days: int = 365, ex
     key.chmod(0o600)
     return cert, key
 
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True

@@ -112,7 +112,7 @@ def validate_fqdn(name: str) -> str:
     candidate = name.strip().rstrip(".").lower()
     if not candidate:
         raise ConfigError("No FQDN given: pass --fqdn with the public name of the bridge, e.g. --fqdn owa-bridge.example.com.")
-    if _is_ip(candidate):
+    if is_ip_address(candidate):
         raise ConfigError(
             f"--fqdn {name} is an IP address; public CAs only certify DNS names, so give a name whose A record points at this machine."
         )
@@ -141,7 +141,7 @@ def parse_legacy(spec: str) -> LegacyServer:
             port_text = rest[1:]
     elif text.count(":") == 1:
         host, port_text = text.split(":")
-    elif text.count(":") > 1 and _is_ip(text):
+    elif text.count(":") > 1 and is_ip_address(text):
         host = text
     port = 443
     if port_text:
@@ -149,7 +149,7 @@ def parse_legacy(spec: str) -> LegacyServer:
             raise ConfigError(f"--legacy {spec!r} has an invalid port; use a number from 1 to 65535.")
         port = int(port_text)
     host = host.strip().rstrip(".")
-    if not host or not (_is_ip(host) or all(_LABEL.match(label) for label in host.split("."))):
+    if not host or not (is_ip_address(host) or all(_LABEL.match(label) for label in host.split("."))):
         raise ConfigError(f"--legacy {spec!r} is not a valid host name or IP address; write e.g. owa.customer.example or 192.0.2.10:443.")
     return LegacyServer(host=host, port=port)
 
@@ -163,7 +163,7 @@ def parse_fingerprint(text: str) -> str:
     return match.group(1).replace(":", "").lower()
 
 
-def _is_ip(text: str) -> bool:
+def is_ip_address(text: str) -> bool:
     try:
         ipaddress.ip_address(text)
     except ValueError:
@@ -328,7 +328,7 @@ def parse_status_bind(text: str) -> tuple[str, int] | None:
         port_text = rest[1:] if rest.startswith(":") else ""
     elif ":" in value:
         host, _, port_text = value.rpartition(":")
-    if not port_text.isdigit() or not 0 <= int(port_text) < 65536 or not host or not (_is_ip(host) or host == "localhost"):
+    if not port_text.isdigit() or not 0 <= int(port_text) < 65536 or not host or not (is_ip_address(host) or host == "localhost"):
         raise ConfigError(f"--status-bind {text!r} is not ADDRESS:PORT; write e.g. 127.0.0.1:8404, or off to disable the status page.")
     return host, int(port_text)
 

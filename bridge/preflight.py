@@ -16,7 +16,6 @@ import asyncio
 import base64
 import datetime as dt
 import getpass
-import ipaddress
 import os
 import secrets
 import socket
@@ -34,7 +33,7 @@ import spnego
 from cryptography import x509
 
 from bridge.certificates import inspect_certificate
-from bridge.config import LegacyServer, load_toml, merge, parse_fingerprint, parse_legacy, validate_fqdn
+from bridge.config import LegacyServer, is_ip_address, load_toml, merge, parse_fingerprint, parse_legacy, validate_fqdn
 from bridge.proxy import ACME_PREFIX, SECURITY_HEADERS
 from bridge.tls import fingerprint, legacy_context, pin_flag
 from bridge.upstream import probe_obsolete_suites, response_has_body
@@ -238,14 +237,6 @@ def trusting_context(ca_bundle: Path | None) -> ssl.SSLContext:
     return context
 
 
-def is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
 def reason_of(exc: BaseException) -> str:
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
         return "no answer within the timeout"
@@ -263,7 +254,7 @@ def reason_of(exc: BaseException) -> str:
 
 
 async def resolve(host: str, port: int, timeout: float) -> list[str]:
-    if is_ip(host):
+    if is_ip_address(host):
         return [host]
     loop = asyncio.get_running_loop()
     infos = await asyncio.wait_for(loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout)
@@ -602,7 +593,7 @@ class Preflight:
         address = await self.reach("legacy", legacy.host, legacy.port, "the legacy server")
         if address is None:
             return
-        sni = "" if is_ip(legacy.host) else legacy.host
+        sni = "" if is_ip_address(legacy.host) else legacy.host
         try:
             gate = await tls_handshake(address, legacy.port, legacy_client(), sni, timeout)
         except Exception as exc:  # noqa: BLE001 - every handshake failure is reported, none is fatal
@@ -633,7 +624,7 @@ class Preflight:
         if side == "bridge":
             self.record(self.bridge_dns_check(addresses, resolve_error))
         elif addresses:
-            summary = f"{host} is an IP address" if is_ip(host) else f"{host} resolves to {', '.join(addresses)}"
+            summary = f"{host} is an IP address" if is_ip_address(host) else f"{host} resolves to {', '.join(addresses)}"
             self.record(Check("legacy.dns", side, "pass", summary, {"addresses": addresses}))
         else:
             self.record(Check("legacy.dns", side, "fail", f"{host} does not resolve ({resolve_error})", {"error": resolve_error},
@@ -1201,7 +1192,7 @@ def port_number(flag: str, value: Any) -> int:
 def ip_flag(flag: str, value: str | None) -> str | None:
     if value is None:
         return None
-    if not is_ip(value.strip()):
+    if not is_ip_address(value.strip()):
         raise PreflightUsageError(f"{flag} {value!r} is not an IP address; give the bridge's address, e.g. {flag} 203.0.113.10.")
     return value.strip()
 

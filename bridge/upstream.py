@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from bridge.config import LegacyServer
+from bridge.config import LegacyServer, is_ip_address
 from bridge.tls import describe_ssl_error, fingerprint, pin_flag
 
 log = logging.getLogger("bridge.upstream")
@@ -374,7 +374,7 @@ async def _server_choice(host: str, port: int, suites: list[int], timeout: float
 def _client_hello(host: str, suites: list[int]) -> bytes:
     import os
 
-    name = host.encode("idna") if not _looks_like_ip(host) else b""
+    name = host.encode("idna") if not is_ip_address(host) else b""
     extensions = b""
     if name:
         server_name = struct.pack("!BH", 0, len(name)) + name
@@ -391,10 +391,3 @@ def _client_hello(host: str, suites: list[int]) -> bytes:
     handshake = b"\x01" + struct.pack("!I", len(body))[1:] + body
     return b"\x16\x03\x01" + struct.pack("!H", len(handshake)) + handshake
 
-
-def _looks_like_ip(host: str) -> bool:
-    try:
-        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
-    except OSError:
-        return False
-    return True

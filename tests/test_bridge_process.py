@@ -4,10 +4,8 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import signal
 import socket
-import ssl
 import subprocess
 import sys
 import threading
@@ -16,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from bridge.certificates import LocalCA, cert_pem, new_private_key, write_pair
+from bridge.certificates import LocalCA, new_private_key, write_pair
 from bridge.demo import ResolvedHTTPSConnection
-from bridge.lab import LabOptions, payload_sha256
+from bridge.lab import payload_sha256
 from bridge_clients import BRIDGE_FQDN, bridge_client_context
-from lab_clients import BackgroundLab, basic_header
+from lab_clients import basic_header
 
 RPC_PATH = "/rpc/rpcproxy.dll?EXCH2007.lab.local:6001"
 
@@ -29,18 +27,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def ca() -> LocalCA:
-    return LocalCA.create()
-
-
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    background = BackgroundLab(LabOptions(host="127.0.0.1", port=0, state_dir=tmp_path_factory.mktemp("lab")))
-    yield background.start()
-    background.shutdown()
 
 
 @pytest.fixture

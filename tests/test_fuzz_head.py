@@ -26,9 +26,8 @@ from hypothesis import strategies as st
 
 from bridge.certificates import LocalCA
 from bridge.guard import MAX_HEAD_BYTES, check_head, new_parser
-from bridge.lab import LabOptions
 from bridge_clients import BRIDGE_FQDN, BackgroundBridge, bridge_client_context, bridge_config, bridge_session
-from lab_clients import LAB_PASSWORD, LAB_USER, BackgroundLab
+from lab_clients import LAB_PASSWORD, LAB_USER
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "300"))
 SOCKET_EXAMPLES = int(os.environ.get("FUZZ_SOCKET_EXAMPLES", "30"))
@@ -147,19 +146,6 @@ def test_whatever_passes_the_guard_is_unambiguous(data):
 
 
 # --------------------------------------------------------------------------- over the socket
-
-
-@pytest.fixture(scope="module")
-def ca() -> LocalCA:
-    return LocalCA.create()
-
-
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    background = BackgroundLab(LabOptions(host="127.0.0.1", port=0, state_dir=tmp_path_factory.mktemp("lab")))
-    background.start()
-    yield background.lab
-    background.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -7,15 +7,12 @@ import base64
 import hashlib
 import http.client
 import logging
-import os
 import socket
 import ssl
 import subprocess
-import threading
 import time
 
 import pytest
-import requests
 from requests_ntlm import HttpNtlmAuth
 
 from bridge.certificates import LocalCA
@@ -25,24 +22,6 @@ from bridge_clients import BRIDGE_FQDN, BackgroundBridge, bridge_client_context,
 from lab_clients import LAB_PASSWORD, LAB_USER, BackgroundLab, RawHttpsConnection, basic_header, negotiate_logon
 
 RPC_PATH = "/rpc/rpcproxy.dll?EXCH2007.lab.local:6001"
-
-
-@pytest.fixture(scope="module")
-def ca() -> LocalCA:
-    return LocalCA.create()
-
-
-@pytest.fixture(scope="module")
-def lab_server(tmp_path_factory):
-    background = BackgroundLab(LabOptions(host="127.0.0.1", port=0, state_dir=tmp_path_factory.mktemp("lab")))
-    background.start()
-    yield background
-    background.shutdown()
-
-
-@pytest.fixture(scope="module")
-def lab(lab_server):
-    return lab_server.lab
 
 
 @pytest.fixture(scope="module")

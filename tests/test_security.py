@@ -21,24 +21,10 @@ import pytest
 
 from bridge import cli
 from bridge.certificates import LocalCA
-from bridge.lab import LabOptions
 from bridge_clients import BRIDGE_FQDN, BackgroundBridge, bridge_client_context, bridge_config, bridge_session, resolve_lab_names
-from lab_clients import LAB_PASSWORD, LAB_USER, BackgroundLab, basic_header, negotiate_logon
+from lab_clients import LAB_PASSWORD, LAB_USER, basic_header, negotiate_logon
 
 EWS = "/EWS/Exchange.asmx"
-
-
-@pytest.fixture(scope="module")
-def ca() -> LocalCA:
-    return LocalCA.create()
-
-
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    background = BackgroundLab(LabOptions(host="127.0.0.1", port=0, state_dir=tmp_path_factory.mktemp("lab")))
-    background.start()
-    yield background.lab
-    background.shutdown()
 
 
 def lab_requests(lab) -> int:

@@ -22,26 +22,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from bridge import cli
 from bridge.bans import normalise_address
 from bridge.certificates import LocalCA, new_private_key, write_pair
-from bridge.lab import LabOptions
 from bridge_clients import BRIDGE_FQDN, BackgroundBridge, bridge_client_context, bridge_config, bridge_session
-from lab_clients import LAB_PASSWORD, LAB_USER, BackgroundLab, basic_header
+from lab_clients import LAB_PASSWORD, LAB_USER, basic_header
 
 EWS = "/EWS/Exchange.asmx"
 RPC_OUT = "/rpc/rpcproxy.dll?EXCH2007.lab.local:6001"
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def ca() -> LocalCA:
-    return LocalCA.create()
-
-
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    background = BackgroundLab(LabOptions(host="127.0.0.1", port=0, state_dir=tmp_path_factory.mktemp("lab")))
-    background.start()
-    yield background.lab
-    background.shutdown()
 
 
 def wait_until(condition, timeout: float = 5.0, step: float = 0.05):
