@@ -132,6 +132,7 @@ class Settings:
     timeout: float = DEFAULT_TIMEOUT
     hold: float = DEFAULT_HOLD
     legacy_fingerprint: str | None = None  # pinned in the bridge config: compared with what is served
+    other_legacy: list[LegacyServer] = field(default_factory=list)  # further servers in --config, not probed
 
 
 @dataclass
@@ -184,6 +185,8 @@ def planned_checks(settings: Settings) -> list[tuple[str, str]]:
     """(id, side) of every check this run reports, in report order."""
     legacy = ["dns", "tcp", "tls", "renegotiation", "certificate"] + http_suffixes(settings)
     planned = [(f"legacy.{name}", "legacy") for name in legacy]
+    if settings.other_legacy:
+        planned.append(("legacy.others", "legacy"))
     if not settings.fqdn:
         return planned + [("bridge.fqdn", "bridge")]
     bridge = ["dns", "tcp", "port80.redirect", "port80.acme", "tls.modern", "tls.obsolete", "certificate", "headers", "idle"]
@@ -580,11 +583,21 @@ class Preflight:
         clock = time.monotonic()
         await asyncio.gather(self.legacy_side(), self.bridge_side())
         self.compare_through_bridge()
+        self.note_other_legacy_servers()
         self.skip_remaining("", "not run")
         found = self.autodiscovered.get("legacy") or self.autodiscovered.get("bridge") or {}
         self.facts = {"exchange_server": found.get("exchange_server"), "legacy_dn": found.get("legacy_dn"), "authentication": self.recommended_authentication()}
         checks = [self.results[check_id] for check_id, _ in self.planned]
         return Report(self.settings, checks, started, time.monotonic() - clock, self.facts)
+
+    def note_other_legacy_servers(self) -> None:
+        others = self.settings.other_legacy
+        if not others:
+            return
+        names = ", ".join(str(server) for server in others)
+        commands = "; ".join(f"bridge preflight --legacy {server}" for server in others)
+        self.record(Check("legacy.others", "legacy", "warn", f"the bridge config lists {len(others)} more legacy server(s), not probed in this run: {names}",
+                          {"servers": [str(server) for server in others]}, f"Check each one too: {commands}."))
 
     # ---- legacy side ---------------------------------------------------------------------------
     async def legacy_side(self) -> None:
@@ -1149,11 +1162,10 @@ def settings_from_args(args: argparse.Namespace, read_password: Callable[[str], 
     file_values: dict[str, Any] = load_toml(args.config) if args.config else {}
     values = merge(file_values, {"legacy": args.legacy, "fqdn": args.fqdn, "https_port": args.https_port, "http_port": args.http_port})
     legacy = values.get("legacy")
-    if isinstance(legacy, list):
-        legacy = legacy[0] if legacy else None
-    if not legacy:
+    listed = [str(item) for item in (legacy if isinstance(legacy, list) else [legacy] if legacy else [])]
+    if not listed:
         raise PreflightUsageError("No legacy server given: pass --legacy with the Exchange 2007 host (e.g. --legacy owa.customer.example) or --config with the bridge's TOML.")
-    settings = Settings(legacy=parse_legacy(str(legacy)))
+    settings = Settings(legacy=parse_legacy(listed[0]), other_legacy=[parse_legacy(item) for item in listed[1:]])
     if values.get("fqdn"):
         settings.fqdn = validate_fqdn(str(values["fqdn"]))
     for name in ("https_port", "http_port"):

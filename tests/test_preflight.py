@@ -615,8 +615,17 @@ def test_config_file_supplies_defaults_and_flags_win(tmp_path, lab):
     assert settings.legacy == LegacyServer("127.0.0.1", lab.port)
     assert (settings.fqdn, settings.https_port, settings.http_port) == ("bridge.example.com", 8443, 80)
     assert settings.legacy_fingerprint == lab.fingerprint and settings.credentials is None
+    assert settings.other_legacy == [LegacyServer("10.0.0.2", 443)]
     overridden = settings_from_args(parse("--config", str(config), "--legacy", "owa.example.com", "--fqdn", "other.example.com"))
     assert overridden.legacy == LegacyServer("owa.example.com", 443) and overridden.fqdn == "other.example.com"
+    assert overridden.other_legacy == []
+
+
+def test_further_legacy_servers_in_the_config_are_named_not_silently_skipped(lab):
+    report = preflight(settings_for(lab, credentials=False, other_legacy=[LegacyServer("10.0.0.2", 443), LegacyServer("cas2.example", 8443)]))
+    others = check(report, "legacy.others")
+    assert others.status == "warn" and "10.0.0.2:443, cas2.example:8443" in others.summary
+    assert "bridge preflight --legacy cas2.example:8443" in others.fix
 
 
 def test_password_comes_from_the_named_variable_or_the_prompt(monkeypatch):
