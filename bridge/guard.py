@@ -4,8 +4,8 @@ The gate sits under TLS. Each accepted TCP connection first meets ``Gate``: a so
 ``--allow`` is closed before a single TLS byte is sent; plain HTTP sent to the HTTPS port gets a
 clear-text 400 saying so; bytes that are neither TLS nor HTTP close the connection; past
 ``--max-connections`` the client gets ``503`` with ``Retry-After``. Only then does TLS start, with
-asyncio's own ``SSLProtocol`` (what ``loop.create_server(ssl=...)`` uses), in front of the request
-handler.
+the running loop's own implementation (``loop.start_tls``: uvloop's C ``SSLProtocol`` under
+``bridge up``, asyncio's otherwise), in front of the request handler.
 
 The request handler (``GuardedRequestHandler``) adds a header-read deadline (slowloris), answers
 an oversized request line with 414 and oversized headers with 431, and keeps reading the body of
@@ -21,7 +21,6 @@ import asyncio
 import ipaddress
 import logging
 import re
-import threading
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -187,19 +186,42 @@ class Gate(asyncio.Protocol):
         on_close = self.release
         app = BusyResponder(self.guard, on_close) if self.busy else self.app_factory()
         self.transport = None  # the Gate is done; the counted slot is released by the new protocol
+        if isinstance(app, GuardedRequestHandler):
+            app.state.on_close(on_close)
         if self.ssl_context is None:
             transport.set_protocol(app)
             app.connection_made(transport)
-            if isinstance(app, GuardedRequestHandler):
-                app.state.on_close(on_close)
             return
-        tls = CountedSSLProtocol(
-            asyncio.get_running_loop(), app, self.ssl_context, None, server_side=True,
-            ssl_handshake_timeout=self.guard.header_timeout, on_close=on_close, guard=self.guard,
-        )
-        transport.set_protocol(tls)
-        tls.connection_made(transport)
-        feed_buffered(tls, first_bytes)
+        transport.pause_reading()
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(self.start_tls(transport, app))
+        _handshakes.add(task)
+        task.add_done_callback(_handshakes.discard)
+        # Runs after the task's first step (start_tls has put its TLS protocol on the transport) and
+        # before start_tls resumes reading: the ClientHello bytes the Gate read come first.
+        loop.call_soon(give_first_bytes, transport, self, first_bytes)
+
+    async def start_tls(self, transport: asyncio.Transport, app: asyncio.Protocol) -> None:
+        """TLS by the loop itself, then the request handler (or the 503 responder) on top."""
+        if transport.is_closing():  # gone between the first bytes and now (connection_lost released)
+            return
+        handshaking = Handshaking()
+        try:
+            tls_transport = await asyncio.get_running_loop().start_tls(
+                transport, handshaking, self.ssl_context, server_side=True, ssl_handshake_timeout=self.guard.header_timeout
+            )
+        except Exception:
+            self.guard.reject("tls-handshake")
+            self.release()
+            return
+        except BaseException:  # cancelled (the loop is shutting down)
+            self.release()
+            raise
+        if tls_transport is None or handshaking.lost:
+            self.guard.reject("tls-handshake")
+            self.release()
+            return
+        handshaking.hand_over(tls_transport, app)
 
     def timed_out(self) -> None:
         self.timer = None
@@ -227,51 +249,59 @@ class Gate(asyncio.Protocol):
         self.release()
 
 
-def _counted_ssl_protocol() -> type:
-    from asyncio import sslproto
-
-    class CountedSSLProtocol(sslproto.SSLProtocol):
-        """asyncio's server-side TLS protocol, releasing the connection slot when the socket closes."""
-
-        def __init__(self, *args: Any, on_close: Any, guard: ConnectionGuard, **kwargs: Any) -> None:
-            self.max_size = 0  # no buffer of its own: the thread's shared one (get_buffer) serves every connection
-            super().__init__(*args, **kwargs)
-            del self.max_size
-            self._on_close = on_close
-            self._guard = guard
-
-        def get_buffer(self, n: int) -> memoryview:
-            self._ssl_buffer_view = view = _shared_receive_buffer()
-            return view
-
-        def connection_lost(self, exc: BaseException | None) -> None:
-            try:
-                if not getattr(self._app_protocol, "guard_connected", True):
-                    self._guard.reject("tls-handshake")
-                self._on_close()
-            finally:
-                super().connection_lost(exc)
-
-    return CountedSSLProtocol
+_handshakes: set[asyncio.Task] = set()  # TLS handshakes in progress (the loop keeps only weak references)
 
 
-_receive_buffers = threading.local()
+class Handshaking(asyncio.Protocol):
+    """start_tls's application protocol until the handshake is done, then hands over to the real one.
 
-
-def _shared_receive_buffer() -> memoryview:
-    """One 256 KiB socket receive buffer per thread, for every TLS connection.
-
-    asyncio's SSLProtocol gives each connection its own zero-filled (so resident) 256 KiB buffer:
-    250 MiB for 1000 idle connections. Its bytes are copied into the TLS object as soon as the
-    read returns (buffer_updated), before any other code runs, so one per event-loop thread is enough.
+    asyncio may deliver the first decrypted bytes (and even the loss of the connection) before
+    start_tls has returned; they are kept and given to the request handler after its connection_made.
     """
-    view = getattr(_receive_buffers, "view", None)
-    if view is None:
-        view = _receive_buffers.view = memoryview(bytearray(256 * 1024))
-    return view
+
+    def __init__(self) -> None:
+        self.early: list[bytes] = []
+        self.eof = False
+        self.lost = False
+        self.app: asyncio.Protocol | None = None
+
+    def hand_over(self, tls_transport: asyncio.Transport, app: asyncio.Protocol) -> None:
+        self.app = app
+        tls_transport.set_protocol(app)
+        app.connection_made(tls_transport)
+        early, self.early = self.early, []
+        for data in early:
+            app.data_received(data)
+        if self.eof:  # the TLS layer is already closing; the handler only learns of it
+            app.eof_received()
+
+    def data_received(self, data: bytes) -> None:
+        if self.app is not None:
+            self.app.data_received(data)
+        else:
+            self.early.append(data)
+
+    def eof_received(self) -> bool | None:
+        if self.app is not None:
+            return self.app.eof_received()
+        self.eof = True
+        return None  # (over TLS, keeping the transport half-open is not possible anyway)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        # asyncio schedules connection_lost with the protocol of the moment: forward it if it was us.
+        if self.app is not None:
+            self.app.connection_lost(exc)
+        else:
+            self.lost = True
 
 
-CountedSSLProtocol = _counted_ssl_protocol()
+def give_first_bytes(transport: asyncio.Transport, gate: "Gate", data: bytes) -> None:
+    """Feed the bytes the Gate read to the TLS protocol start_tls has just installed."""
+    protocol = transport.get_protocol()
+    if protocol is gate:  # start_tls never ran (the connection went away first)
+        transport.abort()
+        return
+    feed_buffered(protocol, data)  # type: ignore[arg-type]
 
 
 def feed_buffered(protocol: asyncio.BufferedProtocol, data: bytes) -> None:
@@ -299,8 +329,6 @@ def simple_response(status: int, reason: str, text: str, *extra: str) -> bytes:
 class BusyResponder(asyncio.Protocol):
     """Over --max-connections: read the request head (bounded), answer 503 with Retry-After, close."""
 
-    guard_connected = False
-
     def __init__(self, guard: ConnectionGuard, on_close: Any = None) -> None:
         self.guard = guard
         self.on_close = on_close
@@ -309,7 +337,6 @@ class BusyResponder(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.guard_connected = True
         self.transport = transport
         self.timer = asyncio.get_running_loop().call_later(self.guard.header_timeout, self.answer)
 
@@ -406,7 +433,6 @@ class GuardedRequestHandler(AnyMethodRequestHandler):
         self.guard = guard
         self._parser = new_parser(self, loop, kwargs.get("read_bufsize", 2**16))
         self.head_timer: asyncio.TimerHandle | None = None
-        self.guard_connected = False
         self.draining = False
 
     async def shutdown(self, timeout: float | None = 15.0) -> None:
@@ -431,7 +457,6 @@ class GuardedRequestHandler(AnyMethodRequestHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self.guard_connected = True
         self.arm_head_timer()  # the first request head must arrive in time
 
     def data_received(self, data: bytes) -> None:

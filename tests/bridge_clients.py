@@ -103,10 +103,10 @@ def bridge_session(ca: LocalCA, auth: Any = None) -> requests.Session:
 class BackgroundBridge:
     """A bridge served from a private event loop in a daemon thread."""
 
-    def __init__(self, config: BridgeConfig) -> None:
+    def __init__(self, config: BridgeConfig, loop_factory: Any = asyncio.new_event_loop) -> None:
         self.config = config
         self.bridge: RunningBridge | None = None
-        self._loop = asyncio.new_event_loop()
+        self._loop = loop_factory()
         self._thread = threading.Thread(target=self._loop.run_forever, name="bridge-loop", daemon=True)
         self._thread.start()
 
