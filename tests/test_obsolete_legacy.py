@@ -93,3 +93,48 @@ def test_probe_hello_is_well_formed_for_a_strict_openssl_server(tmp_path):
     with BackgroundLab(LabOptions(host="127.0.0.1", port=0, state_dir=tmp_path)) as lab:
         chosen = asyncio.run(_server_choice("127.0.0.1", lab.port, [0x002F], 5))
     assert chosen == 0x002F
+
+
+# ---- a server without RFC 5746 (an unpatched Windows 2003/2008 before MS10-049) ----------------------
+
+
+async def no_rfc5746_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answers any ClientHello with a TLS 1.0 ServerHello choosing AES128-SHA and no extensions at all."""
+    try:
+        header = await reader.readexactly(5)
+        await reader.readexactly(struct.unpack("!H", header[3:5])[0])
+        writer.write(server_hello(0x002F))
+        await writer.drain()
+        await asyncio.sleep(0.2)
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+async def handshake_failure(port: int, context) -> str:
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context, server_hostname="exch2007.lab.test")
+    except Exception as exc:  # noqa: BLE001 - the reason is what the test looks at
+        return f"{type(exc).__name__}: {exc}"
+    writer.close()
+    return "no failure"
+
+
+async def test_bridge_accepts_a_server_without_secure_renegotiation():
+    """OP_LEGACY_SERVER_CONNECT: without it OpenSSL 3 stops at the ServerHello; with it the handshake goes on."""
+    import ssl
+
+    from bridge.tls import legacy_context
+
+    server = await asyncio.start_server(no_rfc5746_server, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        strict = legacy_context()
+        strict.options &= ~getattr(ssl, "OP_LEGACY_SERVER_CONNECT", 0x4)  # Python 3.12 names it
+        assert "UNSAFE_LEGACY_RENEGOTIATION" in (await handshake_failure(port, strict)).upper()
+        bridge_side = await handshake_failure(port, legacy_context())
+        assert "UNSAFE_LEGACY_RENEGOTIATION" not in bridge_side.upper()  # it got past the ServerHello
+    finally:
+        server.close()
+
