@@ -48,8 +48,6 @@ RESTART_FIRST = 0.5
 RESTART_MAX = 30.0
 STABLE_SECONDS = 30.0  # a worker that ran this long restarts without the grown delay
 FRAME = struct.Struct("!I")
-# Settings a SIGHUP cannot change with workers running (on top of bridge.status.RESTART_SETTINGS).
-WORKER_RESTART_SETTINGS = ("workers",)
 
 
 # --------------------------------------------------------------------------- framing
@@ -246,31 +244,20 @@ class Supervisor:
                 log.exception("pushing the ban list to the workers failed")
 
     async def start_workers(self) -> None:
+        """Start every worker and wait until each serves; StartupError when one exits or hangs first."""
+        from bridge.app import StartupError
+
         for index in range(self.config.workers):
             await self.spawn(index)
-        pending = {worker.ready: worker for worker in self.workers.values()}
-        exits = {asyncio.ensure_future(worker.process.wait()): worker for worker in self.workers.values()}
-        try:
-            done, _ = await asyncio.wait([*pending, *exits], timeout=READY_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
-            while pending:
-                early = [exits[task] for task in done if task in exits]
-                if early:
-                    from bridge.app import StartupError
-
-                    raise StartupError(
-                        f"Worker {early[0].index} exited during start-up with code {early[0].process.returncode}; see the lines above, or run with --workers 1."
-                    )
-                for task in done:
-                    pending.pop(task, None)
-                if not done:
-                    from bridge.app import StartupError
-
-                    raise StartupError(f"The workers did not start within {READY_TIMEOUT:g} s; see the lines above, or run with --workers 1.")
-                if pending:
-                    done, _ = await asyncio.wait([*pending, *exits], timeout=READY_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in exits:
-                task.cancel()
+        for worker in self.workers.values():
+            exited = asyncio.ensure_future(worker.process.wait())
+            await asyncio.wait([worker.ready, exited], timeout=READY_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+            exited.cancel()
+            if worker.ready.done():
+                continue
+            if worker.process.returncode is not None:
+                raise StartupError(f"Worker {worker.index} exited during start-up ({_exit_reason(worker.process.returncode)}); see the lines above, or run with --workers 1.")
+            raise StartupError(f"Worker {worker.index} did not start within {READY_TIMEOUT:g} s; see the lines above, or run with --workers 1.")
         for index in list(self.workers):
             self.background.append(asyncio.create_task(self.watch(index), name=f"worker-{index}-watch"))
 
@@ -369,7 +356,7 @@ def apply_to_parent(supervisor: Supervisor, new: BridgeConfig) -> None:
     from bridge.status import RESTART_SETTINGS
 
     old = supervisor.config
-    changed = [name for name in (*RESTART_SETTINGS, *WORKER_RESTART_SETTINGS) if getattr(old, name) != getattr(new, name)]
+    changed = [name for name in RESTART_SETTINGS if getattr(old, name) != getattr(new, name)]
     if changed:
         log.warning("SIGHUP: %s changed; restart the bridge to apply %s", ", ".join(changed), "them" if len(changed) > 1 else "it")
     supervisor.bans.policy = policy_from_config(new)
