@@ -202,3 +202,30 @@ def test_workers_setting_is_checked():
     from test_bridge_process import assert_one_sentence_error, run_cli
 
     assert_one_sentence_error(run_cli("up", "--fqdn", "ok.example", "--legacy", "a.example", "--cert", "c", "--key", "k", "--workers", "0"), "--workers")
+
+
+def test_workers_from_toml_and_auto(tmp_path):
+    from bridge.config import ConfigError, build_config, load_toml
+    from bridge.workers import connection_share
+
+    config = tmp_path / "bridge.toml"
+    config.write_text('fqdn = "ok.example"\nlegacy = ["a.example"]\nworkers = 3\n')
+    assert build_config(load_toml(config)).workers == 3
+    assert build_config({"fqdn": "ok.example", "legacy": ["a.example"], "workers": "auto"}).workers == min(os.cpu_count() or 1, 64)
+    assert build_config({"fqdn": "ok.example", "legacy": ["a.example"]}).workers == 1
+    with pytest.raises(ConfigError, match="--workers"):
+        build_config({"fqdn": "ok.example", "legacy": ["a.example"], "workers": "many"})
+    assert [connection_share(1000, 3, index) for index in range(3)] == [334, 333, 333]
+
+
+def test_max_connections_is_the_total_divided_among_the_workers(start_bridge_process, ca):
+    process, port, pids = start_workers(start_bridge_process, "--max-connections", "2")
+    with only_worker(pids, 0):
+        held = connect(ca, port)
+        held.request("GET", "/EWS/Exchange.asmx")
+        held.getresponse().read()
+        assert get(ca, port) == 503  # worker 0's share is 1
+    with only_worker(pids, 1):
+        assert get(ca, port) == 401  # worker 1 still has its one
+    held.close()
+    assert process.stop() == 0
