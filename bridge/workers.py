@@ -269,6 +269,8 @@ class Supervisor:
         while True:
             worker = self.workers[index]
             code = await worker.process.wait()
+            if worker.reader_task is not None:  # its last reports first, then keep them as retired
+                await asyncio.wait([worker.reader_task], timeout=2)
             self.totals.retire(index)
             if self.stopping.is_set():
                 return

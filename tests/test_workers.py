@@ -229,3 +229,16 @@ def test_max_connections_is_the_total_divided_among_the_workers(start_bridge_pro
         assert get(ca, port) == 401  # worker 1 still has its one
     held.close()
     assert process.stop() == 0
+
+
+def test_https_port_in_use_is_one_sentence_with_workers(lab, front_cert, tmp_path):
+    import socket
+
+    from test_bridge_process import assert_one_sentence_error, bridge_command, run_cli
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_cli(*bridge_command(lab.port, *front_cert, tmp_path, port, free_port(), "--workers", "2")[3:])
+    assert_one_sentence_error(result, f"Port {port}", "already in use", "--https-port")
