@@ -234,7 +234,6 @@ def ready_line(bridge: RunningBridge) -> str:
 
 async def serve_until_signalled(config: BridgeConfig, reload_config: Callable[[], BridgeConfig] | None = None) -> int:
     bridge = await start_bridge(config)
-    log.info(ready_line(bridge))
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -252,6 +251,7 @@ async def serve_until_signalled(config: BridgeConfig, reload_config: Callable[[]
             log.error("reload failed, keeping the current certificate: %s", exc)
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
+    log.info(ready_line(bridge))  # after the handlers: a signal sent on seeing this line is handled
     try:
         await stop.wait()
         log.info("stopping: no new connections; open requests get up to %g s to finish (--drain-timeout)", bridge.config.drain_timeout)

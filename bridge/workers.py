@@ -307,7 +307,8 @@ class Supervisor:
                 load_front_certificate(self.ssl_context, self.config.cert, self.config.key)
                 self.certificate_path, self.key_path = self.config.cert, self.config.key
             elif self.renewal is not None:
-                self.renewal.reload()
+                self.renewal.reload()  # its swap tells the workers
+                return
         except Exception as exc:  # a bad file on reload must not stop the service
             log.error("reload failed, keeping the current certificate: %s", exc)
             return
@@ -445,11 +446,11 @@ async def serve_with_workers(config: BridgeConfig, reload_config: Callable[[], B
         else:
             await http_runner.cleanup()
         raise
-    log.info(ready_line(supervisor) + f"; {config.workers} worker processes")
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, supervisor.stopping.set)
     loop.add_signal_handler(signal.SIGHUP, supervisor.on_hup, reload_config)
+    log.info(ready_line(supervisor) + f"; {config.workers} worker processes")  # after the handlers: a signal sent on this line is handled
     await supervisor.stopping.wait()
     log.info("stopping: no new connections; open requests get up to %g s to finish (--drain-timeout)", config.drain_timeout)
     await supervisor.stop()
@@ -567,8 +568,8 @@ async def serve_worker(index: int, control_fd: int, listen_fds: list[int]) -> in
             await asyncio.sleep(STATS_INTERVAL)
 
     tasks = [asyncio.create_task(obey_parent()), asyncio.create_task(report())]
-    send(writer, ("ready", settings["public_port"]))
     log.info("worker %d (pid %d) serving https on port %d", index, os.getpid(), settings["public_port"])
+    send(writer, ("ready", settings["public_port"]))  # after the line: the parent's ready line follows every worker's
     await stop.wait()
     await runner.cleanup()  # drains open requests for up to --drain-timeout
     send(writer, ("stats", worker_report(bridge)))
