@@ -242,3 +242,58 @@ def test_https_port_in_use_is_one_sentence_with_workers(lab, front_cert, tmp_pat
         port = busy.getsockname()[1]
         result = run_cli(*bridge_command(lab.port, *front_cert, tmp_path, port, free_port(), "--workers", "2")[3:])
     assert_one_sentence_error(result, f"Port {port}", "already in use", "--https-port")
+
+
+@pytest.fixture(scope="module")
+def pebble(tmp_path_factory):
+    from pebble_server import PebbleServer, require_pebble
+    from pebble_server import free_port as pebble_free_port
+
+    require_pebble()
+    server = PebbleServer(tmp_path_factory.mktemp("pebble"), http_port=pebble_free_port())
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_a_certificate_renewed_by_the_parent_reaches_every_worker(pebble, tmp_path):
+    """ACME stays in the parent; its background renewal of a due certificate is loaded by each worker."""
+    import datetime as dt
+    import socket
+    import ssl
+    import sys
+
+    from bridge.acme import Lineage
+    from bridge.certificates import LocalCA, cert_pem, key_pem
+    from test_bridge_process import BridgeProcess
+
+    fqdn = "workers.acme.test"
+    state = tmp_path / "state"
+    local = LocalCA.create()
+    key = new_private_key("ecdsa-p256")
+    due = local.issue([fqdn], key, days=90, not_before=dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=80))
+    Lineage(state, fqdn).save(cert_pem(due).decode(), key_pem(key), {"directory": pebble.directory_url, "key_type": "ecdsa-p256"})
+    port = free_port()
+    process = BridgeProcess([
+        sys.executable, "-m", "bridge.cli", "up", "--fqdn", fqdn, "--legacy", f"127.0.0.1:{free_port()}", "--bind", "127.0.0.1",
+        "--https-port", str(port), "--http-port", str(pebble.http_port), "--state-dir", str(state), "--status-bind", "off",
+        "--acme-directory", pebble.directory_url, "--acme-ca-bundle", str(pebble.ca_bundle), "--workers", "2",
+    ])
+    try:
+        process.wait_for("bridge ready")
+        pids = worker_pids(process)
+        context = ssl.create_default_context(cadata=pebble.root_pem.decode())  # trusts only Pebble's root
+        for index in pids:
+            deadline, issuer = time.monotonic() + 30, None
+            while time.monotonic() < deadline:
+                with only_worker(pids, index), socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+                    try:
+                        with context.wrap_socket(raw, server_hostname=fqdn) as tls:
+                            issuer = x509.load_der_x509_certificate(tls.getpeercert(binary_form=True)).issuer.rfc4514_string()
+                            break
+                    except ssl.SSLCertVerificationError:  # still the due certificate from the local CA
+                        time.sleep(0.2)
+            assert issuer and "Pebble Intermediate" in issuer, f"worker {index} never served the renewed certificate"
+        assert process.stop() == 0
+    finally:
+        process.stop()
