@@ -5,12 +5,13 @@ Everything runs on 127.0.0.1 in a temporary directory:
 
 - nginx (TLS 1.0 only, RSA key exchange CBC suites, an RSA-1024 SHA-1 certificate like Exchange 2007)
   serves /owa/small (1 KiB), /owa/large (a sparse file) and accepts uploads on /EWS/upload;
-- the bridge (``python -m bridge.cli up`` as a subprocess, so /proc/<pid> is the proxy alone) and
+- the bridge (``python -m bridge.cli up --workers N`` as a subprocess; CPU and RSS are summed over its
+  process tree, so they are the proxy alone) and
   HAProxy configured equivalently (TLS 1.2+ front, TLS 1.0 back, 30 min timeouts, one server
   connection per client connection) run side by side;
 - each measurement alternates bridge and HAProxy (and swaps the order every round) so drift cancels.
 
-Usage:  python scripts/bench.py [--quick] [--rounds N] [--json results.json]
+Usage:  python scripts/bench.py [--quick] [--rounds N] [--bridge-workers N] [--json results.json]
 See docs/benchmark.md for what is measured and the figures obtained.
 """
 
