@@ -297,3 +297,15 @@ def test_a_certificate_renewed_by_the_parent_reaches_every_worker(pebble, tmp_pa
         assert process.stop() == 0
     finally:
         process.stop()
+
+
+def test_sighup_with_a_broken_key_reloads_no_worker_and_keeps_serving(start_bridge_process, front_cert, ca):
+    process, port, pids = start_workers(start_bridge_process)
+    front_cert[1].write_text("broken\n")
+    process.process.send_signal(signal.SIGHUP)
+    process.wait_for("keeping the current certificate")
+    for index in pids:
+        with only_worker(pids, index):
+            assert get(ca, port) == 401
+    assert not any("certificate reloaded" in line for line in process.lines)
+    assert process.stop() == 0
