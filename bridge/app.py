@@ -52,6 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ops.add_argument("--max-connections", metavar="N", help="open client connections before new ones get 503 (default 1000)")
     ops.add_argument("--header-timeout", metavar="S", help="seconds a client has to send a request head (default 15)")
     ops.add_argument("--drain-timeout", metavar="S", help="on SIGTERM, seconds open requests get to finish (default 30)")
+    ops.add_argument("--workers", metavar="N", help="HTTPS worker processes sharing the port, or auto (one per CPU; default 1)")
     ops.add_argument("--ban-threshold", metavar="N", help="failed logons from one address that trigger a ban (default 10)")
     ops.add_argument("--ban-window", metavar="S", help="seconds in which those failures must occur (default 600)")
     ops.add_argument("--ban-duration", metavar="S", help="seconds a ban lasts (default 3600)")
@@ -90,8 +91,11 @@ def setup_logging(level: str) -> None:
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     setup_logging(config.log_level)
+    serve = serve_until_signalled
+    if config.workers > 1:
+        from bridge.workers import serve_with_workers as serve
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
-        return runner.run(serve_until_signalled(config, reload_config=lambda: config_from_args(args)))
+        return runner.run(serve(config, reload_config=lambda: config_from_args(args)))
 
 
 def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -200,16 +204,21 @@ async def _listen(handler: Any, bind: str | None, port: int, flag: str, **kwargs
     try:
         return await start_site(handler, bind, port, **kwargs)
     except OSError as exc:
-        where = f"{bind or 'all addresses'} port {port}"
-        if exc.errno == errno.EADDRINUSE:
-            raise StartupError(f"Port {port} on {bind or 'all addresses'} is already in use by another program; stop it or choose another {flag}.") from None
-        if exc.errno == errno.EACCES:
-            raise StartupError(
-                f"Binding {where} needs root or CAP_NET_BIND_SERVICE; run as root, use the systemd unit (which grants the capability) or choose a port above 1023 with {flag}."
-            ) from None
-        if exc.errno == errno.EADDRNOTAVAIL:
-            raise StartupError(f"--bind {bind} is not an address of this machine; give one of its addresses or leave --bind out.") from None
-        raise StartupError(f"Cannot listen on {where}: {exc.strerror}; check --bind and {flag}.") from None
+        raise listen_error(exc, bind, port, flag) from None
+
+
+def listen_error(exc: OSError, bind: str | None, port: int, flag: str) -> StartupError:
+    """The one-sentence StartupError for a port that cannot be bound."""
+    where = f"{bind or 'all addresses'} port {port}"
+    if exc.errno == errno.EADDRINUSE:
+        return StartupError(f"Port {port} on {bind or 'all addresses'} is already in use by another program; stop it or choose another {flag}.")
+    if exc.errno == errno.EACCES:
+        return StartupError(
+            f"Binding {where} needs root or CAP_NET_BIND_SERVICE; run as root, use the systemd unit (which grants the capability) or choose a port above 1023 with {flag}."
+        )
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return StartupError(f"--bind {bind} is not an address of this machine; give one of its addresses or leave --bind out.")
+    return StartupError(f"Cannot listen on {where}: {exc.strerror}; check --bind and {flag}.")
 
 
 def ready_line(bridge: RunningBridge) -> str:
@@ -225,7 +234,6 @@ def ready_line(bridge: RunningBridge) -> str:
 
 async def serve_until_signalled(config: BridgeConfig, reload_config: Callable[[], BridgeConfig] | None = None) -> int:
     bridge = await start_bridge(config)
-    log.info(ready_line(bridge))
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -243,6 +251,7 @@ async def serve_until_signalled(config: BridgeConfig, reload_config: Callable[[]
             log.error("reload failed, keeping the current certificate: %s", exc)
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
+    log.info(ready_line(bridge))  # after the handlers: a signal sent on seeing this line is handled
     try:
         await stop.wait()
         log.info("stopping: no new connections; open requests get up to %g s to finish (--drain-timeout)", bridge.config.drain_timeout)

@@ -95,6 +95,7 @@ class BridgeConfig:
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     header_timeout: float = DEFAULT_HEADER_TIMEOUT
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
+    workers: int = 1  # HTTPS worker processes (bridge.workers); 1 serves in the main process
 
     @property
     def legacy_hostnames(self) -> set[str]:
@@ -287,6 +288,21 @@ def _operations(config: BridgeConfig, values: dict[str, Any]) -> None:
         config.header_timeout = _seconds("--header-timeout", values["header_timeout"])
     if values.get("drain_timeout") is not None:
         config.drain_timeout = _seconds("--drain-timeout", values["drain_timeout"])
+    if values.get("workers") is not None:
+        config.workers = parse_workers(values["workers"])
+
+
+def parse_workers(value: Any) -> int:
+    """--workers: a whole number from 1 to 64, or auto (one per CPU)."""
+    if str(value).strip().lower() == "auto":
+        return max(1, min(os.cpu_count() or 1, 64))
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = 0
+    if not 1 <= number <= 64:
+        raise ConfigError(f"--workers must be a whole number from 1 to 64 or auto, not {value!r}.")
+    return number
 
 
 def _as_list(value: Any) -> list[Any]:

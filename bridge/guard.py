@@ -105,9 +105,10 @@ def peer_address(transport: asyncio.BaseTransport) -> str:
 class GatedSite(web.TCPSite):
     """A TCPSite whose connections pass the Gate first (TLS starts only after it)."""
 
-    def __init__(self, runner: web.BaseRunner, *, guard: ConnectionGuard, **kwargs: Any) -> None:
+    def __init__(self, runner: web.BaseRunner, *, guard: ConnectionGuard, sock: Any = None, **kwargs: Any) -> None:
         super().__init__(runner, **kwargs)
         self.guard = guard
+        self.sock = sock  # an inherited listening socket (worker process) instead of host/port
 
     async def start(self) -> None:
         await web.BaseSite.start(self)
@@ -116,14 +117,17 @@ class GatedSite(web.TCPSite):
         assert server is not None
         ssl_context = self._ssl_context
         guard = self.guard
-        self._server = await loop.create_server(
-            lambda: Gate(guard, server, ssl_context),
-            self._host,
-            self._port,
-            backlog=self._backlog,
-            reuse_address=self._reuse_address,
-            reuse_port=self._reuse_port,
-        )
+        if self.sock is not None:
+            self._server = await loop.create_server(lambda: Gate(guard, server, ssl_context), sock=self.sock, backlog=self._backlog)
+        else:
+            self._server = await loop.create_server(
+                lambda: Gate(guard, server, ssl_context),
+                self._host,
+                self._port,
+                backlog=self._backlog,
+                reuse_address=self._reuse_address,
+                reuse_port=self._reuse_port,
+            )
         self._bound_port = self._server.sockets[0].getsockname()[1] if self._server.sockets else self._port
 
 

@@ -104,11 +104,13 @@ async def start_site(
     keepalive_timeout: float = 75.0,
     backlog: int = 1024,
     guard: Any = None,
+    sock: Any = None,
 ) -> web.ServerRunner:
     """Start serving ``handler`` on host:port; raises OSError when the port cannot be bound.
 
     ``guard`` (a bridge.guard.ConnectionGuard) puts its connection gate under TLS and its request
-    handler in place of the plain one.
+    handler in place of the plain one. ``sock`` (with a guard only): serve this already listening
+    socket instead of binding host:port (a worker process, bridge.workers).
     """
     server = (guard.server if guard is not None else AnyMethodServer)(
         handler,
@@ -121,8 +123,9 @@ async def start_site(
     )
     runner = web.ServerRunner(server, handle_signals=False, access_log=None)
     await runner.setup()
+    extra = {"sock": sock} if sock is not None else {}
     site = (guard.site if guard is not None else web.TCPSite)(
-        runner, host=host, port=port, ssl_context=ssl_context, backlog=backlog, reuse_address=True
+        runner, host=host, port=port, ssl_context=ssl_context, backlog=backlog, reuse_address=True, **extra
     )
     try:
         await site.start()

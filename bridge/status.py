@@ -496,7 +496,7 @@ async def attach_operations(bridge: Any, guard: Any, https_runner: Any) -> None:
 
 
 # Settings SIGHUP applies to a running bridge; the rest need a restart.
-RESTART_SETTINGS = ("fqdn", "legacy", "bind", "https_port", "http_port", "state_dir", "status_bind", "legacy_fingerprint", "legacy_ca")
+RESTART_SETTINGS = ("fqdn", "legacy", "bind", "https_port", "http_port", "state_dir", "status_bind", "legacy_fingerprint", "legacy_ca", "workers")
 
 
 def reload_settings(bridge: Any, new: Any) -> None:

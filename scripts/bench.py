@@ -5,12 +5,13 @@ Everything runs on 127.0.0.1 in a temporary directory:
 
 - nginx (TLS 1.0 only, RSA key exchange CBC suites, an RSA-1024 SHA-1 certificate like Exchange 2007)
   serves /owa/small (1 KiB), /owa/large (a sparse file) and accepts uploads on /EWS/upload;
-- the bridge (``python -m bridge.cli up`` as a subprocess, so /proc/<pid> is the proxy alone) and
+- the bridge (``python -m bridge.cli up --workers N`` as a subprocess; CPU and RSS are summed over its
+  process tree, so they are the proxy alone) and
   HAProxy configured equivalently (TLS 1.2+ front, TLS 1.0 back, 30 min timeouts, one server
   connection per client connection) run side by side;
 - each measurement alternates bridge and HAProxy (and swaps the order every round) so drift cancels.
 
-Usage:  python scripts/bench.py [--quick] [--rounds N] [--json results.json]
+Usage:  python scripts/bench.py [--quick] [--rounds N] [--bridge-workers N] [--json results.json]
 See docs/benchmark.md for what is measured and the figures obtained.
 """
 
@@ -113,16 +114,49 @@ def wait_for_port(port: int, process: subprocess.Popen, what: str, timeout: floa
     raise RuntimeError(f"{what} did not listen on port {port} within {timeout:g} s")
 
 
+def process_tree(pid: int) -> list[int]:
+    """pid and all its descendants (the bridge's worker processes with --workers)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        parents.setdefault(ppid, []).append(int(entry.name))
+    tree, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        tree.append(current)
+        pending.extend(parents.get(current, []))
+    return tree
+
+
 def cpu_seconds(pid: int) -> float:
-    fields_ = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields_[11]) + int(fields_[12])) / CLOCK_TICKS  # utime + stime (all threads)
+    """utime + stime of the process (all threads) and its child processes."""
+    total = 0
+    for member in process_tree(pid):
+        try:
+            fields_ = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile
+        total += int(fields_[11]) + int(fields_[12])
+    return total / CLOCK_TICKS
 
 
 def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    """VmRSS of the process plus its child processes (shared library pages are counted in each)."""
+    total = 0
+    for member in process_tree(pid):
+        try:
+            lines = Path(f"/proc/{member}/status").read_text().splitlines()
+        except OSError:
+            continue
+        total += sum(int(line.split()[1]) * 1024 for line in lines if line.startswith("VmRSS:"))
+    if not total:
+        raise RuntimeError(f"no VmRSS for pid {pid}")
+    return total
 
 
 class RssSampler:
@@ -218,6 +252,7 @@ class Settings:
     idle_connections: int
     quick: bool
     only: tuple[str, ...] = ("small", "download", "upload", "idle")
+    bridge_workers: int = 2
 
 
 @dataclass
@@ -387,7 +422,8 @@ def start_bed(bed: Bed, settings: Settings) -> None:
          "--cert", str(front_cert), "--key", str(front_key), "--state-dir", str(directory / "state"),
          "--legacy-fingerprint", pin, "--log-level", "warning",
          # No status listener (it would take 127.0.0.1:8404); as many connections as HAProxy's maxconn.
-         "--status-bind", "off", "--max-connections", str(settings.idle_connections + 1000)],
+         "--status-bind", "off", "--max-connections", str(settings.idle_connections + 1000),
+         "--workers", str(settings.bridge_workers)],
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=open(bridge_log, "wb"),
     )
     bed.proxies["bridge"] = Proxy("bridge", bridge_port, bridge, bridge_log)
@@ -647,7 +683,7 @@ def print_report(report: dict[str, Any]) -> None:
     s = report["settings"]
     console.print(
         f"settings: {s['rounds']} round(s), wrk {s['wrk_threads']} threads x {s['wrk_connections']} connections x {s['wrk_seconds']:g} s, "
-        f"streams of {s['stream_bytes'] / MIB:g} MiB, {s['idle_connections']} idle connections; medians shown"
+        f"streams of {s['stream_bytes'] / MIB:g} MiB, {s['idle_connections']} idle connections, bridge --workers {s.get('bridge_workers', 1)}; medians shown"
     )
     table = Table(title="bridge vs HAProxy (same run)")
     for column in ("metric", "unit", "bridge", "HAProxy", "ratio", "target", "met"):
@@ -667,6 +703,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="wrk threads (default 2)")
     parser.add_argument("--stream-mib", type=int, help="size of the download and the upload in MiB (default 1024, --quick 64)")
     parser.add_argument("--idle", type=int, help="idle client connections for the memory figure (default 1000, --quick 100)")
+    parser.add_argument("--bridge-workers", type=int, default=1, metavar="N", help="the bridge's --workers (default 1, as bridge up; 2 matches HAProxy's 2 threads on 2 cores)")
     parser.add_argument("--only", help="comma-separated subset of small,download,upload,idle (default: all)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (configs, logs) for inspection")
@@ -688,6 +725,7 @@ def main(argv: list[str] | None = None) -> int:
         stream_bytes=(args.stream_mib or (64 if args.quick else 1024)) * MIB,
         idle_connections=args.idle or (100 if args.quick else 1000),
         quick=args.quick,
+        bridge_workers=max(1, args.bridge_workers),
     )
     if args.only:
         settings.only = tuple(part.strip() for part in args.only.split(","))
