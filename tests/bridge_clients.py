@@ -15,6 +15,7 @@ import asyncio
 import socket
 import ssl
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,16 @@ def bridge_session(ca: LocalCA, auth: Any = None) -> requests.Session:
     session.mount("https://", _ResolveAdapter(bridge_client_context(ca)))
     session.auth = auth
     return session
+
+
+def wait_until(condition: Any, timeout: float = 5.0, step: float = 0.05) -> Any:
+    """Poll condition() until it is truthy or timeout seconds pass; return its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(step)
 
 
 class BackgroundBridge:

@@ -21,7 +21,7 @@ import pytest
 
 from bridge import cli
 from bridge.certificates import LocalCA
-from bridge_clients import BRIDGE_FQDN, BackgroundBridge, bridge_client_context, bridge_config, bridge_session, resolve_lab_names
+from bridge_clients import wait_until, BRIDGE_FQDN, BackgroundBridge, bridge_client_context, bridge_config, bridge_session, resolve_lab_names
 from lab_clients import LAB_PASSWORD, LAB_USER, basic_header, negotiate_logon
 
 EWS = "/EWS/Exchange.asmx"
@@ -29,15 +29,6 @@ EWS = "/EWS/Exchange.asmx"
 
 def lab_requests(lab) -> int:
     return lab.counters.snapshot()["requests_total"]
-
-
-def wait_until(condition, timeout: float = 5.0, step: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(step)
 
 
 def tls_connection(bridge: BackgroundBridge, ca: LocalCA, source: str | None = None, timeout: float = 5.0) -> ssl.SSLSocket:

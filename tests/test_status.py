@@ -22,21 +22,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from bridge import cli
 from bridge.bans import normalise_address
 from bridge.certificates import LocalCA, new_private_key, write_pair
-from bridge_clients import BRIDGE_FQDN, BackgroundBridge, bridge_client_context, bridge_config, bridge_session
+from bridge_clients import wait_until, BRIDGE_FQDN, BackgroundBridge, bridge_client_context, bridge_config, bridge_session
 from lab_clients import LAB_PASSWORD, LAB_USER, basic_header
 
 EWS = "/EWS/Exchange.asmx"
 RPC_OUT = "/rpc/rpcproxy.dll?EXCH2007.lab.local:6001"
 REPO = Path(__file__).resolve().parent.parent
-
-
-def wait_until(condition, timeout: float = 5.0, step: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(step)
 
 
 def tls_connection(port: int, ca: LocalCA, source: str | None = None, timeout: float = 5.0) -> ssl.SSLSocket:
