@@ -14,7 +14,9 @@ import time
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 from aiohttp.web_request import BaseRequest
 
 from bridge.bans import carries_final_credentials
@@ -42,6 +44,19 @@ UPSTREAM_KEY = "upstream"
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 COALESCE_LIMIT = 16 * 1024  # a response up to this size leaves in one write (headers with the body)
 
+
+
+class ClientBodyFaultFilter(logging.Filter):
+    """aiohttp reads what is left of a request body after the handler returns; a malformed body from
+    the client then surfaces there as an "Unhandled exception" traceback. The bridge has already
+    logged it in one line and closed both legs, so the traceback is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, (RequestPayloadError, HttpProcessingError))
+
+
+logging.getLogger("aiohttp.server").addFilter(ClientBodyFaultFilter())
 
 class IdleTimer:
     """Cancels a task when neither direction has moved a byte for ``idle`` seconds.
@@ -83,6 +98,7 @@ class Exchange:
     status: int = 0
     upstream: str = "-"
     response: web.StreamResponse | None = None  # set once headers went to the client
+    body_withheld: bool = False  # the client waits for 100 Continue before sending its body
 
 
 class Proxy:
@@ -185,13 +201,16 @@ class Proxy:
             head_bytes, body_kind = self.request_head(request)
             await upstream.write(head_bytes)
             expects_continue = request.headers.get("Expect", "").lower() == "100-continue" and body_kind != "none"
+            exchange.body_withheld = expects_continue
             if body_kind != "none" and not expects_continue:
                 pump = self.start_pump(request, upstream, body_kind, timer, exchange)
             head = await upstream.read_head()
             while 100 <= head.status < 200:
                 if head.status == 101:
                     raise UpstreamError("the legacy server tried to switch protocols, which the bridge does not relay")
-                await request.writer.write(CONTINUE if head.status == 100 else _interim_bytes(head))
+                if request.version >= HttpVersion11:  # HTTP/1.0 clients never get 1xx (RFC 9110 15.2)
+                    await request.writer.write(CONTINUE if head.status == 100 else _interim_bytes(head))
+                    exchange.body_withheld = exchange.body_withheld and head.status != 100
                 timer.touch()
                 if head.status == 100 and pump is None and body_kind != "none":
                     pump = self.start_pump(request, upstream, body_kind, timer, exchange)
@@ -201,8 +220,10 @@ class Proxy:
                 # on to the origin too, so both legs keep the same framing.
                 pump = self.start_pump(request, upstream, body_kind, timer, exchange)
             response = await self.relay_response(request, upstream, head, timer, exchange)
-            if pump is not None:
-                await pump
+            if pump is not None and upstream.reusable:
+                await pump  # the origin keeps the connection: it reads the rest of the body
+            # Otherwise the origin answered early and ends the connection: the rest of the body has
+            # nowhere to go; the pump is cancelled and the client connection closes after the answer.
             return response
         except asyncio.CancelledError:
             if timer.expired:
@@ -219,6 +240,13 @@ class Proxy:
             upstream.close()
             log.info("%s %s: client connection ended (%s)", request.method, log_path(request), type(exc).__name__)
             return self.abort_exchange(request, exchange, 502, "The connection ended during the request.")
+        except (HttpProcessingError, RequestPayloadError) as exc:
+            upstream.close()
+            log.info("%s %s: the client's body was malformed (%s), closing both legs", request.method, log_path(request), type(exc).__name__)
+            return self.abort_exchange(request, exchange, 400, "The request body is malformed.")
+        except BaseException:
+            upstream.close()  # never leave an upstream connection open behind an unexpected error
+            raise
         finally:
             timer.cancel()
             if pump is not None and not pump.done():
@@ -315,19 +343,20 @@ class Proxy:
     ) -> web.StreamResponse:
         response = web.StreamResponse(status=head.status, reason=head.reason or None)
         self.copy_response_headers(head, response)
-        length = head.get("Content-Length")
+        length = head.content_length
         has_body = response_has_body(request.method, head.status)
-        if length is not None and length.isdigit():
-            response.content_length = int(length)
-        elif has_body and any("chunked" in v.lower() for v in head.get_all("Transfer-Encoding")):
+        if length is not None:
+            response.content_length = length
+        elif has_body and head.chunked and request.version >= HttpVersion11:
             response.enable_chunked_encoding()
+        delimited_by_close = has_body and length is None and not (head.chunked and request.version >= HttpVersion11)
         keep = response_keeps_connection(head) and upstream.reusable
-        if not keep or (has_body and length is None and not head.get_all("Transfer-Encoding")):
+        if not keep or delimited_by_close:
             # The origin ends this connection: end the client's too, so it re-authenticates.
             upstream.reusable = False
             response.force_close()
         exchange.status = head.status
-        if length is not None and length.isdigit() and int(length) <= COALESCE_LIMIT:
+        if length is not None and length <= COALESCE_LIMIT:
             # aiohttp (>= 3.12) then holds the headers until the first body bytes: a small response
             # costs one TLS record and one send instead of two. Larger ones get their headers at once.
             response._send_headers_immediately = False
@@ -364,7 +393,7 @@ class Proxy:
     def abort_exchange(self, request: BaseRequest, exchange: Exchange, status: int, message: str) -> web.StreamResponse:
         """Answer with an error if nothing was sent yet and the client has sent its whole body;
         otherwise cut the client connection (a client still sending could not read the answer)."""
-        if exchange.response is None and request.content.is_eof():
+        if exchange.response is None and (request.content.is_eof() or exchange.body_withheld):
             exchange.status = status
             response = local_response(status, message)
             response.force_close()

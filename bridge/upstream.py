@@ -46,6 +46,9 @@ class ResponseHead:
     status: int
     reason: str
     headers: list[tuple[str, str]]
+    chunked: bool = False
+    # The body length when framed by Content-Length (None when chunked: chunked framing wins).
+    content_length: int | None = None
 
     def get(self, name: str) -> str | None:
         lowered = name.lower()
@@ -105,13 +108,12 @@ class UpstreamConnection:
         """Yield the response body as it arrives, honouring its framing."""
         if not response_has_body(request_method, head.status):
             return
-        if _is_chunked(head):
+        if head.chunked:
             async for chunk in self._chunked_body():
                 yield chunk
             return
-        length = head.get("Content-Length")
-        if length is not None:
-            remaining = int(length)
+        if head.content_length is not None:
+            remaining = head.content_length
             while remaining:
                 data = await self.reader.read(min(remaining, READ_SIZE))
                 if not data:
@@ -169,7 +171,21 @@ def parse_response_head(raw: bytes, server: LegacyServer) -> ResponseHead:
         if not sep or not name or name != name.strip():
             raise UpstreamProtocolError(f"the legacy server {server} sent a malformed response header line")
         headers.append((name, value.strip()))
-    return ResponseHead(parts[0][5:], int(parts[1]), parts[2] if len(parts) > 2 else "", headers)
+    head = ResponseHead(parts[0][5:], int(parts[1]), parts[2] if len(parts) > 2 else "", headers)
+    head.chunked = _is_chunked(head)
+    if not head.chunked:
+        head.content_length = _content_length(head, server)
+    return head
+
+
+def _content_length(head: ResponseHead, server: LegacyServer) -> int | None:
+    """The one Content-Length (repeats must agree, RFC 9110 8.6), or None; anything else is refused."""
+    values = {v.strip() for value in head.get_all("Content-Length") for v in value.split(",")}
+    if not values:
+        return None
+    if len(values) != 1 or not all(c in "0123456789" for c in next(iter(values))) or not next(iter(values)):
+        raise UpstreamProtocolError(f"the legacy server {server} sent an invalid Content-Length ({', '.join(sorted(values))[:40]})")
+    return int(next(iter(values)))
 
 
 def response_has_body(method: str, status: int) -> bool:

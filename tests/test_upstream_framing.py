@@ -1,0 +1,149 @@
+"""Framing edge cases a real IIS can produce, against a scripted upstream that answers byte for byte:
+chunked answers to HTTP/1.0 clients, Content-Length with Transfer-Encoding, invalid lengths, early
+final answers while the client still sends, malformed client bodies."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+import threading
+
+import pytest
+
+from bridge.certificates import new_private_key, write_pair
+from bridge_clients import BackgroundBridge, bridge_client_context, bridge_config
+from lab_clients import RawHttpsConnection
+
+
+class ScriptedUpstream:
+    """A TLS server on its own loop; each connection runs ``script(reader, writer)``."""
+
+    def __init__(self, script, directory, ca) -> None:
+        key = new_private_key("ecdsa-p256")
+        cert, key_path = write_pair(directory, ca.issue(["upstream.lab.test"], key), key)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(str(cert), str(key_path))
+        self.script = script
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = asyncio.run_coroutine_threadsafe(asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=context), self.loop).result(10)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader, writer) -> None:
+        try:
+            await self.script(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.server.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture
+def through_bridge(ca, tmp_path):
+    started = []
+
+    def start(script):
+        upstream = ScriptedUpstream(script, tmp_path, ca)
+        bridge = BackgroundBridge(bridge_config(upstream.port, tmp_path, ca))
+        bridge.start()
+        started.append((upstream, bridge))
+        return RawHttpsConnection(bridge.https_port, context=bridge_client_context(ca, check_hostname=False), timeout=5)
+
+    yield start
+    for upstream, bridge in started:
+        bridge.shutdown()
+        upstream.close()
+
+
+def read_until_close(connection: RawHttpsConnection, wait: float = 3.0) -> bytes:
+    connection.sock.settimeout(wait)
+    data = connection.buffer
+    try:
+        while chunk := connection.sock.recv(65536):
+            data += chunk
+    except (TimeoutError, socket.timeout, ConnectionError, ssl.SSLError):
+        pass
+    return data
+
+
+async def answer_each_request(reader, writer, answer: bytes) -> None:
+    while True:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+
+
+def test_chunked_answer_to_an_http10_client_is_delivered_until_close(through_bridge):
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+    connection = through_bridge(lambda r, w: answer_each_request(r, w, chunked))
+    connection.send(b"GET /owa/ HTTP/1.0\r\nHost: bridge.lab.test\r\n\r\n")
+    data = read_until_close(connection)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200") and b"chunked" not in head.lower()
+    assert body == b"hello world"
+
+
+def test_chunked_framing_wins_over_content_length(through_bridge):
+    both = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    connection = through_bridge(lambda r, w: answer_each_request(r, w, both))
+    for _ in range(2):  # the connection stays in step: a second request gets its own answer
+        connection.send(b"GET /owa/ HTTP/1.1\r\nHost: bridge.lab.test\r\n\r\n")
+        status, headers = connection.read_head()
+        assert status == 200 and headers.get("transfer-encoding") == "chunked" and "content-length" not in headers
+        assert connection.read_body(len(b"5\r\nhello\r\n0\r\n\r\n")) == b"5\r\nhello\r\n0\r\n\r\n"
+
+
+@pytest.mark.parametrize("length", [b"5, 6", b"-1", b"+5", b"\xc2\xb2"])
+def test_invalid_upstream_content_length_is_a_502(through_bridge, length):
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: " + length + b"\r\n\r\nhello"
+    connection = through_bridge(lambda r, w: answer_each_request(r, w, answer))
+    connection.send(b"GET /owa/ HTTP/1.1\r\nHost: bridge.lab.test\r\n\r\n")
+    status, _ = connection.read_head()
+    assert status == 502
+
+
+def test_early_final_answer_reaches_the_client_whole(through_bridge):
+    """The origin refuses a large upload at once and closes: its whole answer must arrive."""
+    refusal_body = b"R" * 300_000
+
+    async def refuse_early(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 413 Too Large\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(refusal_body) + refusal_body)
+        await writer.drain()
+
+    connection = through_bridge(refuse_early)
+    connection.send(b"POST /EWS/Exchange.asmx HTTP/1.1\r\nHost: bridge.lab.test\r\nContent-Length: 10000000\r\n\r\n" + b"x" * 1000)
+    status, headers = connection.read_head()
+    assert status == 413
+    for _ in range(20):  # the client goes on sending while it reads, as a real one would
+        try:
+            connection.send(b"x" * 1000)
+        except (ConnectionError, ssl.SSLError):
+            break
+    assert connection.read_body(len(refusal_body)) == refusal_body
+
+
+def test_malformed_client_body_closes_both_legs_without_a_traceback(through_bridge, caplog):
+    async def answer_after_head(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await reader.read()  # waits for the body until the bridge closes the leg
+
+    caplog.set_level(logging.INFO)
+    connection = through_bridge(answer_after_head)
+    connection.send(b"POST /EWS/Exchange.asmx HTTP/1.1\r\nHost: bridge.lab.test\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+    status, _ = connection.read_head()  # the answer is already on its way while the body flows
+    assert status == 200
+    connection.send(b"zz\r\n")  # not a chunk size
+    read_until_close(connection)
+    assert "malformed" in caplog.text
+    assert "Traceback" not in caplog.text and "Unhandled exception" not in caplog.text
