@@ -77,11 +77,20 @@ def self_signed(
     organisation: str | None = None,
 ) -> x509.Certificate:
     """A self-signed server certificate, like the one Exchange 2007 setup makes."""
+    subject = _name(names[0], organisation)
+    builder = _server_certificate(names, subject, subject, key, days, not_before)
+    return builder.sign(key, hash_algorithm or hashes.SHA256())
+
+
+def _server_certificate(
+    names: list[str], subject: x509.Name, issuer: x509.Name, key: PrivateKey, days: int, not_before: dt.datetime | None
+) -> x509.CertificateBuilder:
+    """A TLS server certificate for names, valid for days from not_before (default: 5 minutes ago)."""
     start = not_before or dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
-    builder = (
+    return (
         x509.CertificateBuilder()
-        .subject_name(_name(names[0], organisation))
-        .issuer_name(_name(names[0], organisation))
+        .subject_name(subject)
+        .issuer_name(issuer)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)
@@ -89,7 +98,6 @@ def self_signed(
         .add_extension(_san(names), critical=False)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
     )
-    return builder.sign(key, hash_algorithm or hashes.SHA256())
 
 
 @dataclass
@@ -118,19 +126,7 @@ class LocalCA:
         return cls(key, cert)
 
     def issue(self, names: list[str], key: PrivateKey, *, days: int = 90, not_before: dt.datetime | None = None) -> x509.Certificate:
-        start = not_before or dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
-        return (
-            x509.CertificateBuilder()
-            .subject_name(_name(names[0]))
-            .issuer_name(self.cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(start)
-            .not_valid_after(start + dt.timedelta(days=days))
-            .add_extension(_san(names), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .sign(self.key, hashes.SHA256())
-        )
+        return _server_certificate(names, _name(names[0]), self.cert.subject, key, days, not_before).sign(self.key, hashes.SHA256())
 
 
 def write_pair(directory: Path, cert: x509.Certificate, key: PrivateKey, *, chain: list[x509.Certificate] = ()) -> tuple[Path, Path]:
