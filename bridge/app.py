@@ -15,6 +15,7 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 from bridge.config import BridgeConfig, ConfigError, build_config, load_toml, merge
+from bridge.front import FrontServer
 from bridge.http_server import bound_port, start_site
 from bridge.proxy import HttpRedirector, Proxy
 from bridge.status import attach_operations, connection_guard, redirect_guard, reload_settings
@@ -114,7 +115,7 @@ class RunningBridge:
     https_port: int
     http_port: int
     ssl_context: Any
-    runners: list[web.ServerRunner] = field(default_factory=list)
+    runners: list[Any] = field(default_factory=list)  # aiohttp runners (port 80, status) and the FrontServer (443)
     background: list[asyncio.Task] = field(default_factory=list)
     renewal: Any = None  # bridge.renewal.Renewer when the certificate comes from ACME
     # Operations (bridge.status.attach_operations): bridge.guard.ConnectionGuard, bridge.bans.BanGuard, bridge.status.BridgeStats
@@ -146,7 +147,7 @@ async def start_bridge(config: BridgeConfig, certificate_source: CertificateSour
     """Start port 80, get a certificate, start 443. Raises StartupError/ConfigError/CertificateError."""
     challenges: dict[str, str] = {}
     redirector = HttpRedirector(config.fqdn, config.https_port, challenges)
-    runners: list[web.ServerRunner] = []
+    runners: list[Any] = []
     try:
         http_runner = await _listen(redirector.handle, config.bind, config.http_port, "--http-port", guard=redirect_guard(config))
         runners.append(http_runner)
@@ -166,13 +167,17 @@ async def start_bridge(config: BridgeConfig, certificate_source: CertificateSour
                 log.warning("legacy %s: %s; the bridge answers 502 until it is fixed", server, result)
         proxy = Proxy(config, pool)
         guard = connection_guard(config)
-        https_runner = await _listen(proxy.handle, config.bind, config.https_port, "--https-port", ssl_context=ssl_context, keepalive_timeout=config.idle_timeout, guard=guard)
+        https_runner = FrontServer(proxy.handle, guard, ssl_context, keepalive_timeout=config.idle_timeout, drain_timeout=config.drain_timeout)
         runners.append(https_runner)
+        try:
+            await https_runner.listen(config.bind, config.https_port)
+        except OSError as exc:
+            raise listen_error(exc, config.bind, config.https_port, "--https-port") from None
     except BaseException:
         for runner in reversed(runners):
             await runner.cleanup()
         raise
-    bridge = RunningBridge(config, proxy, bound_port(https_runner), bound_port(http_runner), ssl_context, runners)
+    bridge = RunningBridge(config, proxy, https_runner.port, bound_port(http_runner), ssl_context, runners)
     proxy.set_public_port(bridge.https_port)
     redirector.set_https_port(bridge.https_port)
     bridge.certificate_path = cert

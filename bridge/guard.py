@@ -190,8 +190,9 @@ class Gate(asyncio.Protocol):
         on_close = self.release
         app = BusyResponder(self.guard, on_close) if self.busy else self.app_factory()
         self.transport = None  # the Gate is done; the counted slot is released by the new protocol
-        if isinstance(app, GuardedRequestHandler):
-            app.state.on_close(on_close)
+        state = getattr(app, "state", None)  # a request handler (bridge.front or port 80's aiohttp one)
+        if state is not None:
+            state.on_close(on_close)
         if self.ssl_context is None:
             transport.set_protocol(app)
             app.connection_made(transport)
@@ -557,6 +558,10 @@ class HeadProblem:
     status: int
     reason: str  # metrics label
     message: str  # one sentence for the client
+
+
+def valid_host(value: str) -> bool:
+    return HOST_VALUE.fullmatch(value) is not None
 
 
 def check_request_head(request: BaseRequest) -> HeadProblem | None:

@@ -1,8 +1,9 @@
-"""The front end's request handling: which paths go through, and how one exchange is relayed.
+"""The proxy: which requests go through, and how one exchange is relayed.
 
 Each client connection is pinned to its own upstream connection (NTLM authenticates connections);
 bodies stream both ways with back-pressure; the origin decides ``100 Continue``; hop-by-hop headers
 are dropped and the X-Forwarded ones set; nothing of a request's credentials or content is logged.
+Requests arrive parsed and checked by bridge.front; answers are written to the client as bytes.
 """
 
 from __future__ import annotations
@@ -11,19 +12,20 @@ import asyncio
 import logging
 import re
 import time
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from http import HTTPStatus
 from urllib.parse import unquote
 
-from aiohttp import HttpVersion11, web
-from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.web_protocol import RequestPayloadError
+from aiohttp import web
 from aiohttp.web_request import BaseRequest
 
 from bridge.bans import carries_final_credentials
+from bridge.channel import LimitExceeded
 from bridge.config import BridgeConfig
-from bridge.guard import check_request_head
-from bridge.http_server import ConnectionState, connection_state
+from bridge.front import ClientConnection, RequestHead
+from bridge.http_server import ConnectionState
 from bridge.upstream import (
+    READ_SIZE,
     LegacyPool,
     ResponseHead,
     UpstreamConnection,
@@ -38,25 +40,20 @@ access_log = logging.getLogger("bridge.access")
 HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "proxy-authorization", "proxy-authenticate"}
 )
-SET_BY_BRIDGE = frozenset({"x-forwarded-proto", "x-forwarded-port"})
+HOP_BY_HOP_BYTES = frozenset(name.encode() for name in HOP_BY_HOP)
+SET_BY_BRIDGE = frozenset({b"x-forwarded-proto", b"x-forwarded-port"})
 SECURITY_HEADERS = (("X-Frame-Options", "SAMEORIGIN"), ("X-Content-Type-Options", "nosniff"))
+SECURITY_LINES = "".join(f"{name}: {value}\r\n" for name, value in SECURITY_HEADERS)
 UPSTREAM_KEY = "upstream"
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 COALESCE_LIMIT = 16 * 1024  # a response up to this size leaves in one write (headers with the body)
+CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?\r\n")
+MAX_CHUNK_LINE = 4096
 
 
+class ClientBodyError(Exception):
+    """The client's chunked body is malformed."""
 
-class ClientBodyFaultFilter(logging.Filter):
-    """aiohttp reads what is left of a request body after the handler returns; a malformed body from
-    the client then surfaces there as an "Unhandled exception" traceback. The bridge has already
-    logged it in one line and closed both legs, so the traceback is dropped."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        return not isinstance(exc, (RequestPayloadError, HttpProcessingError))
-
-
-logging.getLogger("aiohttp.server").addFilter(ClientBodyFaultFilter())
 
 class IdleTimer:
     """Cancels a task when neither direction has moved a byte for ``idle`` seconds.
@@ -64,6 +61,8 @@ class IdleTimer:
     Activity is one float store per chunk (``touch``); the timer re-arms itself lazily instead of
     being rescheduled on every chunk, which keeps the per-chunk cost negligible.
     """
+
+    __slots__ = ("idle", "task", "loop", "last", "expired", "_handle")
 
     def __init__(self, idle: float, task: asyncio.Task) -> None:
         self.idle = idle
@@ -88,17 +87,20 @@ class IdleTimer:
         self._handle.cancel()
 
 
-@dataclass
 class Exchange:
-    """What the access log says about one request."""
+    """What the access log and the counters say about one request."""
 
-    started: float = field(default_factory=time.monotonic)
-    bytes_in: int = 0
-    bytes_out: int = 0
-    status: int = 0
-    upstream: str = "-"
-    response: web.StreamResponse | None = None  # set once headers went to the client
-    body_withheld: bool = False  # the client waits for 100 Continue before sending its body
+    __slots__ = ("started", "bytes_in", "bytes_out", "status", "upstream", "answered", "body_withheld", "body_done")
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.status = 0
+        self.upstream = "-"
+        self.answered = False  # the response head went to the client
+        self.body_withheld = False  # the client waits for 100 Continue before sending its body
+        self.body_done = False  # the client's whole body has been read
 
 
 class Proxy:
@@ -109,7 +111,7 @@ class Proxy:
         self.legacy_names = set(config.legacy_hostnames)
         if config.legacy_host_header:
             self.legacy_names.add(config.legacy_host_header.lower())
-        self.https_port = str(config.https_port)
+        self.host_header = config.legacy_host_header.encode("latin-1") if config.legacy_host_header else None
         self.set_public_port(config.https_port)
         self._location_names: frozenset[str] = frozenset()
         self._location_pattern: re.Pattern[str] | None = None
@@ -120,6 +122,7 @@ class Proxy:
 
     def set_public_port(self, port: int) -> None:
         self.https_port = str(port)
+        self.forwarded_lines = b"X-Forwarded-Proto: https\r\nX-Forwarded-Port: " + self.https_port.encode()
         self.public_origin = f"https://{self.config.fqdn}" + ("" if port == 443 else f":{port}")
 
     @property
@@ -131,119 +134,121 @@ class Proxy:
             self._location_pattern = _location_pattern(set(names))
         return self._location_pattern
 
-    # ---- entry point -------------------------------------------------------------------------
-    async def handle(self, request: BaseRequest) -> web.StreamResponse:
+    # ---- entry point (bridge.front calls it for each request head) ------------------------------
+    async def handle(self, request: RequestHead, client: ClientConnection) -> bool:
+        """Answer one request; True when the client connection may carry another."""
         exchange = Exchange()
         stats = self.stats
         if stats is not None:
             stats.begin(request, exchange)
         try:
-            refusal = self.refuse(request)
-            if refusal:
-                exchange.status = refusal.status
-                return refusal
-            response = await self.forward(request, exchange)
-            self.note_failed_logon(request, exchange)
-            return response
+            refusal = self.refuse(request, client)
+            if refusal is not None:
+                status, message, close = refusal
+                keep = not close and request.keep_alive and not request.has_body and not client.server.draining
+                return self.answer_locally(request, client, exchange, status, message, keep)
+            keep = await self.forward(request, client, exchange)
+            self.note_failed_logon(request, client, exchange)
+            return keep
         finally:
             if stats is not None:
                 stats.end(request, exchange)
-            self.log_access(request, exchange)
+            self.log_access(request, client, exchange)
 
-    def note_failed_logon(self, request: BaseRequest, exchange: Exchange) -> None:
+    def note_failed_logon(self, request: RequestHead, client: ClientConnection, exchange: Exchange) -> None:
         """An upstream 401 to Basic or to a final NTLM/Negotiate message counts towards a ban."""
-        if exchange.status == 401 and self.bans is not None and carries_final_credentials(request.headers.get("Authorization")):
-            self.bans.record_failure(connection_state(request).peer)
+        if exchange.status == 401 and self.bans is not None and carries_final_credentials(request.header("Authorization")):
+            self.bans.record_failure(client.peer)
 
     # ---- what may pass ---------------------------------------------------------------------
-    def refuse(self, request: BaseRequest) -> web.Response | None:
-        """A local answer for requests that must not reach the legacy server, else None."""
-        if self.bans is not None and self.bans.is_banned(connection_state(request).peer):
-            response = local_response(403, "Forbidden: too many failed logons from this address; try again later.")
-            response.force_close()
-            return response
-        problem = check_request_head(request)
-        if problem is not None:
-            if self.guard is not None:
-                self.guard.reject(problem.reason)
-            log.info("%d for %s: %s", problem.status, connection_state(request).peer, problem.message)
-            response = local_response(problem.status, problem.message)
-            response.force_close()
-            return response
+    def refuse(self, request: RequestHead, client: ClientConnection) -> tuple[int, str, bool] | None:
+        """(status, message, close) for requests that must not reach the legacy server, else None."""
+        if self.bans is not None and self.bans.is_banned(client.peer):
+            return 403, "Forbidden: too many failed logons from this address; try again later.", True
         target = request.raw_path
         if not target.startswith("/"):
-            return local_response(400, "The request target must be a path (absolute-form and authority-form are not accepted).")
+            return 400, "The request target must be a path (absolute-form and authority-form are not accepted).", False
         path = target.split("?", 1)[0]
         decoded = unquote(path)
         if not is_clean_path(decoded) or "%" in decoded:
-            return local_response(400, "The request path contains dot-segments, backslashes or double encoding, which the bridge does not forward.")
+            return 400, "The request path contains dot-segments, backslashes or double encoding, which the bridge does not forward.", False
         if not self.is_forwarded(decoded):
-            return local_response(404, "Not found: the bridge forwards only Exchange virtual directories.")
+            return 404, "Not found: the bridge forwards only Exchange virtual directories.", False
         return None
 
     def is_forwarded(self, path: str) -> bool:
         lowered = path.lower()
         return any(lowered == prefix or lowered.startswith(prefix + "/") for prefix in self.forward_prefixes)
 
+    def answer_locally(self, request: RequestHead, client: ClientConnection, exchange: Exchange, status: int, message: str, keep: bool) -> bool:
+        """The bridge's own short answer; a request body it did not read ends the connection."""
+        exchange.status = status
+        exchange.answered = True
+        if not client.closing:
+            client.write(local_answer(status, message, keep, request.version, with_body=request.method != "HEAD"))
+        return keep
+
     # ---- relaying ------------------------------------------------------------------------------
-    async def forward(self, request: BaseRequest, exchange: Exchange) -> web.StreamResponse:
-        state = connection_state(request)
+    async def forward(self, request: RequestHead, client: ClientConnection, exchange: Exchange) -> bool:
         try:
-            upstream = await self.pinned_upstream(state)
+            upstream = await self.pinned_upstream(client.state)
         except UpstreamError as exc:
             log.error("502 for %s %s: %s", request.method, log_path(request), exc)
-            exchange.status = 502
-            return local_response(502, f"The bridge could not reach the Exchange server: {exc}.")
+            keep = request.keep_alive and not request.has_body and not client.server.draining
+            return self.answer_locally(request, client, exchange, 502, f"The bridge could not reach the Exchange server: {exc}.", keep)
         exchange.upstream = str(upstream.server)
+        exchange.body_done = not request.has_body
         timer = IdleTimer(self.config.idle_timeout, asyncio.current_task())  # type: ignore[arg-type]
         pump: asyncio.Task | None = None
+        has_body = request.has_body
         try:
-            head_bytes, body_kind = self.request_head(request)
-            await upstream.write(head_bytes)
-            expects_continue = request.headers.get("Expect", "").lower() == "100-continue" and body_kind != "none"
+            upstream.write(self.request_head(request, client.peer))
+            expects_continue = request.expect_continue and has_body
             exchange.body_withheld = expects_continue
-            if body_kind != "none" and not expects_continue:
-                pump = self.start_pump(request, upstream, body_kind, timer, exchange)
+            if has_body and not expects_continue:
+                pump = self.start_pump(request, client, upstream, timer, exchange)
             head = await upstream.read_head()
             while 100 <= head.status < 200:
                 if head.status == 101:
                     raise UpstreamError("the legacy server tried to switch protocols, which the bridge does not relay")
-                if request.version >= HttpVersion11:  # HTTP/1.0 clients never get 1xx (RFC 9110 15.2)
-                    await request.writer.write(CONTINUE if head.status == 100 else _interim_bytes(head))
+                if request.version >= (1, 1):  # HTTP/1.0 clients never get 1xx (RFC 9110 15.2)
+                    client.write(CONTINUE if head.status == 100 else _interim_bytes(head))
                     exchange.body_withheld = exchange.body_withheld and head.status != 100
                 timer.touch()
-                if head.status == 100 and pump is None and body_kind != "none":
-                    pump = self.start_pump(request, upstream, body_kind, timer, exchange)
+                if head.status == 100 and pump is None and has_body:
+                    pump = self.start_pump(request, client, upstream, timer, exchange)
                 head = await upstream.read_head()
-            if pump is None and body_kind != "none":
+            if pump is None and has_body:
                 # A final answer without 100 Continue: whatever the client sends as the body goes
                 # on to the origin too, so both legs keep the same framing.
-                pump = self.start_pump(request, upstream, body_kind, timer, exchange)
-            response = await self.relay_response(request, upstream, head, timer, exchange)
-            if pump is not None and upstream.reusable:
-                await pump  # the origin keeps the connection: it reads the rest of the body
-            # Otherwise the origin answered early and ends the connection: the rest of the body has
-            # nowhere to go; the pump is cancelled and the client connection closes after the answer.
-            return response
+                pump = self.start_pump(request, client, upstream, timer, exchange)
+            keep = await self.relay_response(request, client, upstream, head, timer, exchange)
+            if pump is not None:
+                if upstream.reusable:
+                    await pump  # the origin keeps the connection: it reads the rest of the body
+                elif not exchange.body_done:
+                    # The origin answered early and ends the connection: the rest of the body has
+                    # nowhere to go, and the client connection ends after the answer.
+                    keep = False
+            return keep
         except asyncio.CancelledError:
-            if timer.expired:
-                upstream.close()
-                log.warning("%s %s: no data moved for %g s, closing both legs", request.method, log_path(request), self.config.idle_timeout)
-                return self.abort_exchange(request, exchange, 504, "The Exchange server did not answer in time.")
             upstream.close()
+            if timer.expired:
+                log.warning("%s %s: no data moved for %g s, closing both legs", request.method, log_path(request), self.config.idle_timeout)
+                return self.abort_exchange(client, exchange, 504, "The Exchange server did not answer in time.")
             raise
         except UpstreamError as exc:
             upstream.close()
             log.error("502 for %s %s: %s", request.method, log_path(request), exc)
-            return self.abort_exchange(request, exchange, 502, f"The bridge lost the Exchange server: {exc}.")
+            return self.abort_exchange(client, exchange, 502, f"The bridge lost the Exchange server: {exc}.")
+        except ClientBodyError as exc:
+            upstream.close()
+            log.info("%s %s: the client's body was malformed (%s), closing both legs", request.method, log_path(request), exc)
+            return self.abort_exchange(client, exchange, 400, "The request body is malformed.")
         except (ConnectionError, OSError) as exc:
             upstream.close()
             log.info("%s %s: client connection ended (%s)", request.method, log_path(request), type(exc).__name__)
-            return self.abort_exchange(request, exchange, 502, "The connection ended during the request.")
-        except (HttpProcessingError, RequestPayloadError) as exc:
-            upstream.close()
-            log.info("%s %s: the client's body was malformed (%s), closing both legs", request.method, log_path(request), type(exc).__name__)
-            return self.abort_exchange(request, exchange, 400, "The request body is malformed.")
+            return self.abort_exchange(client, exchange, 502, "The connection ended during the request.")
         except BaseException:
             upstream.close()  # never leave an upstream connection open behind an unexpected error
             raise
@@ -252,8 +257,8 @@ class Proxy:
             if pump is not None and not pump.done():
                 pump.cancel()
 
-    def start_pump(self, request: BaseRequest, upstream: UpstreamConnection, body_kind: str, timer: IdleTimer, exchange: Exchange) -> asyncio.Task:
-        pump = asyncio.ensure_future(self.pump_request_body(request, upstream, body_kind, timer, exchange))
+    def start_pump(self, request: RequestHead, client: ClientConnection, upstream: UpstreamConnection, timer: IdleTimer, exchange: Exchange) -> asyncio.Task:
+        pump = asyncio.ensure_future(self.pump_request_body(request, client, upstream, timer, exchange))
 
         def on_done(task: asyncio.Task) -> None:
             # A body that cannot be delivered leaves the origin waiting: closing the upstream makes
@@ -277,144 +282,200 @@ class Proxy:
             # The connection the client authenticated on is gone: answer on a new one, then end the
             # client connection so the client re-authenticates instead of trusting a stale logon.
             upstream.reusable = False
+        if state.closed:  # the client left while the connection was being made
+            upstream.close()
+            raise UpstreamError("the client connection closed while the bridge connected to the Exchange server")
         state.data[UPSTREAM_KEY] = upstream
         state.on_close(upstream.close)
         return upstream
 
-    def request_head(self, request: BaseRequest) -> tuple[bytes, str]:
-        """The upstream request head (exactly the client's headers, less hop-by-hop) and body kind."""
-        connection_tokens = {
-            token.strip().lower() for value in request.headers.getall("Connection", []) for token in value.split(",")
-        }
-        drop = HOP_BY_HOP | SET_BY_BRIDGE | connection_tokens
+    def request_head(self, request: RequestHead, peer: str) -> bytes:
+        """The upstream request head: exactly the client's headers less hop-by-hop, plus X-Forwarded-*."""
+        drop = HOP_BY_HOP_BYTES | SET_BY_BRIDGE | request.connection_tokens if request.connection_tokens else HOP_BY_HOP_BYTES | SET_BY_BRIDGE
         lines = [f"{request.method} {request.raw_path} HTTP/1.1".encode("latin-1")]
         forwarded_for: bytes | None = None
-        host_header = self.config.legacy_host_header
-        for raw_name, raw_value in request.raw_headers:
-            name = raw_name.decode("latin-1").lower()
-            if name in drop:
+        host_header = self.host_header
+        for name, value in request.raw_headers:
+            lowered = name.lower()
+            if lowered in drop:
                 continue
-            if name == "x-forwarded-for":
-                forwarded_for = raw_value if forwarded_for is None else forwarded_for + b", " + raw_value
+            if lowered == b"x-forwarded-for":
+                forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
                 continue
-            if name == "host" and host_header:
-                raw_value = host_header.encode("latin-1")
-            lines.append(raw_name + b": " + raw_value)
-        peer = (connection_state(request).peer or "unknown").encode()
-        lines.append(b"X-Forwarded-For: " + (forwarded_for + b", " + peer if forwarded_for else peer))
-        lines.append(b"X-Forwarded-Proto: https")
-        lines.append(b"X-Forwarded-Port: " + self.https_port.encode())
-        body_kind = "none"
-        if request.headers.get("Transfer-Encoding", "").lower().endswith("chunked"):
+            if host_header is not None and lowered == b"host":
+                value = host_header
+            lines.append(name + b": " + value)
+        address = (peer or "unknown").encode()
+        lines.append(b"X-Forwarded-For: " + (forwarded_for + b", " + address if forwarded_for else address))
+        lines.append(self.forwarded_lines)
+        if request.chunked:
             lines.append(b"Transfer-Encoding: chunked")
-            body_kind = "chunked"
-        elif request.content_length:
-            body_kind = "length"
-        return b"\r\n".join(lines) + b"\r\n\r\n", body_kind
+        lines.append(b"\r\n")
+        return b"\r\n".join(lines)
 
     async def pump_request_body(
-        self, request: BaseRequest, upstream: UpstreamConnection, body_kind: str, timer: IdleTimer, exchange: Exchange
+        self, request: RequestHead, client: ClientConnection, upstream: UpstreamConnection, timer: IdleTimer, exchange: Exchange
     ) -> None:
-        """Copy the client's body to the origin chunk by chunk, as it arrives (never buffered)."""
-        content = request.content
-        write = upstream.writer.write
-        drain = upstream.writer.drain
-        chunked = body_kind == "chunked"
-        while True:
-            data = await content.readany()
+        """Copy the client's body to the origin piece by piece, as it arrives (never buffered)."""
+        write = upstream.write
+        channel = upstream.channel
+        if request.chunked:
+            async for data in client_chunks(client):
+                timer.touch()
+                exchange.bytes_in += len(data)
+                write(b"".join((b"%x\r\n" % len(data), data, b"\r\n")))  # one copy of the piece, one TLS record
+                if channel.writing_paused:
+                    await upstream.drain()
+                timer.touch()
+            write(b"0\r\n\r\n")
+            exchange.body_done = True
+            return
+        remaining = request.content_length or 0
+        read_some = client.read_some
+        while remaining:
+            data = await read_some(min(remaining, READ_SIZE))
             if not data:
-                break
+                upstream.reusable = False  # client left mid-body; the origin would wait for the rest
+                return
+            remaining -= len(data)
             timer.touch()
             exchange.bytes_in += len(data)
-            if chunked:
-                write(b"".join((b"%x\r\n" % len(data), data, b"\r\n")))  # one copy of the chunk, one TLS record
-            else:
-                write(data)
-            await drain()
+            write(data)
+            if channel.writing_paused:
+                await upstream.drain()
             timer.touch()
-        if chunked:
-            write(b"0\r\n\r\n")
-            await drain()
-        if request.content_length and exchange.bytes_in < request.content_length:
-            upstream.reusable = False  # client left mid-body; the origin would wait for the rest
+        exchange.body_done = True
 
     async def relay_response(
-        self, request: BaseRequest, upstream: UpstreamConnection, head: ResponseHead, timer: IdleTimer, exchange: Exchange
-    ) -> web.StreamResponse:
-        response = web.StreamResponse(status=head.status, reason=head.reason or None)
-        self.copy_response_headers(head, response)
+        self, request: RequestHead, client: ClientConnection, upstream: UpstreamConnection, head: ResponseHead, timer: IdleTimer, exchange: Exchange
+    ) -> bool:
         length = head.content_length
         has_body = response_has_body(request.method, head.status)
-        if length is not None:
-            response.content_length = length
-        elif has_body and head.chunked and request.version >= HttpVersion11:
-            response.enable_chunked_encoding()
-        delimited_by_close = has_body and length is None and not (head.chunked and request.version >= HttpVersion11)
+        chunked_out = length is None and has_body and head.chunked and request.version >= (1, 1)
+        delimited_by_close = has_body and length is None and not chunked_out
         keep = response_keeps_connection(head) and upstream.reusable
         if not keep or delimited_by_close:
             # The origin ends this connection: end the client's too, so it re-authenticates.
             upstream.reusable = False
-            response.force_close()
+            keep = False
+        keep = keep and request.keep_alive and not client.server.draining
+        head_bytes = self.response_head(request, head, length, chunked_out, keep)
         exchange.status = head.status
-        if length is not None and length <= COALESCE_LIMIT:
-            # aiohttp (>= 3.12) then holds the headers until the first body bytes: a small response
-            # costs one TLS record and one send instead of two. Larger ones get their headers at once.
-            response._send_headers_immediately = False
-        await response.prepare(request)
-        exchange.response = response
-        write = response.write
-        async for data in upstream.body(head, request.method):
+        body = upstream.body(head, request.method)
+        if length is not None and 0 < length <= COALESCE_LIMIT and has_body:
+            # Wait for the (small) body so that headers and body leave in one TLS record and one send.
+            parts = [head_bytes]
+            async for data in body:
+                exchange.bytes_out += len(data)
+                parts.append(data)
             timer.touch()
-            exchange.bytes_out += len(data)
-            await write(data)
-            timer.touch()
-        await response.write_eof()
+            client.write(b"".join(parts))
+            exchange.answered = True
+        else:
+            client.write(head_bytes)
+            exchange.answered = True
+            write = client.write
+            async for data in body:
+                timer.touch()
+                exchange.bytes_out += len(data)
+                write(b"".join((b"%x\r\n" % len(data), data, b"\r\n")) if chunked_out else data)
+                if client.writing_paused:
+                    await client.drain()
+                timer.touch()
+            if chunked_out:
+                write(b"0\r\n\r\n")
         if not upstream.reusable:
             upstream.close()
-        return response
+        return keep
 
-    def copy_response_headers(self, head: ResponseHead, response: web.StreamResponse) -> None:
-        connection_tokens = {t.strip().lower() for v in head.get_all("Connection") for t in v.split(",")}
-        present = set()
+    def response_head(self, request: RequestHead, head: ResponseHead, length: int | None, chunked_out: bool, keep: bool) -> bytes:
+        connection_tokens = head.connection_tokens
+        lines = [f"HTTP/1.{request.version[1]} {head.status} {head.reason}"]
+        present_security = 0
         for name, value in head.headers:
             lowered = name.lower()
-            if lowered in HOP_BY_HOP or lowered in connection_tokens or lowered == "content-length":
+            if lowered in HOP_BY_HOP or lowered == "content-length" or (connection_tokens and lowered in connection_tokens):
                 continue
             if lowered in ("location", "content-location"):
                 pattern = self.location_pattern
                 if pattern is not None:
                     value = pattern.sub(self.public_origin, value)
-            present.add(lowered)
-            response.headers.add(name, value)
-        for name, value in SECURITY_HEADERS:
-            if name.lower() not in present:
-                response.headers[name] = value
+            elif lowered in ("x-frame-options", "x-content-type-options"):
+                present_security += 1
+            lines.append(f"{name}: {value}")
+        if length is not None:
+            lines.append(f"Content-Length: {length}")
+        elif chunked_out:
+            lines.append("Transfer-Encoding: chunked")
+        if request.version >= (1, 1):
+            if not keep:
+                lines.append("Connection: close")
+        elif keep:
+            lines.append("Connection: keep-alive")
+        if present_security:
+            lowered_names = {name.lower() for name, _ in head.headers}
+            lines += [f"{n}: {v}" for n, v in SECURITY_HEADERS if n.lower() not in lowered_names]
+            lines.append("\r\n")
+            return "\r\n".join(lines).encode("latin-1")
+        return ("\r\n".join(lines) + "\r\n" + SECURITY_LINES + "\r\n").encode("latin-1")
 
-    def abort_exchange(self, request: BaseRequest, exchange: Exchange, status: int, message: str) -> web.StreamResponse:
+    def abort_exchange(self, client: ClientConnection, exchange: Exchange, status: int, message: str) -> bool:
         """Answer with an error if nothing was sent yet and the client has sent its whole body;
         otherwise cut the client connection (a client still sending could not read the answer)."""
-        if exchange.response is None and (request.content.is_eof() or exchange.body_withheld):
+        if not exchange.answered and (exchange.body_done or exchange.body_withheld):
             exchange.status = status
-            response = local_response(status, message)
-            response.force_close()
-            return response
-        transport = request.transport
-        if transport is not None:
-            transport.abort()
-        if exchange.response is None:
+            exchange.answered = True
+            if not client.closing:
+                client.write(local_answer(status, message, False, (1, 1)))
+            return False
+        client.abort()
+        if not exchange.answered:
             exchange.status = status
-            return local_response(status, message)
-        return exchange.response
+        return False
 
-    def log_access(self, request: BaseRequest, exchange: Exchange) -> None:
+    def log_access(self, request: RequestHead, client: ClientConnection, exchange: Exchange) -> None:
         if not access_log.isEnabledFor(logging.INFO):
             return
         duration = time.monotonic() - exchange.started
         access_log.info(
             "%s %s %s %d in=%d out=%d %.3fs upstream=%s",
-            connection_state(request).peer or "-", request.method, log_path(request), exchange.status,
+            client.peer or "-", request.method, log_path(request), exchange.status,
             exchange.bytes_in, exchange.bytes_out, duration, exchange.upstream,
         )
+
+
+async def client_chunks(client: ClientConnection) -> AsyncIterator[bytes]:
+    """The pieces of a chunked request body as they arrive; trailers are read and dropped."""
+    while True:
+        line = await _client_line(client)
+        match = CHUNK_SIZE_LINE.fullmatch(line)
+        if match is None:
+            raise ClientBodyError("malformed chunk size line")
+        remaining = int(match.group(1), 16)
+        if remaining == 0:
+            while await _client_line(client) != b"\r\n":  # trailer fields, dropped
+                pass
+            return
+        while remaining:
+            data = await client.read_some(min(remaining, READ_SIZE))
+            if not data:
+                raise ConnectionResetError("the client ended the connection inside a chunk")
+            remaining -= len(data)
+            yield data
+        if await _client_line(client) != b"\r\n":
+            raise ClientBodyError("a chunk longer than its declared size")
+
+
+async def _client_line(client: ClientConnection) -> bytes:
+    try:
+        line = await client.read_until(b"\r\n", MAX_CHUNK_LINE)
+    except LimitExceeded:
+        raise ClientBodyError("chunk line too long") from None
+    except asyncio.IncompleteReadError:
+        line = b""
+    if not line:
+        raise ConnectionResetError("the client ended the connection inside a chunked body")
+    return line
 
 
 def is_clean_path(path: str) -> bool:
@@ -424,7 +485,7 @@ def is_clean_path(path: str) -> bool:
     return not any(segment in (".", "..") for segment in segments)
 
 
-def log_path(request: BaseRequest) -> str:
+def log_path(request: RequestHead | BaseRequest) -> str:
     """The path for logs; the query only for the RPC proxy, where it names the target server:port."""
     target = request.raw_path
     path, _, query = target.partition("?")
@@ -433,7 +494,23 @@ def log_path(request: BaseRequest) -> str:
     return path[:300]
 
 
+def local_answer(status: int, message: str, keep: bool, version: tuple[int, int], with_body: bool = True) -> bytes:
+    """The bridge's own plain-text answer as bytes."""
+    body = (message + "\n").encode()
+    try:
+        reason = HTTPStatus(status).phrase
+    except ValueError:
+        reason = "Error"
+    lines = [f"HTTP/1.{version[1]} {status} {reason}", "Content-Type: text/plain; charset=utf-8", f"Content-Length: {len(body)}"]
+    if version >= (1, 1) and not keep:
+        lines.append("Connection: close")
+    elif version < (1, 1) and keep:
+        lines.append("Connection: keep-alive")
+    return ("\r\n".join(lines) + "\r\n" + SECURITY_LINES + "\r\n").encode("latin-1") + (body if with_body else b"")
+
+
 def local_response(status: int, message: str) -> web.Response:
+    """The same answer as an aiohttp response (port 80)."""
     response = web.Response(status=status, text=message + "\n")
     for name, value in SECURITY_HEADERS:
         response.headers[name] = value

@@ -484,7 +484,7 @@ async def attach_operations(bridge: Any, guard: Any, https_runner: Any) -> None:
     bridge.bans = BanGuard(config.state_dir, policy_from_config(config))
     bridge.stats = BridgeStats(config.forward_paths)
     bridge.proxy.bans, bridge.proxy.stats, bridge.proxy.guard = bridge.bans, bridge.stats, guard
-    https_runner._shutdown_timeout = config.drain_timeout
+    https_runner.drain_timeout = config.drain_timeout
     if config.allow:
         log.info("only %s may connect (--allow)", ", ".join(str(network) for network in config.allow))
     bridge.bans.restore_hooks()
@@ -516,10 +516,11 @@ def reload_settings(bridge: Any, new: Any) -> None:
         setattr(old, name, getattr(new, name))
     bridge.proxy.pool.connect_timeout = new.connect_timeout
     for runner in bridge.runners:
+        if hasattr(runner, "drain_timeout"):  # the HTTPS front end (bridge.front.FrontServer)
+            runner.drain_timeout = new.drain_timeout
+            continue
         guard = getattr(runner.server, "guard", None)
-        if guard is bridge.guard:
-            runner._shutdown_timeout = new.drain_timeout
-        elif guard is not None:  # port 80
+        if guard is not None and guard is not bridge.guard:  # port 80
             guard.apply((), new.max_connections, new.header_timeout)
     logging.getLogger().setLevel(getattr(logging, new.log_level.upper(), logging.INFO))
     log.info("configuration reloaded (allow-list: %s, max connections %d)", ", ".join(map(str, new.allow)) or "any source", new.max_connections)

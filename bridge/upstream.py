@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from bridge.channel import Channel, ChannelClosed, LimitExceeded
 from bridge.config import LegacyServer, is_ip_address
 from bridge.tls import describe_ssl_error, fingerprint, pin_flag
 
@@ -49,6 +50,7 @@ class ResponseHead:
     chunked: bool = False
     # The body length when framed by Content-Length (None when chunked: chunked framing wins).
     content_length: int | None = None
+    connection_tokens: frozenset[str] = frozenset()  # the Connection header's tokens, lower-case
 
     def get(self, name: str) -> str | None:
         lowered = name.lower()
@@ -74,34 +76,45 @@ class ServerHealth:
 class UpstreamConnection:
     """One TLS connection to a legacy server, owned by exactly one client connection."""
 
-    def __init__(self, server: LegacyServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, server: LegacyServer, channel: Channel) -> None:
         self.server = server
-        self.reader = reader
-        self.writer = writer
+        self.channel = channel
         self.reusable = True
 
     @property
     def usable(self) -> bool:
-        return self.reusable and not self.writer.is_closing() and not self.reader.at_eof()
+        channel = self.channel
+        return self.reusable and not channel.closing and not channel.eof
 
     def close(self) -> None:
         self.reusable = False
-        if not self.writer.is_closing():
-            self.writer.close()
+        self.channel.close()
 
-    async def write(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
+    def get_extra_info(self, name: str) -> object:
+        transport = self.channel.transport
+        return transport.get_extra_info(name) if transport is not None else None
+
+    def write(self, data: bytes) -> None:
+        try:
+            self.channel.write(data)
+        except ChannelClosed:
+            raise UpstreamError(f"the legacy server {self.server} closed the connection") from None
+
+    async def drain(self) -> None:
+        try:
+            await self.channel.drain()
+        except ChannelClosed:
+            raise UpstreamError(f"the legacy server {self.server} closed the connection") from None
 
     async def read_head(self) -> ResponseHead:
         try:
-            raw = await self.reader.readuntil(b"\r\n\r\n")
-        except asyncio.IncompleteReadError as exc:
-            if not exc.partial:
-                raise UpstreamError(f"the legacy server {self.server} closed the connection without answering") from None
+            raw = await self.channel.read_until(b"\r\n\r\n", MAX_HEAD)
+        except asyncio.IncompleteReadError:
             raise UpstreamProtocolError(f"the legacy server {self.server} closed the connection in the middle of a response header") from None
-        except asyncio.LimitOverrunError:
+        except LimitExceeded:
             raise UpstreamProtocolError(f"the legacy server {self.server} sent a response header larger than {MAX_HEAD // 1024} KiB") from None
+        if not raw:
+            raise UpstreamError(f"the legacy server {self.server} closed the connection without answering")
         return parse_response_head(raw, self.server)
 
     async def body(self, head: ResponseHead, request_method: str) -> AsyncIterator[bytes]:
@@ -112,10 +125,11 @@ class UpstreamConnection:
             async for chunk in self._chunked_body():
                 yield chunk
             return
+        read_some = self.channel.read_some
         if head.content_length is not None:
             remaining = head.content_length
             while remaining:
-                data = await self.reader.read(min(remaining, READ_SIZE))
+                data = await read_some(min(remaining, READ_SIZE))
                 if not data:
                     self.reusable = False
                     raise UpstreamError(f"the legacy server {self.server} closed the connection {remaining} bytes before the end of the response")
@@ -123,10 +137,11 @@ class UpstreamConnection:
                 yield data
             return
         self.reusable = False  # body delimited by the connection's end
-        while data := await self.reader.read(READ_SIZE):
+        while data := await read_some(READ_SIZE):
             yield data
 
     async def _chunked_body(self) -> AsyncIterator[bytes]:
+        read_some = self.channel.read_some
         while True:
             line = await self._read_line()
             try:
@@ -139,7 +154,7 @@ class UpstreamConnection:
                 return
             remaining = size
             while remaining:
-                data = await self.reader.read(min(remaining, READ_SIZE))
+                data = await read_some(min(remaining, READ_SIZE))
                 if not data:
                     self.reusable = False
                     raise UpstreamError(f"the legacy server {self.server} closed the connection inside a chunk")
@@ -150,10 +165,12 @@ class UpstreamConnection:
 
     async def _read_line(self) -> bytes:
         try:
-            line = await self.reader.readuntil(b"\r\n")
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            line = await self.channel.read_until(b"\r\n", MAX_HEAD)
+        except (asyncio.IncompleteReadError, LimitExceeded):
+            line = b""
+        if not line:
             self.reusable = False
-            raise UpstreamError(f"the legacy server {self.server} broke off a chunked response") from None
+            raise UpstreamError(f"the legacy server {self.server} broke off a chunked response")
         return line[:-2]
 
 
@@ -175,6 +192,9 @@ def parse_response_head(raw: bytes, server: LegacyServer) -> ResponseHead:
     head.chunked = _is_chunked(head)
     if not head.chunked:
         head.content_length = _content_length(head, server)
+    connection = head.get_all("Connection")
+    if connection:
+        head.connection_tokens = frozenset(token.strip().lower() for value in connection for token in value.split(","))
     return head
 
 
@@ -197,7 +217,7 @@ def _is_chunked(head: ResponseHead) -> bool:
 
 
 def response_keeps_connection(head: ResponseHead) -> bool:
-    tokens = {token.strip().lower() for value in head.get_all("Connection") for token in value.split(",")}
+    tokens = head.connection_tokens
     if "close" in tokens:
         return False
     if head.version == "1.0":
@@ -252,14 +272,14 @@ class LegacyPool:
 
     async def _open(self, server: LegacyServer) -> UpstreamConnection:
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(
+            transport, channel = await asyncio.wait_for(
+                asyncio.get_running_loop().create_connection(
+                    Channel,
                     server.host,
                     server.port,
                     ssl=self.tls_context,
                     server_hostname=server.host,
                     ssl_handshake_timeout=self.connect_timeout,
-                    limit=MAX_HEAD,
                 ),
                 timeout=self.connect_timeout,
             )
@@ -274,22 +294,23 @@ class LegacyPool:
             raise UpstreamError(f"the legacy server {server} refused the connection (nothing listens on port {server.port})") from None
         except OSError as exc:
             raise UpstreamError(f"the legacy server {server} could not be reached ({exc.strerror or exc})") from None
-        sock = writer.get_extra_info("socket")
+        connection = UpstreamConnection(server, channel)
+        sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        self._check_identity(server, writer)
-        return UpstreamConnection(server, reader, writer)
+        self._check_identity(server, connection)
+        return connection
 
-    def _check_identity(self, server: LegacyServer, writer: asyncio.StreamWriter) -> None:
-        ssl_object = writer.get_extra_info("ssl_object")
+    def _check_identity(self, server: LegacyServer, connection: UpstreamConnection) -> None:
+        ssl_object = connection.get_extra_info("ssl_object")
         der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
         observed = fingerprint(der) if der else ""
         if der:
             self.certificate_names.update(certificate_dns_names(der))
         if self.pinned_fingerprint:
             if observed != self.pinned_fingerprint:
-                writer.close()
+                connection.close()
                 raise UpstreamError(
                     f"the legacy server {server} presented a certificate with fingerprint sha256:{observed} instead of the pinned one; "
                     f"if the certificate was renewed on purpose, pin the new one with {pin_flag(observed)}"
@@ -328,7 +349,7 @@ class LegacyPool:
                 results[server] = str(exc)
                 self.health[server].last_error = str(exc)
                 return
-            ssl_object = connection.writer.get_extra_info("ssl_object")
+            ssl_object = connection.get_extra_info("ssl_object")
             results[server] = f"ok ({ssl_object.version()}, {ssl_object.cipher()[0]})"
             connection.close()
 

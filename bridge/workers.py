@@ -511,7 +511,7 @@ def worker_report(bridge: Any) -> dict[str, Any]:
 async def serve_worker(index: int, control_fd: int, listen_fds: list[int]) -> int:
     from bridge.app import RunningBridge, setup_logging
     from bridge.bans import policy_from_config
-    from bridge.http_server import start_site
+    from bridge.front import FrontServer
     from bridge.proxy import Proxy
     from bridge.status import BridgeStats, connection_guard, reload_settings
     from bridge.tls import front_context, legacy_context
@@ -535,11 +535,9 @@ async def serve_worker(index: int, control_fd: int, listen_fds: list[int]) -> in
     guard = connection_guard(config)
     guard.public_origin = proxy.public_origin
     sockets = [socket.socket(fileno=fd) for fd in listen_fds]
-    runner = await start_site(proxy.handle, None, 0, ssl_context=ssl_context, keepalive_timeout=config.idle_timeout, guard=guard, sock=sockets[0])
-    for sock in sockets[1:]:
-        site = guard.site(runner, ssl_context=ssl_context, backlog=1024, sock=sock)
-        await site.start()
-    runner._shutdown_timeout = config.drain_timeout
+    runner = FrontServer(proxy.handle, guard, ssl_context, keepalive_timeout=config.idle_timeout, drain_timeout=config.drain_timeout)
+    for sock in sockets:
+        await runner.listen(None, 0, sock=sock)
     bridge = RunningBridge(config, proxy, settings["public_port"], 0, ssl_context, [runner], guard=guard)
     bridge.bans = WorkerBans(writer, settings["bans"], policy_from_config(config))
     bridge.stats = BridgeStats(config.forward_paths)

@@ -1,0 +1,177 @@
+"""Byte channels with back-pressure: the one protocol both legs of a relayed connection use.
+
+A ``Channel`` keeps what the transport delivered as a list of the received ``bytes`` objects (a
+chunk read whole is handed on without a copy), pauses the transport's reading above ``READ_HIGH``
+and resumes it below, and lets a writer wait while the transport's write buffer is full. It is
+deliberately small: the HTTP framing lives in bridge.front (client leg) and bridge.upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+READ_HIGH = 256 * 1024  # buffered received bytes before the transport stops reading
+WRITE_HIGH = 256 * 1024  # queued bytes before a writer waits in drain()
+
+
+class ChannelClosed(ConnectionError):
+    """The peer went away while the bridge was writing to it."""
+
+
+class LimitExceeded(Exception):
+    """read_until() did not find its separator within the limit."""
+
+
+class Channel(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.chunks: list[bytes] = []
+        self.buffered = 0
+        self.eof = False  # the peer has finished sending (or the connection is gone)
+        self.lost = False  # connection_lost has run
+        self.reading_paused = False
+        self.writing_paused = False
+        self.waiter: asyncio.Future | None = None
+        self.drain_waiter: asyncio.Future | None = None
+        self.received = 0  # bytes delivered by the transport, for idle detection
+
+    # ---- transport callbacks ---------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(high=WRITE_HIGH)  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        if not data:
+            return
+        self.chunks.append(data)
+        self.buffered += len(data)
+        self.received += len(data)
+        if self.buffered > READ_HIGH and not self.reading_paused and self.transport is not None:
+            self.reading_paused = True
+            self.transport.pause_reading()
+        self.wake()
+
+    def eof_received(self) -> bool | None:
+        self.eof = True
+        self.wake()
+        return None
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.lost = True
+        self.eof = True
+        self.wake()
+        self.resume_writing()
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        waiter, self.drain_waiter = self.drain_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def wake(self) -> None:
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # ---- reading ---------------------------------------------------------------------------
+    async def wait_for_data(self) -> None:
+        """Until more bytes arrive or the peer has finished."""
+        waiter = self.waiter = self.loop.create_future()
+        try:
+            await waiter
+        finally:
+            self.waiter = None
+
+    def take(self, limit: int) -> bytes:
+        """Up to ``limit`` buffered bytes (b"" when none are buffered)."""
+        chunks = self.chunks
+        if not chunks:
+            return b""
+        first = chunks[0]
+        if len(first) <= limit:
+            del chunks[0]
+            data = first
+        else:
+            data, chunks[0] = first[:limit], first[limit:]
+        self.buffered -= len(data)
+        if self.reading_paused and self.buffered <= READ_HIGH // 2:
+            self.reading_paused = False
+            if self.transport is not None and not self.lost:
+                self.transport.resume_reading()
+        return data
+
+    def peek_all(self) -> bytes:
+        """Everything buffered as one bytes object (joined in place, nothing consumed)."""
+        chunks = self.chunks
+        if len(chunks) > 1:
+            chunks[:] = [b"".join(chunks)]
+        return chunks[0] if chunks else b""
+
+    def consume(self, count: int) -> None:
+        """Drop ``count`` bytes of what peek_all() returned."""
+        first = self.chunks[0]
+        if count >= len(first):
+            del self.chunks[0]
+        else:
+            self.chunks[0] = first[count:]
+        self.buffered -= count
+        if self.reading_paused and self.buffered <= READ_HIGH // 2:
+            self.reading_paused = False
+            if self.transport is not None and not self.lost:
+                self.transport.resume_reading()
+
+    async def read_some(self, limit: int) -> bytes:
+        """The next bytes (at most ``limit``), waiting for them; b"" once the peer has finished."""
+        while not self.chunks:
+            if self.eof:
+                return b""
+            await self.wait_for_data()
+        return self.take(limit)
+
+    async def read_until(self, separator: bytes, limit: int) -> bytes:
+        """Bytes up to and including ``separator``; b"" at a clean end, IncompleteRead at an end mid-way,
+        LimitExceeded when ``limit`` bytes arrived without it."""
+        while True:
+            data = self.peek_all()
+            end = data.find(separator)
+            if end >= 0:
+                end += len(separator)
+                self.consume(end)
+                return data[:end]
+            if len(data) > limit:
+                raise LimitExceeded()
+            if self.eof:
+                if data:
+                    raise asyncio.IncompleteReadError(data, None)
+                return b""
+            await self.wait_for_data()
+
+    # ---- writing ---------------------------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        if self.transport is None or self.lost:
+            raise ChannelClosed("the connection is closed")
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        """Wait while the transport's write buffer is above its high-water mark."""
+        while self.writing_paused and not self.lost:
+            waiter = self.drain_waiter = self.loop.create_future()
+            await waiter
+        if self.lost:
+            raise ChannelClosed("the connection is closed")
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    @property
+    def closing(self) -> bool:
+        return self.lost or self.transport is None or self.transport.is_closing()

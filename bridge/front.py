@@ -1,0 +1,377 @@
+"""The HTTPS front end: client connections, request heads, and the drain on shutdown.
+
+A purpose-built HTTP/1.1 server connection instead of aiohttp's web server on port 443: aiohttp's
+per-request objects (request, response, header multidicts, a task per request, its writer) cost
+about two thirds of the bridge's CPU per small request, and its compiled parser refuses Outlook
+Anywhere's ``RPC_IN_DATA``/``RPC_OUT_DATA``. Here one task serves each connection: it reads a request
+head, parses and checks it in one pass (``parse_request_head``), and hands it to the proxy, which
+writes the answer as bytes. aiohttp still serves port 80, the status page and the lab.
+
+Every connection first passes bridge.guard's Gate (allow-list, plain HTTP, --max-connections, TLS by
+the loop's own implementation); a head must arrive within --header-timeout (408), an idle
+keep-alive connection closes after --idle-timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from bridge.channel import Channel
+from bridge.guard import (
+    MAX_HEAD_BYTES,
+    MAX_METHOD_LENGTH,
+    REFUSED_METHODS,
+    ConnectionGuard,
+    Gate,
+    HeadProblem,
+    peer_address,
+    simple_response,
+    valid_host,
+)
+from bridge.http_server import MAX_FIELD_SIZE, MAX_HEADERS, MAX_LINE_SIZE, ConnectionState
+
+log = logging.getLogger("bridge.front")
+
+METHOD_TOKEN = re.compile(rb"[A-Z][A-Z0-9_-]*")
+HEADER_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# Control characters other than HTAB, and CR or LF that are not part of a CRLF line end.
+BAD_HEAD_BYTES = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)|(?<!\r)\n")
+BAD_TARGET_BYTES = re.compile(rb"[\x00-\x20\x7f#]")
+VERSIONS = {b"HTTP/1.1": (1, 1), b"HTTP/1.0": (1, 0)}
+ANY_VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]")
+MAX_REQUEST_HEAD = MAX_LINE_SIZE + 2 + MAX_HEAD_BYTES + 4 * MAX_HEADERS + 4
+
+
+class HeadRefused(Exception):
+    def __init__(self, problem: HeadProblem) -> None:
+        super().__init__(problem.message)
+        self.problem = problem
+
+
+def refused(status: int, reason: str, message: str) -> HeadRefused:
+    return HeadRefused(HeadProblem(status, reason, message))
+
+
+MALFORMED = "The request is not valid HTTP/1.1 (malformed request line or header, or ambiguous message framing)."
+
+
+@dataclass(slots=True)
+class RequestHead:
+    """One parsed request head: the raw header lines, plus what the proxy decides on."""
+
+    method: str
+    raw_path: str
+    version: tuple[int, int]
+    raw_headers: list[tuple[bytes, bytes]]
+    content_length: int | None
+    chunked: bool
+    keep_alive: bool
+    expect_continue: bool
+    connection_tokens: frozenset[bytes]  # lower-case
+
+    def header(self, name: str) -> str | None:
+        """The first value of a header (for the rare lookups outside the parse)."""
+        wanted = name.lower().encode("latin-1")
+        for raw_name, value in self.raw_headers:
+            if raw_name.lower() == wanted:
+                return value.decode("latin-1")
+        return None
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+
+def parse_request_head(raw: bytes) -> RequestHead:
+    """Parse and check a request head (ending in CRLF CRLF); raises HeadRefused with the answer."""
+    if BAD_HEAD_BYTES.search(raw):
+        raise refused(400, "malformed-head", MALFORMED)
+    lines = raw[:-4].split(b"\r\n")
+    if len(lines[0]) > MAX_LINE_SIZE:
+        raise refused(414, "target-too-long", "The request line is too long.")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or not parts[0] or not parts[1]:
+        raise refused(400, "malformed-head", MALFORMED)
+    method_bytes, target_bytes, version_bytes = parts
+    if len(method_bytes) > MAX_METHOD_LENGTH or not METHOD_TOKEN.fullmatch(method_bytes):
+        raise refused(400, "bad-method", "The request method is not a valid method token.")
+    method = method_bytes.decode("ascii")
+    if method in REFUSED_METHODS:
+        raise refused(405, "refused-method", f"The bridge does not relay {method} requests.")
+    version = VERSIONS.get(version_bytes)
+    if version is None:
+        if ANY_VERSION.fullmatch(version_bytes):
+            raise refused(505, "bad-version", "Only HTTP/1.0 and HTTP/1.1 are supported.")
+        raise refused(400, "malformed-head", MALFORMED)
+    if BAD_TARGET_BYTES.search(target_bytes):
+        if b"#" in target_bytes:
+            raise refused(400, "bad-target", "The request target may not contain a fragment.")
+        raise refused(400, "malformed-head", MALFORMED)
+    if len(lines) - 1 > MAX_HEADERS:
+        raise refused(431, "head-too-large", "The request header fields are too large.")
+
+    headers: list[tuple[bytes, bytes]] = []
+    lengths: list[bytes] = []
+    codings: list[bytes] = []
+    hosts: list[bytes] = []
+    connection = b""
+    expect = b""
+    size = 0
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or not HEADER_NAME.fullmatch(name):  # also refuses obsolete line folding
+            raise refused(400, "malformed-head", MALFORMED)
+        if len(line) > MAX_FIELD_SIZE:
+            raise refused(431, "head-too-large", "The request header fields are too large.")
+        value = value.strip(b" \t")
+        headers.append((name, value))
+        size += len(name) + len(value) + 4
+        lowered = name.lower()
+        if lowered == b"content-length":
+            lengths.append(value)
+        elif lowered == b"transfer-encoding":
+            codings.append(value)
+        elif lowered == b"host":
+            hosts.append(value)
+        elif lowered == b"connection":
+            connection = connection + b"," + value if connection else value
+        elif lowered == b"expect":
+            expect = value
+    if size > MAX_HEAD_BYTES:
+        raise refused(431, "head-too-large", "The request header fields are too large.")
+
+    content_length = None
+    if len(lengths) > 1:
+        raise refused(400, "smuggling", "The request has more than one Content-Length.")
+    if codings and lengths:
+        raise refused(400, "smuggling", "The request has both Content-Length and Transfer-Encoding.")
+    if codings:
+        if version == (1, 0):
+            raise refused(400, "smuggling", "HTTP/1.0 requests may not use Transfer-Encoding.")
+        final_coding = codings[0].rsplit(b",", 1)[-1].strip(b" \t").lower() if len(codings) == 1 else b""
+        if final_coding != b"chunked":  # no way to tell where the body ends (RFC 9112 6.3)
+            raise refused(400, "smuggling", "The request's Transfer-Encoding does not end in chunked.")
+        if codings[0].lower() != b"chunked":
+            raise refused(501, "smuggling", "Only Transfer-Encoding: chunked is supported.")
+    elif lengths:
+        if not lengths[0].isdigit() or len(lengths[0]) > 18:
+            raise refused(400, "smuggling", "The Content-Length is not a number.")
+        content_length = int(lengths[0])
+    if len(hosts) > 1 or (hosts and not valid_host(hosts[0].decode("latin-1"))):
+        raise refused(400, "bad-host", "The Host header is not a valid host name.")
+    if not hosts and version == (1, 1):
+        raise refused(400, "bad-host", "An HTTP/1.1 request must have a Host header.")
+
+    tokens = frozenset(token.strip(b" \t").lower() for token in connection.split(b",")) - {b""} if connection else frozenset()
+    keep_alive = b"close" not in tokens if version == (1, 1) else b"keep-alive" in tokens
+    return RequestHead(
+        method=method,
+        raw_path=target_bytes.decode("latin-1"),
+        version=version,
+        raw_headers=headers,
+        content_length=content_length,
+        chunked=bool(codings),
+        keep_alive=keep_alive,
+        expect_continue=expect.lower() == b"100-continue",
+        connection_tokens=tokens,
+    )
+
+
+def complete_head_length(data: bytes) -> int:
+    """The length of the request head that starts ``data`` (through CRLF CRLF), or 0 while more bytes
+    are needed; raises HeadRefused as soon as no acceptable head can come of it."""
+    end = data.find(b"\r\n\r\n")
+    if end >= 0:
+        return end + 4
+    line_end = data.find(b"\r\n")
+    if line_end > MAX_LINE_SIZE or (line_end < 0 and len(data) > MAX_LINE_SIZE):
+        raise refused(414, "target-too-long", "The request line is too long.")
+    if len(data) > MAX_REQUEST_HEAD:
+        raise refused(431, "head-too-large", "The request header fields are too large.")
+    if BAD_HEAD_BYTES.search(data[:-1] if data.endswith(b"\r") else data):
+        raise refused(400, "malformed-head", MALFORMED)  # e.g. bare LF line ends: no CRLF CRLF will come
+    return 0
+
+
+Handler = Callable[[RequestHead, "ClientConnection"], Awaitable[bool]]
+
+
+class ClientConnection(Channel):
+    """One client connection (after TLS): reads request heads and runs the handler for each.
+
+    The handler returns whether the connection may carry another request; it reads the request
+    body from this channel and writes the answer to it.
+    """
+
+    def __init__(self, server: "FrontServer") -> None:
+        super().__init__()
+        self.server = server
+        self.guard = server.guard
+        self.state = ConnectionState(peer="")
+        self.task: asyncio.Task | None = None
+        self.in_request = False
+        self.requests = 0
+        self.timer: asyncio.TimerHandle | None = None
+        self.timed_out = False
+
+    @property
+    def peer(self) -> str:
+        return self.state.peer
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.state.peer = peer_address(transport)
+        self.server.connections.add(self)
+        self.task = self.loop.create_task(self.serve())
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        self.server.connections.discard(self)
+        self.state.run_close_callbacks()  # the pinned upstream connection goes with its client
+        if self.in_request and self.task is not None and not self.task.done():
+            self.task.cancel()
+
+    # ---- the connection's life -------------------------------------------------------------
+    async def serve(self) -> None:
+        try:
+            while True:
+                head = await self.read_request_head()
+                if head is None:
+                    return
+                request = parse_request_head(head)
+                self.in_request = True
+                keep = await self.server.handler(request, self)
+                self.in_request = False
+                if not keep or self.server.draining or self.closing:
+                    return
+        except HeadRefused as exc:
+            self.refuse(exc.problem)
+        except asyncio.CancelledError:
+            pass  # the client went away mid-request, or the drain ran out of time
+        except Exception:
+            log.exception("unexpected error on the connection from %s", self.peer)
+        finally:
+            self.cancel_timer()
+            self.state.run_close_callbacks()
+            self.close()
+
+    def refuse(self, problem: HeadProblem) -> None:
+        """Answer a request head the bridge will not forward, then close (nothing of it goes upstream)."""
+        self.guard.reject(problem.reason)
+        log.info("%d for %s: %s", problem.status, self.peer, problem.message)
+        if not self.closing:
+            self.transport.write(refusal_bytes(problem.status, problem.message))  # type: ignore[union-attr]
+
+    async def read_request_head(self) -> bytes | None:
+        """The next request head, or None when the connection should end without an answer."""
+        head_started = self.requests == 0  # the first head is due --header-timeout after the handshake
+        deadline = self.loop.time() + self.guard.header_timeout if head_started else 0.0
+        while True:
+            data = self.peek_all()
+            if data[:1] in (b"\r", b"\n"):  # empty lines before a request line are ignored (RFC 9112 2.2)
+                stripped = len(data) - len(data.lstrip(b"\r\n"))
+                self.consume(stripped)
+                continue
+            length = complete_head_length(data)
+            if length:
+                self.consume(length)
+                self.requests += 1
+                return data[:length]
+            if self.eof:
+                return None
+            if data and not head_started:
+                head_started = True
+                deadline = self.loop.time() + self.guard.header_timeout
+            if head_started:
+                if not await self.wait_until(deadline):
+                    self.guard.reject("header-timeout")
+                    log.info("408 for %s: request head not complete within %g s", self.peer, self.guard.header_timeout)
+                    if not self.closing:
+                        self.transport.write(simple_response(408, "Request Timeout", "The request head did not arrive in time."))  # type: ignore[union-attr]
+                    return None
+            elif not await self.wait_until(self.loop.time() + self.server.keepalive_timeout):
+                return None  # an idle keep-alive connection
+
+    async def wait_until(self, deadline: float) -> bool:
+        """Wait for data; False when the deadline passed first."""
+        self.timed_out = False
+        self.timer = self.loop.call_at(deadline, self._time_out)
+        try:
+            await self.wait_for_data()
+        finally:
+            self.cancel_timer()
+        return not self.timed_out
+
+    def _time_out(self) -> None:
+        self.timer = None
+        self.timed_out = True
+        self.wake()
+
+    def cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
+def refusal_bytes(status: int, message: str) -> bytes:
+    reasons = {400: "Bad Request", 405: "Method Not Allowed", 414: "URI Too Long", 431: "Request Header Fields Too Large", 501: "Not Implemented", 505: "HTTP Version Not Supported"}
+    return simple_response(status, reasons.get(status, "Error"), message, "X-Content-Type-Options: nosniff", "X-Frame-Options: SAMEORIGIN")
+
+
+class FrontServer:
+    """The HTTPS listener(s), its open connections and the drain on shutdown."""
+
+    def __init__(self, handler: Handler, guard: ConnectionGuard, ssl_context: Any, keepalive_timeout: float, drain_timeout: float = 30.0) -> None:
+        self.handler = handler
+        self.guard = guard
+        self.ssl_context = ssl_context
+        self.keepalive_timeout = keepalive_timeout
+        self.drain_timeout = drain_timeout
+        self.connections: set[ClientConnection] = set()
+        self.listeners: list[asyncio.AbstractServer] = []
+        self.draining = False
+
+    def new_connection(self) -> ClientConnection:
+        return ClientConnection(self)
+
+    async def listen(self, host: str | None, port: int, *, sock: Any = None, backlog: int = 1024) -> None:
+        """Raises OSError when the port cannot be bound."""
+        loop = asyncio.get_running_loop()
+        gate = lambda: Gate(self.guard, self.new_connection, self.ssl_context)  # noqa: E731
+        if sock is not None:
+            listener = await loop.create_server(gate, sock=sock, backlog=backlog)
+        else:
+            listener = await loop.create_server(gate, host, port, backlog=backlog, reuse_address=True)
+        self.listeners.append(listener)
+
+    @property
+    def port(self) -> int:
+        for listener in self.listeners:
+            if listener.sockets:
+                return listener.sockets[0].getsockname()[1]
+        raise RuntimeError("the front end has no listening socket")
+
+    async def cleanup(self) -> None:
+        """Stop accepting; idle connections close now, requests in progress get --drain-timeout."""
+        self.draining = True
+        for listener in self.listeners:
+            listener.close()
+        for connection in list(self.connections):
+            if not connection.in_request:
+                connection.wake()  # it is waiting for a head: let it see the drain
+                connection.close()
+        busy = [c.task for c in self.connections if c.in_request and c.task is not None]
+        if busy:
+            done, pending = await asyncio.wait(busy, timeout=self.drain_timeout)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        for connection in list(self.connections):
+            connection.abort()
+        for listener in self.listeners:
+            await listener.wait_closed()
