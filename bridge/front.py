@@ -67,24 +67,45 @@ class RequestHead:
     method: str
     raw_path: str
     version: tuple[int, int]
-    raw_headers: list[tuple[bytes, bytes]]
+    lines: list[bytes]  # the header lines as received
+    names: list[bytes]  # their names, lower-case
     content_length: int | None
     chunked: bool
     keep_alive: bool
     expect_continue: bool
     connection_tokens: frozenset[bytes]  # lower-case
 
+    @property
+    def raw_headers(self) -> list[tuple[bytes, bytes]]:
+        return [(line[: line.find(b":")], line[line.find(b":") + 1 :].strip(b" \t")) for line in self.lines]
+
     def header(self, name: str) -> str | None:
         """The first value of a header (for the rare lookups outside the parse)."""
         wanted = name.lower().encode("latin-1")
-        for raw_name, value in self.raw_headers:
-            if raw_name.lower() == wanted:
-                return value.decode("latin-1")
+        for lowered, line in zip(self.names, self.lines):
+            if lowered == wanted:
+                return line[line.find(b":") + 1 :].strip(b" \t").decode("latin-1")
         return None
 
     @property
     def has_body(self) -> bool:
         return self.chunked or bool(self.content_length)
+
+
+FRAMING_NAMES = frozenset({b"content-length", b"transfer-encoding", b"host", b"connection", b"expect"})
+
+
+COMMON_METHODS = {m.encode(): m for m in ("GET", "POST", "HEAD", "PUT", "DELETE", "OPTIONS", "PATCH", "RPC_IN_DATA", "RPC_OUT_DATA", "PROPFIND", "SEARCH")}
+VALID_HOSTS: set[bytes] = set()  # Host values seen and found valid (clients repeat one or two)
+
+
+def remember_valid_host(host: bytes) -> bool:
+    if not valid_host(host.decode("latin-1")):
+        return False
+    if len(VALID_HOSTS) >= 256:
+        VALID_HOSTS.clear()
+    VALID_HOSTS.add(host)
+    return True
 
 
 def parse_request_head(raw: bytes) -> RequestHead:
@@ -98,9 +119,11 @@ def parse_request_head(raw: bytes) -> RequestHead:
     if len(parts) != 3 or not parts[0] or not parts[1]:
         raise refused(400, "malformed-head", MALFORMED)
     method_bytes, target_bytes, version_bytes = parts
-    if len(method_bytes) > MAX_METHOD_LENGTH or not METHOD_TOKEN.fullmatch(method_bytes):
-        raise refused(400, "bad-method", "The request method is not a valid method token.")
-    method = method_bytes.decode("ascii")
+    method = COMMON_METHODS.get(method_bytes)
+    if method is None:
+        if len(method_bytes) > MAX_METHOD_LENGTH or not METHOD_TOKEN.fullmatch(method_bytes):
+            raise refused(400, "bad-method", "The request method is not a valid method token.")
+        method = method_bytes.decode("ascii")
     if method in REFUSED_METHODS:
         raise refused(405, "refused-method", f"The bridge does not relay {method} requests.")
     version = VERSIONS.get(version_bytes)
@@ -114,36 +137,36 @@ def parse_request_head(raw: bytes) -> RequestHead:
         raise refused(400, "malformed-head", MALFORMED)
     if len(lines) - 1 > MAX_HEADERS:
         raise refused(431, "head-too-large", "The request header fields are too large.")
-
-    headers: list[tuple[bytes, bytes]] = []
+    del lines[0]
+    if len(raw) - len(parts[0]) - len(parts[1]) - len(parts[2]) - 6 > MAX_HEAD_BYTES:
+        raise refused(431, "head-too-large", "The request header fields are too large.")
+    names: list[bytes] = []
     lengths: list[bytes] = []
     codings: list[bytes] = []
     hosts: list[bytes] = []
     connection = b""
     expect = b""
-    size = 0
-    for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        if not colon or not HEADER_NAME.fullmatch(name):  # also refuses obsolete line folding
+    for line in lines:
+        colon = line.find(b":")
+        name = line[:colon]
+        if colon <= 0 or not HEADER_NAME.fullmatch(name):  # also refuses obsolete line folding
             raise refused(400, "malformed-head", MALFORMED)
         if len(line) > MAX_FIELD_SIZE:
             raise refused(431, "head-too-large", "The request header fields are too large.")
-        value = value.strip(b" \t")
-        headers.append((name, value))
-        size += len(name) + len(value) + 4
         lowered = name.lower()
-        if lowered == b"content-length":
-            lengths.append(value)
-        elif lowered == b"transfer-encoding":
-            codings.append(value)
-        elif lowered == b"host":
-            hosts.append(value)
-        elif lowered == b"connection":
-            connection = connection + b"," + value if connection else value
-        elif lowered == b"expect":
-            expect = value
-    if size > MAX_HEAD_BYTES:
-        raise refused(431, "head-too-large", "The request header fields are too large.")
+        names.append(lowered)
+        if lowered in FRAMING_NAMES:
+            value = line[colon + 1 :].strip(b" \t")
+            if lowered == b"content-length":
+                lengths.append(value)
+            elif lowered == b"transfer-encoding":
+                codings.append(value)
+            elif lowered == b"host":
+                hosts.append(value)
+            elif lowered == b"connection":
+                connection = connection + b"," + value if connection else value
+            else:
+                expect = value
 
     content_length = None
     if len(lengths) > 1:
@@ -162,7 +185,7 @@ def parse_request_head(raw: bytes) -> RequestHead:
         if not lengths[0].isdigit() or len(lengths[0]) > 18:
             raise refused(400, "smuggling", "The Content-Length is not a number.")
         content_length = int(lengths[0])
-    if len(hosts) > 1 or (hosts and not valid_host(hosts[0].decode("latin-1"))):
+    if len(hosts) > 1 or (hosts and hosts[0] not in VALID_HOSTS and not remember_valid_host(hosts[0])):
         raise refused(400, "bad-host", "The Host header is not a valid host name.")
     if not hosts and version == (1, 1):
         raise refused(400, "bad-host", "An HTTP/1.1 request must have a Host header.")
@@ -173,7 +196,8 @@ def parse_request_head(raw: bytes) -> RequestHead:
         method=method,
         raw_path=target_bytes.decode("latin-1"),
         version=version,
-        raw_headers=headers,
+        lines=lines,
+        names=names,
         content_length=content_length,
         chunked=bool(codings),
         keep_alive=keep_alive,
@@ -216,8 +240,13 @@ class ClientConnection(Channel):
         self.task: asyncio.Task | None = None
         self.in_request = False
         self.requests = 0
-        self.timer: asyncio.TimerHandle | None = None
+        # Deadlines, checked by the server's sweeper (no timer per request): waiting for a head...
+        self.deadline = 0.0
         self.timed_out = False
+        # ... and, during a request, the idle limit on data moving in either direction.
+        self.idle_limit = 0.0
+        self.last_activity = 0.0
+        self.idle_expired = False
 
     @property
     def peer(self) -> str:
@@ -256,7 +285,7 @@ class ClientConnection(Channel):
         except Exception:
             log.exception("unexpected error on the connection from %s", self.peer)
         finally:
-            self.cancel_timer()
+            self.deadline = self.idle_limit = 0.0
             self.state.run_close_callbacks()
             self.close()
 
@@ -287,35 +316,46 @@ class ClientConnection(Channel):
             if data and not head_started:
                 head_started = True
                 deadline = self.loop.time() + self.guard.header_timeout
-            if head_started:
-                if not await self.wait_until(deadline):
-                    self.guard.reject("header-timeout")
-                    log.info("408 for %s: request head not complete within %g s", self.peer, self.guard.header_timeout)
-                    if not self.closing:
-                        self.transport.write(simple_response(408, "Request Timeout", "The request head did not arrive in time."))  # type: ignore[union-attr]
-                    return None
-            elif not await self.wait_until(self.loop.time() + self.server.keepalive_timeout):
-                return None  # an idle keep-alive connection
+            if not await self.wait_until(deadline if head_started else self.loop.time() + self.server.keepalive_timeout):
+                if not head_started:
+                    return None  # an idle keep-alive connection
+                self.guard.reject("header-timeout")
+                log.info("408 for %s: request head not complete within %g s", self.peer, self.guard.header_timeout)
+                if not self.closing:
+                    self.transport.write(simple_response(408, "Request Timeout", "The request head did not arrive in time."))  # type: ignore[union-attr]
+                return None
 
     async def wait_until(self, deadline: float) -> bool:
         """Wait for data; False when the deadline passed first."""
         self.timed_out = False
-        self.timer = self.loop.call_at(deadline, self._time_out)
+        self.deadline = deadline
         try:
             await self.wait_for_data()
         finally:
-            self.cancel_timer()
+            self.deadline = 0.0
         return not self.timed_out
 
-    def _time_out(self) -> None:
-        self.timer = None
-        self.timed_out = True
-        self.wake()
+    # ---- deadlines ---------------------------------------------------------------------------
+    def touch(self) -> None:
+        """Data moved for the request in progress."""
+        self.last_activity = self.loop.time()
 
-    def cancel_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+    def watch_idle(self, seconds: float) -> None:
+        """From now until watch_idle(0), a request silent for ``seconds`` is cancelled (idle_expired)."""
+        self.idle_limit = seconds
+        self.idle_expired = False
+        self.last_activity = self.loop.time()
+
+    def check_deadlines(self, now: float) -> None:
+        if self.idle_limit:
+            if now - self.last_activity >= self.idle_limit and self.task is not None and not self.task.done():
+                self.idle_limit = 0.0
+                self.idle_expired = True
+                self.task.cancel()
+        elif self.deadline and now >= self.deadline:
+            self.deadline = 0.0
+            self.timed_out = True
+            self.wake()
 
 
 def refusal_bytes(status: int, message: str) -> bytes:
@@ -335,6 +375,7 @@ class FrontServer:
         self.connections: set[ClientConnection] = set()
         self.listeners: list[asyncio.AbstractServer] = []
         self.draining = False
+        self.sweeper: asyncio.Task | None = None
 
     def new_connection(self) -> ClientConnection:
         return ClientConnection(self)
@@ -348,6 +389,17 @@ class FrontServer:
         else:
             listener = await loop.create_server(gate, host, port, backlog=backlog, reuse_address=True)
         self.listeners.append(listener)
+        if self.sweeper is None:
+            self.sweeper = loop.create_task(self.sweep(), name="front-deadlines")
+
+    async def sweep(self) -> None:
+        """Enforce every connection's deadlines a few times per second (one timer for all of them)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(max(0.05, min(0.5, self.guard.header_timeout / 8, self.keepalive_timeout / 8)))
+            now = loop.time()
+            for connection in list(self.connections):
+                connection.check_deadlines(now)
 
     @property
     def port(self) -> int:
@@ -375,3 +427,6 @@ class FrontServer:
             connection.abort()
         for listener in self.listeners:
             await listener.wait_closed()
+        if self.sweeper is not None:
+            self.sweeper.cancel()
+            await asyncio.gather(self.sweeper, return_exceptions=True)

@@ -44,8 +44,17 @@ HOP_BY_HOP_BYTES = frozenset(name.encode() for name in HOP_BY_HOP)
 SET_BY_BRIDGE = frozenset({b"x-forwarded-proto", b"x-forwarded-port"})
 SECURITY_HEADERS = (("X-Frame-Options", "SAMEORIGIN"), ("X-Content-Type-Options", "nosniff"))
 SECURITY_LINES = "".join(f"{name}: {value}\r\n" for name, value in SECURITY_HEADERS)
+SECURITY_BY_NAME = {name.lower().encode(): f"{name}: {value}".encode() for name, value in SECURITY_HEADERS}
+SECURITY_NAMES = frozenset(SECURITY_BY_NAME)
+SECURITY_BLOCK = SECURITY_LINES[:-2].encode()
+REWRITTEN = frozenset({b"location", b"content-location"})
+# Request header names the upstream head treats specially (all others are copied line for line).
+REQUEST_SPECIAL = HOP_BY_HOP_BYTES | SET_BY_BRIDGE | {b"x-forwarded-for", b"host"}
+# Response header names that are dropped, rewritten or noted (all others are copied line for line).
+RESPONSE_SPECIAL = HOP_BY_HOP_BYTES | {b"content-length"} | REWRITTEN | SECURITY_NAMES
 UPSTREAM_KEY = "upstream"
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+PATH_CACHE_SIZE = 4096
 COALESCE_LIMIT = 16 * 1024  # a response up to this size leaves in one write (headers with the body)
 CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?\r\n")
 MAX_CHUNK_LINE = 4096
@@ -53,38 +62,6 @@ MAX_CHUNK_LINE = 4096
 
 class ClientBodyError(Exception):
     """The client's chunked body is malformed."""
-
-
-class IdleTimer:
-    """Cancels a task when neither direction has moved a byte for ``idle`` seconds.
-
-    Activity is one float store per chunk (``touch``); the timer re-arms itself lazily instead of
-    being rescheduled on every chunk, which keeps the per-chunk cost negligible.
-    """
-
-    __slots__ = ("idle", "task", "loop", "last", "expired", "_handle")
-
-    def __init__(self, idle: float, task: asyncio.Task) -> None:
-        self.idle = idle
-        self.task = task
-        self.loop = asyncio.get_running_loop()
-        self.last = self.loop.time()
-        self.expired = False
-        self._handle = self.loop.call_at(self.last + idle, self._check)
-
-    def touch(self) -> None:
-        self.last = self.loop.time()
-
-    def _check(self) -> None:
-        due = self.last + self.idle
-        if self.loop.time() < due:
-            self._handle = self.loop.call_at(due, self._check)
-            return
-        self.expired = True
-        self.task.cancel()
-
-    def cancel(self) -> None:
-        self._handle.cancel()
 
 
 class Exchange:
@@ -119,6 +96,8 @@ class Proxy:
         self.bans = None
         self.stats = None
         self.guard = None
+        # What refuse() decided per path: clients repeat a handful of paths (EWS, OWA, the RPC proxy).
+        self.path_verdicts: dict[str, tuple[int, str, bool] | None] = {}
 
     def set_public_port(self, port: int) -> None:
         self.https_port = str(port)
@@ -165,10 +144,20 @@ class Proxy:
         """(status, message, close) for requests that must not reach the legacy server, else None."""
         if self.bans is not None and self.bans.is_banned(client.peer):
             return 403, "Forbidden: too many failed logons from this address; try again later.", True
-        target = request.raw_path
-        if not target.startswith("/"):
+        path = request.raw_path.split("?", 1)[0]
+        try:
+            return self.path_verdicts[path]
+        except KeyError:
+            pass
+        verdict = self.path_verdict(path)
+        if len(self.path_verdicts) >= PATH_CACHE_SIZE:
+            self.path_verdicts.clear()
+        self.path_verdicts[path] = verdict
+        return verdict
+
+    def path_verdict(self, path: str) -> tuple[int, str, bool] | None:
+        if not path.startswith("/"):
             return 400, "The request target must be a path (absolute-form and authority-form are not accepted).", False
-        path = target.split("?", 1)[0]
         decoded = unquote(path)
         if not is_clean_path(decoded) or "%" in decoded:
             return 400, "The request path contains dot-segments, backslashes or double encoding, which the bridge does not forward.", False
@@ -198,7 +187,7 @@ class Proxy:
             return self.answer_locally(request, client, exchange, 502, f"The bridge could not reach the Exchange server: {exc}.", keep)
         exchange.upstream = str(upstream.server)
         exchange.body_done = not request.has_body
-        timer = IdleTimer(self.config.idle_timeout, asyncio.current_task())  # type: ignore[arg-type]
+        client.watch_idle(self.config.idle_timeout)
         pump: asyncio.Task | None = None
         has_body = request.has_body
         try:
@@ -206,7 +195,7 @@ class Proxy:
             expects_continue = request.expect_continue and has_body
             exchange.body_withheld = expects_continue
             if has_body and not expects_continue:
-                pump = self.start_pump(request, client, upstream, timer, exchange)
+                pump = self.start_pump(request, client, upstream, exchange)
             head = await upstream.read_head()
             while 100 <= head.status < 200:
                 if head.status == 101:
@@ -214,15 +203,15 @@ class Proxy:
                 if request.version >= (1, 1):  # HTTP/1.0 clients never get 1xx (RFC 9110 15.2)
                     client.write(CONTINUE if head.status == 100 else _interim_bytes(head))
                     exchange.body_withheld = exchange.body_withheld and head.status != 100
-                timer.touch()
+                client.touch()
                 if head.status == 100 and pump is None and has_body:
-                    pump = self.start_pump(request, client, upstream, timer, exchange)
+                    pump = self.start_pump(request, client, upstream, exchange)
                 head = await upstream.read_head()
             if pump is None and has_body:
                 # A final answer without 100 Continue: whatever the client sends as the body goes
                 # on to the origin too, so both legs keep the same framing.
-                pump = self.start_pump(request, client, upstream, timer, exchange)
-            keep = await self.relay_response(request, client, upstream, head, timer, exchange)
+                pump = self.start_pump(request, client, upstream, exchange)
+            keep = await self.relay_response(request, client, upstream, head, exchange)
             if pump is not None:
                 if upstream.reusable:
                     await pump  # the origin keeps the connection: it reads the rest of the body
@@ -233,7 +222,7 @@ class Proxy:
             return keep
         except asyncio.CancelledError:
             upstream.close()
-            if timer.expired:
+            if client.idle_expired:
                 log.warning("%s %s: no data moved for %g s, closing both legs", request.method, log_path(request), self.config.idle_timeout)
                 return self.abort_exchange(client, exchange, 504, "The Exchange server did not answer in time.")
             raise
@@ -253,12 +242,12 @@ class Proxy:
             upstream.close()  # never leave an upstream connection open behind an unexpected error
             raise
         finally:
-            timer.cancel()
+            client.watch_idle(0)
             if pump is not None and not pump.done():
                 pump.cancel()
 
-    def start_pump(self, request: RequestHead, client: ClientConnection, upstream: UpstreamConnection, timer: IdleTimer, exchange: Exchange) -> asyncio.Task:
-        pump = asyncio.ensure_future(self.pump_request_body(request, client, upstream, timer, exchange))
+    def start_pump(self, request: RequestHead, client: ClientConnection, upstream: UpstreamConnection, exchange: Exchange) -> asyncio.Task:
+        pump = asyncio.ensure_future(self.pump_request_body(request, client, upstream, exchange))
 
         def on_done(task: asyncio.Task) -> None:
             # A body that cannot be delivered leaves the origin waiting: closing the upstream makes
@@ -290,43 +279,44 @@ class Proxy:
         return upstream
 
     def request_head(self, request: RequestHead, peer: str) -> bytes:
-        """The upstream request head: exactly the client's headers less hop-by-hop, plus X-Forwarded-*."""
-        drop = HOP_BY_HOP_BYTES | SET_BY_BRIDGE | request.connection_tokens if request.connection_tokens else HOP_BY_HOP_BYTES | SET_BY_BRIDGE
-        lines = [f"{request.method} {request.raw_path} HTTP/1.1".encode("latin-1")]
+        """The upstream request head: exactly the client's header lines less hop-by-hop, plus X-Forwarded-*."""
+        special = REQUEST_SPECIAL | request.connection_tokens if request.connection_tokens else REQUEST_SPECIAL
+        out = [f"{request.method} {request.raw_path} HTTP/1.1".encode("latin-1")]
         forwarded_for: bytes | None = None
-        host_header = self.host_header
-        for name, value in request.raw_headers:
-            lowered = name.lower()
-            if lowered in drop:
-                continue
-            if lowered == b"x-forwarded-for":
-                forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
-                continue
-            if host_header is not None and lowered == b"host":
-                value = host_header
-            lines.append(name + b": " + value)
+        for lowered, line in zip(request.names, request.lines):
+            if lowered in special:
+                if lowered == b"x-forwarded-for":
+                    value = line[line.find(b":") + 1 :].strip(b" \t")
+                    forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
+                    continue
+                if lowered != b"host":
+                    continue  # hop-by-hop, named in Connection, or set by the bridge
+                if self.host_header is not None:
+                    line = b"Host: " + self.host_header
+            out.append(line)
         address = (peer or "unknown").encode()
-        lines.append(b"X-Forwarded-For: " + (forwarded_for + b", " + address if forwarded_for else address))
-        lines.append(self.forwarded_lines)
+        out.append(b"X-Forwarded-For: " + (forwarded_for + b", " + address if forwarded_for else address))
+        out.append(self.forwarded_lines)
         if request.chunked:
-            lines.append(b"Transfer-Encoding: chunked")
-        lines.append(b"\r\n")
-        return b"\r\n".join(lines)
+            out.append(b"Transfer-Encoding: chunked")
+        out.append(b"\r\n")
+        return b"\r\n".join(out)
 
     async def pump_request_body(
-        self, request: RequestHead, client: ClientConnection, upstream: UpstreamConnection, timer: IdleTimer, exchange: Exchange
+        self, request: RequestHead, client: ClientConnection, upstream: UpstreamConnection, exchange: Exchange
     ) -> None:
         """Copy the client's body to the origin piece by piece, as it arrives (never buffered)."""
+        touch = client.touch
         write = upstream.write
         channel = upstream.channel
         if request.chunked:
             async for data in client_chunks(client):
-                timer.touch()
+                touch()
                 exchange.bytes_in += len(data)
                 write(b"".join((b"%x\r\n" % len(data), data, b"\r\n")))  # one copy of the piece, one TLS record
                 if channel.writing_paused:
                     await upstream.drain()
-                timer.touch()
+                touch()
             write(b"0\r\n\r\n")
             exchange.body_done = True
             return
@@ -338,16 +328,16 @@ class Proxy:
                 upstream.reusable = False  # client left mid-body; the origin would wait for the rest
                 return
             remaining -= len(data)
-            timer.touch()
+            touch()
             exchange.bytes_in += len(data)
             write(data)
             if channel.writing_paused:
                 await upstream.drain()
-            timer.touch()
+            touch()
         exchange.body_done = True
 
     async def relay_response(
-        self, request: RequestHead, client: ClientConnection, upstream: UpstreamConnection, head: ResponseHead, timer: IdleTimer, exchange: Exchange
+        self, request: RequestHead, client: ClientConnection, upstream: UpstreamConnection, head: ResponseHead, exchange: Exchange
     ) -> bool:
         length = head.content_length
         has_body = response_has_body(request.method, head.status)
@@ -361,27 +351,25 @@ class Proxy:
         keep = keep and request.keep_alive and not client.server.draining
         head_bytes = self.response_head(request, head, length, chunked_out, keep)
         exchange.status = head.status
-        body = upstream.body(head, request.method)
+        touch = client.touch
         if length is not None and 0 < length <= COALESCE_LIMIT and has_body:
             # Wait for the (small) body so that headers and body leave in one TLS record and one send.
-            parts = [head_bytes]
-            async for data in body:
-                exchange.bytes_out += len(data)
-                parts.append(data)
-            timer.touch()
-            client.write(b"".join(parts))
+            body = await upstream.read_small_body(length)
+            exchange.bytes_out += length
+            touch()
+            client.write(head_bytes + body)
             exchange.answered = True
         else:
             client.write(head_bytes)
             exchange.answered = True
             write = client.write
-            async for data in body:
-                timer.touch()
+            async for data in upstream.body(head, request.method):
+                touch()
                 exchange.bytes_out += len(data)
                 write(b"".join((b"%x\r\n" % len(data), data, b"\r\n")) if chunked_out else data)
                 if client.writing_paused:
                     await client.drain()
-                timer.touch()
+                touch()
             if chunked_out:
                 write(b"0\r\n\r\n")
         if not upstream.reusable:
@@ -389,35 +377,40 @@ class Proxy:
         return keep
 
     def response_head(self, request: RequestHead, head: ResponseHead, length: int | None, chunked_out: bool, keep: bool) -> bytes:
-        connection_tokens = head.connection_tokens
-        lines = [f"HTTP/1.{request.version[1]} {head.status} {head.reason}"]
-        present_security = 0
-        for name, value in head.headers:
-            lowered = name.lower()
-            if lowered in HOP_BY_HOP or lowered == "content-length" or (connection_tokens and lowered in connection_tokens):
-                continue
-            if lowered in ("location", "content-location"):
-                pattern = self.location_pattern
-                if pattern is not None:
-                    value = pattern.sub(self.public_origin, value)
-            elif lowered in ("x-frame-options", "x-content-type-options"):
-                present_security += 1
-            lines.append(f"{name}: {value}")
+        """The client's response head: the origin's header lines less hop-by-hop, Location rewritten."""
+        special = RESPONSE_SPECIAL | head.connection_tokens if head.connection_tokens else RESPONSE_SPECIAL
+        out = [b"HTTP/1.%d %d %s" % (request.version[1], head.status, head.reason)]
+        security_present: set[bytes] = set()
+        for lowered, line in zip(head.names, head.lines):
+            if lowered in special:
+                if lowered in REWRITTEN:
+                    line = self.rewrite_location(line)
+                elif lowered in SECURITY_NAMES:
+                    security_present.add(lowered)
+                else:
+                    continue  # hop-by-hop, named in Connection, or framing the bridge sets itself
+            out.append(line)
         if length is not None:
-            lines.append(f"Content-Length: {length}")
+            out.append(b"Content-Length: %d" % length)
         elif chunked_out:
-            lines.append("Transfer-Encoding: chunked")
+            out.append(b"Transfer-Encoding: chunked")
         if request.version >= (1, 1):
             if not keep:
-                lines.append("Connection: close")
+                out.append(b"Connection: close")
         elif keep:
-            lines.append("Connection: keep-alive")
-        if present_security:
-            lowered_names = {name.lower() for name, _ in head.headers}
-            lines += [f"{n}: {v}" for n, v in SECURITY_HEADERS if n.lower() not in lowered_names]
-            lines.append("\r\n")
-            return "\r\n".join(lines).encode("latin-1")
-        return ("\r\n".join(lines) + "\r\n" + SECURITY_LINES + "\r\n").encode("latin-1")
+            out.append(b"Connection: keep-alive")
+        if security_present:
+            out += [line for name, line in SECURITY_BY_NAME.items() if name not in security_present]
+        else:
+            out.append(SECURITY_BLOCK)
+        out.append(b"\r\n")
+        return b"\r\n".join(out)
+
+    def rewrite_location(self, line: bytes) -> bytes:
+        pattern = self.location_pattern
+        if pattern is None:
+            return line
+        return pattern.sub(self.public_origin, line.decode("latin-1")).encode("latin-1")
 
     def abort_exchange(self, client: ClientConnection, exchange: Exchange, status: int, message: str) -> bool:
         """Answer with an error if nothing was sent yet and the client has sent its whole body;
@@ -518,9 +511,7 @@ def local_response(status: int, message: str) -> web.Response:
 
 
 def _interim_bytes(head: ResponseHead) -> bytes:
-    lines = [f"HTTP/1.1 {head.status} {head.reason}".encode("latin-1")]
-    lines += [f"{n}: {v}".encode("latin-1") for n, v in head.headers]
-    return b"\r\n".join(lines) + b"\r\n\r\n"
+    return b"\r\n".join([b"HTTP/1.1 %d %s" % (head.status, head.reason), *head.lines]) + b"\r\n\r\n"
 
 
 def _location_pattern(names: set[str]) -> re.Pattern[str] | None:

@@ -57,6 +57,7 @@ class BridgeStats:
         self.bytes_out_done = 0
         self.active: dict[int, Any] = {}  # id -> Exchange of each request in progress
         self.rpc_channels = 0
+        self.routes: dict[str, str] = {}  # path -> route label, cached
 
     def begin(self, request: Any, exchange: Any) -> None:
         self.active[id(exchange)] = exchange
@@ -73,7 +74,16 @@ class BridgeStats:
 
     def route(self, target: str) -> str:
         """The forwarded virtual directory a request went to, or "other" (bounded label set)."""
-        lowered = target.split("?", 1)[0].lower()
+        path = target.split("?", 1)[0]
+        route = self.routes.get(path)
+        if route is None:
+            if len(self.routes) >= 4096:
+                self.routes.clear()
+            route = self.routes[path] = self._route(path)
+        return route
+
+    def _route(self, path: str) -> str:
+        lowered = path.lower()
         for prefix, label in self.prefixes:
             if lowered == prefix or lowered.startswith(prefix + "/"):
                 return label

@@ -41,23 +41,29 @@ class UpstreamProtocolError(UpstreamError):
     """The legacy server sent something that is not HTTP/1.x."""
 
 
-@dataclass
+@dataclass(slots=True)
 class ResponseHead:
     version: str
     status: int
-    reason: str
-    headers: list[tuple[str, str]]
+    reason: bytes
+    lines: list[bytes]  # the header lines as received
+    names: list[bytes]  # their names, lower-case
     chunked: bool = False
     # The body length when framed by Content-Length (None when chunked: chunked framing wins).
     content_length: int | None = None
-    connection_tokens: frozenset[str] = frozenset()  # the Connection header's tokens, lower-case
+    connection_tokens: frozenset[bytes] = frozenset()  # the Connection header's tokens, lower-case
+
+    @property
+    def headers(self) -> list[tuple[str, str]]:
+        pairs = []
+        for line in self.lines:
+            name, _, value = line.decode("latin-1").partition(":")
+            pairs.append((name, value.strip()))
+        return pairs
 
     def get(self, name: str) -> str | None:
-        lowered = name.lower()
-        for key, value in self.headers:
-            if key.lower() == lowered:
-                return value
-        return None
+        values = self.get_all(name)
+        return values[0] if values else None
 
     def get_all(self, name: str) -> list[str]:
         lowered = name.lower()
@@ -117,6 +123,18 @@ class UpstreamConnection:
             raise UpstreamError(f"the legacy server {self.server} closed the connection without answering")
         return parse_response_head(raw, self.server)
 
+    async def read_small_body(self, length: int) -> bytes:
+        """A whole body of ``length`` bytes (a small one: it is held in memory)."""
+        channel = self.channel
+        while channel.buffered < length:
+            if channel.eof:
+                self.reusable = False
+                raise UpstreamError(f"the legacy server {self.server} closed the connection {length - channel.buffered} bytes before the end of the response")
+            await channel.wait_for_data()
+        data = channel.peek_all()
+        channel.consume(length)
+        return data[:length] if len(data) > length else data
+
     async def body(self, head: ResponseHead, request_method: str) -> AsyncIterator[bytes]:
         """Yield the response body as it arrives, honouring its framing."""
         if not response_has_body(request_method, head.status):
@@ -174,35 +192,50 @@ class UpstreamConnection:
         return line[:-2]
 
 
+FRAMING_NAMES = frozenset({b"content-length", b"transfer-encoding", b"connection"})
+
+
 def parse_response_head(raw: bytes, server: LegacyServer) -> ResponseHead:
+    """Parse a response head (ending in CRLF CRLF): the status line, the framing headers, the raw lines."""
     lines = raw[:-4].split(b"\r\n")
-    status_line = lines[0].decode("latin-1")
-    parts = status_line.split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit() or len(parts[1]) != 3:
+    parts = lines[0].split(b" ", 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or len(parts[1]) != 3 or not parts[1].isdigit():
+        status_line = lines[0].decode("latin-1")
         raise UpstreamProtocolError(f"the legacy server {server} answered something that is not HTTP/1.x ({status_line[:40]!r})")
-    if len(lines) - 1 > MAX_HEADERS:
+    del lines[0]
+    if len(lines) > MAX_HEADERS:
         raise UpstreamProtocolError(f"the legacy server {server} sent more than {MAX_HEADERS} response headers")
-    headers: list[tuple[str, str]] = []
-    for line in lines[1:]:
-        name, sep, value = line.decode("latin-1").partition(":")
-        if not sep or not name or name != name.strip():
+    names: list[bytes] = []
+    lengths: list[bytes] = []
+    chunked = False
+    connection: list[bytes] = []
+    for line in lines:
+        colon = line.find(b":")
+        if colon <= 0 or line[0] in b" \t" or line[colon - 1] in b" \t":
             raise UpstreamProtocolError(f"the legacy server {server} sent a malformed response header line")
-        headers.append((name, value.strip()))
-    head = ResponseHead(parts[0][5:], int(parts[1]), parts[2] if len(parts) > 2 else "", headers)
-    head.chunked = _is_chunked(head)
-    if not head.chunked:
-        head.content_length = _content_length(head, server)
-    connection = head.get_all("Connection")
+        name = line[:colon].lower()
+        names.append(name)
+        if name not in FRAMING_NAMES:
+            continue
+        if name == b"content-length":
+            lengths.append(line[colon + 1 :].strip())
+        elif name == b"transfer-encoding":
+            chunked = chunked or b"chunked" in line[colon + 1 :].lower()
+        elif name == b"connection":
+            connection.append(line[colon + 1 :])
+    head = ResponseHead(parts[0][5:].decode("latin-1"), int(parts[1]), parts[2] if len(parts) > 2 else b"", lines, names, chunked)
+    if not chunked and lengths:
+        head.content_length = _content_length(lengths, server)
     if connection:
-        head.connection_tokens = frozenset(token.strip().lower() for value in connection for token in value.split(","))
+        head.connection_tokens = frozenset(token.strip(b" \t").lower() for value in connection for token in value.split(b","))
     return head
 
 
-def _content_length(head: ResponseHead, server: LegacyServer) -> int | None:
-    """The one Content-Length (repeats must agree, RFC 9110 8.6), or None; anything else is refused."""
-    values = {v.strip() for value in head.get_all("Content-Length") for v in value.split(",")}
-    if not values:
-        return None
+def _content_length(lengths: list[bytes], server: LegacyServer) -> int:
+    """The one Content-Length (repeats must agree, RFC 9110 8.6); anything else is refused."""
+    if len(lengths) == 1 and lengths[0].isdigit():
+        return int(lengths[0])
+    values = {v.strip().decode("latin-1") for value in lengths for v in value.split(b",")}
     if len(values) != 1 or not all(c in "0123456789" for c in next(iter(values))) or not next(iter(values)):
         raise UpstreamProtocolError(f"the legacy server {server} sent an invalid Content-Length ({', '.join(sorted(values))[:40]})")
     return int(next(iter(values)))
@@ -212,16 +245,12 @@ def response_has_body(method: str, status: int) -> bool:
     return not (method == "HEAD" or 100 <= status < 200 or status in (204, 304))
 
 
-def _is_chunked(head: ResponseHead) -> bool:
-    return any("chunked" in value.lower() for value in head.get_all("Transfer-Encoding"))
-
-
 def response_keeps_connection(head: ResponseHead) -> bool:
     tokens = head.connection_tokens
-    if "close" in tokens:
+    if b"close" in tokens:
         return False
     if head.version == "1.0":
-        return "keep-alive" in tokens
+        return b"keep-alive" in tokens
     return True
 
 
