@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import gc
 import logging
 import signal
 import sys
@@ -226,6 +227,15 @@ def listen_error(exc: OSError, bind: str | None, port: int, flag: str) -> Startu
     return StartupError(f"Cannot listen on {where}: {exc.strerror}; check --bind and {flag}.")
 
 
+def settle_garbage_collector() -> None:
+    """Everything allocated at start-up lives as long as the process: move it out of the cyclic
+    collector's sight, and collect the short-lived objects of requests less often (fewer passes
+    over the same young objects; each request's objects are freed by reference counting anyway)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 20, 20)
+
+
 def ready_line(bridge: RunningBridge) -> str:
     config = bridge.config
     port = "" if bridge.https_port == 443 else f":{bridge.https_port}"
@@ -256,6 +266,7 @@ async def serve_until_signalled(config: BridgeConfig, reload_config: Callable[[]
             log.error("reload failed, keeping the current certificate: %s", exc)
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
+    settle_garbage_collector()
     log.info(ready_line(bridge))  # after the handlers: a signal sent on seeing this line is handled
     try:
         await stop.wait()

@@ -34,6 +34,7 @@ from bridge.guard import (
     valid_host,
 )
 from bridge.http_server import MAX_FIELD_SIZE, MAX_HEADERS, MAX_LINE_SIZE, ConnectionState
+from bridge.upstream import connection_tokens
 
 log = logging.getLogger("bridge.front")
 
@@ -41,6 +42,7 @@ METHOD_TOKEN = re.compile(rb"[A-Z][A-Z0-9_-]*")
 HEADER_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # Control characters other than HTAB, and CR or LF that are not part of a CRLF line end.
 BAD_HEAD_BYTES = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)|(?<!\r)\n")
+NOT_CONTROL = bytes(c for c in range(256) if c == 0x09 or 0x20 <= c != 0x7F)
 BAD_TARGET_BYTES = re.compile(rb"[\x00-\x20\x7f#]")
 VERSIONS = {b"HTTP/1.1": (1, 1), b"HTTP/1.0": (1, 0)}
 ANY_VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]")
@@ -108,9 +110,14 @@ def remember_valid_host(host: bytes) -> bool:
     return True
 
 
+def has_only_clean_line_ends(raw: bytes) -> bool:
+    """No control characters but HTAB, and CR and LF only as CRLF pairs (faster than BAD_HEAD_BYTES)."""
+    return len(raw.translate(None, NOT_CONTROL)) == 2 * raw.count(b"\r\n")
+
+
 def parse_request_head(raw: bytes) -> RequestHead:
     """Parse and check a request head (ending in CRLF CRLF); raises HeadRefused with the answer."""
-    if BAD_HEAD_BYTES.search(raw):
+    if not has_only_clean_line_ends(raw):
         raise refused(400, "malformed-head", MALFORMED)
     lines = raw[:-4].split(b"\r\n")
     if len(lines[0]) > MAX_LINE_SIZE:
@@ -190,7 +197,7 @@ def parse_request_head(raw: bytes) -> RequestHead:
     if not hosts and version == (1, 1):
         raise refused(400, "bad-host", "An HTTP/1.1 request must have a Host header.")
 
-    tokens = frozenset(token.strip(b" \t").lower() for token in connection.split(b",")) - {b""} if connection else frozenset()
+    tokens = connection_tokens(connection) if connection else frozenset()
     keep_alive = b"close" not in tokens if version == (1, 1) else b"keep-alive" in tokens
     return RequestHead(
         method=method,

@@ -9,6 +9,7 @@ Requests arrive parsed and checked by bridge.front; answers are written to the c
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import time
@@ -47,11 +48,25 @@ SECURITY_LINES = "".join(f"{name}: {value}\r\n" for name, value in SECURITY_HEAD
 SECURITY_BY_NAME = {name.lower().encode(): f"{name}: {value}".encode() for name, value in SECURITY_HEADERS}
 SECURITY_NAMES = frozenset(SECURITY_BY_NAME)
 SECURITY_BLOCK = SECURITY_LINES[:-2].encode()
-REWRITTEN = frozenset({b"location", b"content-location"})
+SECURITY_BY_KEY = {b"\r\n" + name + b":": line for name, line in SECURITY_BY_NAME.items()}
 # Request header names the upstream head treats specially (all others are copied line for line).
 REQUEST_SPECIAL = HOP_BY_HOP_BYTES | SET_BY_BRIDGE | {b"x-forwarded-for", b"host"}
-# Response header names that are dropped, rewritten or noted (all others are copied line for line).
-RESPONSE_SPECIAL = HOP_BY_HOP_BYTES | {b"content-length"} | REWRITTEN | SECURITY_NAMES
+PLAIN_CONNECTION_TOKENS = frozenset({b"close", b"keep-alive"})
+
+
+def lines_matching(names: frozenset[bytes] | set[bytes]) -> re.Pattern[bytes]:
+    """Matches whole header lines (with the CRLF before them) whose name is one of ``names``."""
+    alternatives = b"|".join(re.escape(name) for name in sorted(names, key=len, reverse=True))
+    return re.compile(rb"\r\n(?:" + alternatives + rb")[ \t]*:[^\r\n]*", re.IGNORECASE)
+
+
+RESPONSE_DROP = lines_matching(HOP_BY_HOP_BYTES | {b"content-length"})
+LOCATION_LINE = lines_matching({b"location", b"content-location"})
+
+
+@functools.lru_cache(maxsize=64)
+def lines_named(names: frozenset[bytes]) -> re.Pattern[bytes]:
+    return lines_matching(names)
 UPSTREAM_KEY = "upstream"
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 PATH_CACHE_SIZE = 4096
@@ -378,18 +393,14 @@ class Proxy:
 
     def response_head(self, request: RequestHead, head: ResponseHead, length: int | None, chunked_out: bool, keep: bool) -> bytes:
         """The client's response head: the origin's header lines less hop-by-hop, Location rewritten."""
-        special = RESPONSE_SPECIAL | head.connection_tokens if head.connection_tokens else RESPONSE_SPECIAL
-        out = [b"HTTP/1.%d %d %s" % (request.version[1], head.status, head.reason)]
-        security_present: set[bytes] = set()
-        for lowered, line in zip(head.names, head.lines):
-            if lowered in special:
-                if lowered in REWRITTEN:
-                    line = self.rewrite_location(line)
-                elif lowered in SECURITY_NAMES:
-                    security_present.add(lowered)
-                else:
-                    continue  # hop-by-hop, named in Connection, or framing the bridge sets itself
-            out.append(line)
+        block = RESPONSE_DROP.sub(b"", head.block)  # one pass; the other lines go as received
+        named = head.connection_tokens - PLAIN_CONNECTION_TOKENS
+        if named:  # headers the origin marked hop-by-hop (RFC 9110 7.6.1)
+            block = lines_named(frozenset(named)).sub(b"", block)
+        lowered = head.lowered
+        if b"location:" in lowered:
+            block = LOCATION_LINE.sub(self.rewrite_location, block)
+        out = [b"HTTP/1.%d %d %s%s" % (request.version[1], head.status, head.reason, block)]
         if length is not None:
             out.append(b"Content-Length: %d" % length)
         elif chunked_out:
@@ -399,14 +410,15 @@ class Proxy:
                 out.append(b"Connection: close")
         elif keep:
             out.append(b"Connection: keep-alive")
-        if security_present:
-            out += [line for name, line in SECURITY_BY_NAME.items() if name not in security_present]
+        if b"-options:" in lowered:
+            out += [line for key, line in SECURITY_BY_KEY.items() if key not in lowered]
         else:
             out.append(SECURITY_BLOCK)
         out.append(b"\r\n")
         return b"\r\n".join(out)
 
-    def rewrite_location(self, line: bytes) -> bytes:
+    def rewrite_location(self, match: re.Match[bytes]) -> bytes:
+        line = match.group(0)
         pattern = self.location_pattern
         if pattern is None:
             return line
@@ -511,7 +523,7 @@ def local_response(status: int, message: str) -> web.Response:
 
 
 def _interim_bytes(head: ResponseHead) -> bytes:
-    return b"\r\n".join([b"HTTP/1.1 %d %s" % (head.status, head.reason), *head.lines]) + b"\r\n\r\n"
+    return b"HTTP/1.1 %d %s%s\r\n\r\n" % (head.status, head.reason, head.block)
 
 
 def _location_pattern(names: set[str]) -> re.Pattern[str] | None:

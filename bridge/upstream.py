@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import re
 import socket
 import ssl
 import struct
@@ -46,8 +47,8 @@ class ResponseHead:
     version: str
     status: int
     reason: bytes
-    lines: list[bytes]  # the header lines as received
-    names: list[bytes]  # their names, lower-case
+    block: bytes  # the header lines as received, each preceded by CRLF
+    lowered: bytes  # the same, lower-case (for finding names)
     chunked: bool = False
     # The body length when framed by Content-Length (None when chunked: chunked framing wins).
     content_length: int | None = None
@@ -56,7 +57,7 @@ class ResponseHead:
     @property
     def headers(self) -> list[tuple[str, str]]:
         pairs = []
-        for line in self.lines:
+        for line in self.block.split(b"\r\n")[1:]:
             name, _, value = line.decode("latin-1").partition(":")
             pairs.append((name, value.strip()))
         return pairs
@@ -192,43 +193,58 @@ class UpstreamConnection:
         return line[:-2]
 
 
-FRAMING_NAMES = frozenset({b"content-length", b"transfer-encoding", b"connection"})
+# Each line: a name without whitespace or colon, a colon, a value.
+RESPONSE_BLOCK = re.compile(rb"(?:\r\n[^\r\n\t :]+:[^\r\n]*)*")
+
+
+def header_values(block: bytes, lowered: bytes, key: bytes) -> list[bytes]:
+    """The values of the header lines starting with ``key`` (CRLF, lower-case name, colon)."""
+    values = []
+    start = lowered.find(key)
+    while start >= 0:
+        begin = start + len(key)
+        end = block.find(b"\r\n", begin)
+        if end < 0:
+            end = len(block)
+        values.append(block[begin:end].strip(b" \t"))
+        start = lowered.find(key, end)
+    return values
 
 
 def parse_response_head(raw: bytes, server: LegacyServer) -> ResponseHead:
-    """Parse a response head (ending in CRLF CRLF): the status line, the framing headers, the raw lines."""
-    lines = raw[:-4].split(b"\r\n")
-    parts = lines[0].split(b" ", 2)
+    """Parse a response head (ending in CRLF CRLF): status line, framing headers, the block as received."""
+    line_end = raw.find(b"\r\n")
+    parts = raw[:line_end].split(b" ", 2)
     if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or len(parts[1]) != 3 or not parts[1].isdigit():
-        status_line = lines[0].decode("latin-1")
+        status_line = raw[:line_end].decode("latin-1")
         raise UpstreamProtocolError(f"the legacy server {server} answered something that is not HTTP/1.x ({status_line[:40]!r})")
-    del lines[0]
-    if len(lines) > MAX_HEADERS:
+    block = raw[line_end:-4]
+    if block.count(b"\r\n") > MAX_HEADERS:
         raise UpstreamProtocolError(f"the legacy server {server} sent more than {MAX_HEADERS} response headers")
-    names: list[bytes] = []
-    lengths: list[bytes] = []
-    chunked = False
-    connection: list[bytes] = []
-    for line in lines:
-        colon = line.find(b":")
-        if colon <= 0 or line[0] in b" \t" or line[colon - 1] in b" \t":
-            raise UpstreamProtocolError(f"the legacy server {server} sent a malformed response header line")
-        name = line[:colon].lower()
-        names.append(name)
-        if name not in FRAMING_NAMES:
-            continue
-        if name == b"content-length":
-            lengths.append(line[colon + 1 :].strip())
-        elif name == b"transfer-encoding":
-            chunked = chunked or b"chunked" in line[colon + 1 :].lower()
-        elif name == b"connection":
-            connection.append(line[colon + 1 :])
-    head = ResponseHead(parts[0][5:].decode("latin-1"), int(parts[1]), parts[2] if len(parts) > 2 else b"", lines, names, chunked)
-    if not chunked and lengths:
-        head.content_length = _content_length(lengths, server)
-    if connection:
-        head.connection_tokens = frozenset(token.strip(b" \t").lower() for value in connection for token in value.split(b","))
+    if not RESPONSE_BLOCK.fullmatch(block):
+        raise UpstreamProtocolError(f"the legacy server {server} sent a malformed response header line")
+    lowered = block.lower()
+    head = ResponseHead(parts[0][5:].decode("latin-1"), int(parts[1]), parts[2] if len(parts) > 2 else b"", block, lowered)
+    if b"\r\ntransfer-encoding:" in lowered:
+        head.chunked = any(b"chunked" in value.lower() for value in header_values(block, lowered, b"\r\ntransfer-encoding:"))
+    if not head.chunked and b"\r\ncontent-length:" in lowered:
+        head.content_length = _content_length(header_values(block, lowered, b"\r\ncontent-length:"), server)
+    if b"\r\nconnection:" in lowered:
+        head.connection_tokens = connection_tokens(b",".join(header_values(block, lowered, b"\r\nconnection:")))
     return head
+
+
+_TOKENS: dict[bytes, frozenset[bytes]] = {}
+
+
+def connection_tokens(value: bytes) -> frozenset[bytes]:
+    """The lower-case tokens of a Connection header value (the few values servers send are cached)."""
+    tokens = _TOKENS.get(value)
+    if tokens is None:
+        tokens = frozenset(token.strip(b" \t").lower() for token in value.split(b",")) - {b""}
+        if len(_TOKENS) < 64:
+            _TOKENS[value] = tokens
+    return tokens
 
 
 def _content_length(lengths: list[bytes], server: LegacyServer) -> int:

@@ -509,7 +509,7 @@ def worker_report(bridge: Any) -> dict[str, Any]:
 
 
 async def serve_worker(index: int, control_fd: int, listen_fds: list[int]) -> int:
-    from bridge.app import RunningBridge, setup_logging
+    from bridge.app import RunningBridge, settle_garbage_collector, setup_logging
     from bridge.bans import policy_from_config
     from bridge.front import FrontServer
     from bridge.proxy import Proxy
@@ -566,6 +566,7 @@ async def serve_worker(index: int, control_fd: int, listen_fds: list[int]) -> in
             await asyncio.sleep(STATS_INTERVAL)
 
     tasks = [asyncio.create_task(obey_parent()), asyncio.create_task(report())]
+    settle_garbage_collector()
     log.info("worker %d (pid %d) serving https on port %d", index, os.getpid(), settings["public_port"])
     send(writer, ("ready", settings["public_port"]))  # after the line: the parent's ready line follows every worker's
     await stop.wait()
