@@ -274,6 +274,8 @@ class ClientConnection(Channel):
 
     # ---- the connection's life -------------------------------------------------------------
     async def serve(self) -> None:
+        server = self.server
+        handler = server.handler
         try:
             while True:
                 head = await self.read_request_head()
@@ -281,9 +283,9 @@ class ClientConnection(Channel):
                     return
                 request = parse_request_head(head)
                 self.in_request = True
-                keep = await self.server.handler(request, self)
+                keep = await handler(request, self)
                 self.in_request = False
-                if not keep or self.server.draining or self.closing:
+                if not keep or server.draining or self.closing:
                     return
         except HeadRefused as exc:
             self.refuse(exc.problem)

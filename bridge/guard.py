@@ -7,12 +7,11 @@ clear-text 400 saying so; bytes that are neither TLS nor HTTP close the connecti
 the running loop's own implementation (``loop.start_tls``: uvloop's C ``SSLProtocol`` under
 ``bridge up``, asyncio's otherwise), in front of the request handler.
 
-The request handler (``GuardedRequestHandler``) adds a header-read deadline (slowloris), answers
-an oversized request line with 414 and oversized headers with 431, and keeps reading the body of
-the request being finished while the bridge drains. ``check_request_head`` then refuses what the
-parser let through but a proxy must not forward: smuggling shapes (Content-Length with
-Transfer-Encoding, two lengths, transfer codings other than chunked), tunnelling and tracing
-methods, odd method tokens, fragments, unsupported versions and bad Host values.
+On port 443 the connection then belongs to bridge.front, which parses and checks request heads
+itself. Port 80 (ACME challenges and redirects) stays on aiohttp: its request handler
+(``GuardedRequestHandler``) adds a header-read deadline (slowloris), answers an oversized request
+line with 414 and oversized headers with 431, and keeps reading the body of the request being
+finished while the bridge drains. ``HeadProblem`` and the limits below are shared by both.
 """
 
 from __future__ import annotations
@@ -562,37 +561,3 @@ class HeadProblem:
 
 def valid_host(value: str) -> bool:
     return HOST_VALUE.fullmatch(value) is not None
-
-
-def check_request_head(request: BaseRequest) -> HeadProblem | None:
-    """What the parser accepted but a proxy must not forward; None when the head is fine."""
-    return check_head(request.method, request.version, request.raw_path, request.headers, request.raw_headers)
-
-
-def check_head(method: str, version: tuple[int, int], target: str, headers: Any, raw_headers: Any) -> HeadProblem | None:
-    """``check_request_head`` on a parsed head (aiohttp's RawRequestMessage fields)."""
-    if len(method) > MAX_METHOD_LENGTH or not METHOD_TOKEN.fullmatch(method):
-        return HeadProblem(400, "bad-method", "The request method is not a valid method token.")
-    if method in REFUSED_METHODS:
-        return HeadProblem(405, "refused-method", f"The bridge does not relay {method} requests.")
-    if tuple(version) not in SUPPORTED_VERSIONS:
-        return HeadProblem(505, "bad-version", "Only HTTP/1.0 and HTTP/1.1 are supported.")
-    lengths = headers.getall("Content-Length", [])
-    codings = headers.getall("Transfer-Encoding", [])
-    if len(lengths) > 1:
-        return HeadProblem(400, "smuggling", "The request has more than one Content-Length.")
-    if codings and lengths:
-        return HeadProblem(400, "smuggling", "The request has both Content-Length and Transfer-Encoding.")
-    if codings:
-        if tuple(version) == (1, 0):
-            return HeadProblem(400, "smuggling", "HTTP/1.0 requests may not use Transfer-Encoding.")
-        if len(codings) > 1 or codings[0].strip().lower() != "chunked":
-            return HeadProblem(501, "smuggling", "Only Transfer-Encoding: chunked is supported.")
-    hosts = headers.getall("Host", [])
-    if len(hosts) > 1 or (hosts and not HOST_VALUE.fullmatch(hosts[0])):
-        return HeadProblem(400, "bad-host", "The Host header is not a valid host name.")
-    if "#" in target:
-        return HeadProblem(400, "bad-target", "The request target may not contain a fragment.")
-    if sum(len(name) + len(value) + 4 for name, value in raw_headers) > MAX_HEAD_BYTES:
-        return HeadProblem(431, "head-too-large", "The request header fields are too large.")
-    return None

@@ -195,7 +195,9 @@ class Proxy:
     # ---- relaying ------------------------------------------------------------------------------
     async def forward(self, request: RequestHead, client: ClientConnection, exchange: Exchange) -> bool:
         try:
-            upstream = await self.pinned_upstream(client.state)
+            upstream = client.state.data.get(UPSTREAM_KEY)
+            if upstream is None or not upstream.usable:
+                upstream = await self.pinned_upstream(client.state)
         except UpstreamError as exc:
             log.error("502 for %s %s: %s", request.method, log_path(request), exc)
             keep = request.keep_alive and not request.has_body and not client.server.draining

@@ -54,22 +54,6 @@ class ResponseHead:
     content_length: int | None = None
     connection_tokens: frozenset[bytes] = frozenset()  # the Connection header's tokens, lower-case
 
-    @property
-    def headers(self) -> list[tuple[str, str]]:
-        pairs = []
-        for line in self.block.split(b"\r\n")[1:]:
-            name, _, value = line.decode("latin-1").partition(":")
-            pairs.append((name, value.strip()))
-        return pairs
-
-    def get(self, name: str) -> str | None:
-        values = self.get_all(name)
-        return values[0] if values else None
-
-    def get_all(self, name: str) -> list[str]:
-        lowered = name.lower()
-        return [value for key, value in self.headers if key.lower() == lowered]
-
 
 @dataclass
 class ServerHealth:
