@@ -152,6 +152,21 @@ def test_upstream_gets_exactly_the_client_headers_plus_forwarded(bridge, ca, lab
     assert seen["header_names"] == ["Host", "User-Agent", "X-Custom", "X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Port"]
 
 
+def test_pipelined_requests_are_answered_in_order_on_one_connection(bridge, ca, lab):
+    """Three heads in one TLS write: forwarded, refused locally, forwarded; the answers keep their order."""
+    heads = [f"GET {path} HTTP/1.1\r\nHost: {BRIDGE_FQDN}\r\n\r\n" for path in ("/EWS/Exchange.asmx", "/admin/", "/owa/")]
+    before = lab.counters.snapshot()["requests_total"]
+    with raw(bridge, ca) as connection:
+        connection.send("".join(heads).encode())
+        statuses = []
+        for _ in heads:
+            status, headers = connection.read_head()
+            connection.read_body(int(headers["content-length"]))
+            statuses.append(status)
+    assert statuses[1] == 404 and statuses[0] != 404 and statuses[2] != 404
+    assert lab.counters.snapshot()["requests_total"] - before == 2
+
+
 # ---- what is forwarded ------------------------------------------------------------------------------
 
 

@@ -246,6 +246,7 @@ HOSTILE = {
     "headers-too-large-together": (f"GET {EWS} HTTP/1.1\r\n{HOST}" + "".join(f"X-H{i}: {'b' * 4000}\r\n" for i in range(10)) + "\r\n", 431),
     "invalid-method-token": (f"GE(T {EWS} HTTP/1.1\r\n{HOST}\r\n", 400),
     "method-with-dot": (f"G.ET {EWS} HTTP/1.1\r\n{HOST}\r\n", 400),
+    "lower-case-method": (f"get {EWS} HTTP/1.1\r\n{HOST}\r\n", 400),
     "connect": ("CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: 127.0.0.1:22\r\n\r\n", 405),
     "trace": (f"TRACE {EWS} HTTP/1.1\r\n{HOST}\r\n", 405),
     "absolute-form": (f"GET https://exch2007.lab.test{EWS} HTTP/1.1\r\n{HOST}\r\n", 400),
