@@ -168,7 +168,7 @@ async def start_bridge(config: BridgeConfig, certificate_source: CertificateSour
                 log.warning("legacy %s: %s; the bridge answers 502 until it is fixed", server, result)
         proxy = Proxy(config, pool)
         guard = connection_guard(config)
-        https_runner = FrontServer(proxy.handle, guard, ssl_context, keepalive_timeout=config.idle_timeout, drain_timeout=config.drain_timeout)
+        https_runner = FrontServer(proxy.handle, guard, ssl_context, keepalive_timeout=config.idle_timeout, drain_timeout=config.drain_timeout, fast=proxy)
         runners.append(https_runner)
         try:
             await https_runner.listen(config.bind, config.https_port)

@@ -155,6 +155,11 @@ class BanGuard:
         self.refresh(force=True, announce=False)
 
     # ---- queries on the request path --------------------------------------------------------
+    def has_bans(self) -> bool:
+        """Whether any address is banned (no counting; the proxy's fast path asks this)."""
+        self.refresh()
+        return bool(self.bans)
+
     def is_banned(self, address: str) -> bool:
         self.refresh()
         address = _plain(address)

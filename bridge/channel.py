@@ -9,6 +9,7 @@ deliberately small: the HTTP framing lives in bridge.front (client leg) and brid
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 READ_HIGH = 256 * 1024  # buffered received bytes before the transport stops reading
 WRITE_HIGH = 256 * 1024  # queued bytes before a writer waits in drain()
@@ -35,6 +36,7 @@ class Channel(asyncio.Protocol):
         self.waiter: asyncio.Future | None = None
         self.drain_waiter: asyncio.Future | None = None
         self.received = 0  # bytes delivered by the transport, for idle detection
+        self.on_data: Callable[[], None] | None = None  # called instead of waking a reader (bridge.proxy's fast path)
 
     # ---- transport callbacks ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -50,16 +52,23 @@ class Channel(asyncio.Protocol):
         if self.buffered > READ_HIGH and not self.reading_paused and self.transport is not None:
             self.reading_paused = True
             self.transport.pause_reading()
-        self.wake()
+        if self.on_data is not None:
+            self.on_data()
+        else:
+            self.wake()
 
     def eof_received(self) -> bool | None:
         self.eof = True
+        if self.on_data is not None:
+            self.on_data()
         self.wake()
         return None
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.lost = True
         self.eof = True
+        if self.on_data is not None:
+            self.on_data()
         self.wake()
         self.resume_writing()
 

@@ -19,9 +19,9 @@ import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from bridge.channel import Channel
+from bridge.channel import READ_HIGH, Channel
 from bridge.guard import (
     MAX_HEAD_BYTES,
     MAX_METHOD_LENGTH,
@@ -232,11 +232,25 @@ def complete_head_length(data: bytes) -> int:
 Handler = Callable[[RequestHead, "ClientConnection"], Awaitable[bool]]
 
 
+PENDING = b"pending"  # read_request_head(): an exchange the fast path handed back is waiting
+
+
+class FastPath(Protocol):
+    """What the connection asks of the proxy's callback-driven path (bridge.proxy.Proxy)."""
+
+    def start_fast(self, client: "ClientConnection") -> bool: ...
+    def fast_expired(self, client: "ClientConnection") -> None: ...
+    def fast_abandoned(self, client: "ClientConnection") -> None: ...
+    async def resume(self, client: "ClientConnection") -> bool: ...
+
+
 class ClientConnection(Channel):
     """One client connection (after TLS): reads request heads and runs the handler for each.
 
     The handler returns whether the connection may carry another request; it reads the request
-    body from this channel and writes the answer to it.
+    body from this channel and writes the answer to it. When the server has a fast path, a simple
+    request (no body, on an open upstream connection) is relayed from the transport callbacks
+    without waking the connection's task; anything unusual hands it back to the task (``pending``).
     """
 
     def __init__(self, server: "FrontServer") -> None:
@@ -247,8 +261,16 @@ class ClientConnection(Channel):
         self.task: asyncio.Task | None = None
         self.in_request = False
         self.requests = 0
-        # Deadlines, checked by the server's sweeper (no timer per request): waiting for a head...
-        self.deadline = 0.0
+        self.finished = False  # no further request on this connection
+        self.fast: Any = None  # the exchange the fast path is relaying
+        self.pending: Any = None  # an exchange the fast path handed back to the task
+        self.fast_data_callback: Callable[[], None] | None = None  # the upstream's on_data during fast exchanges
+        # Deadlines, checked by the server's sweeper (no timer per request): while the task waits
+        # for a head, since when part of one is here (--header-timeout) or since when the
+        # connection is idle (keep-alive timeout)...
+        self.waiting = False
+        self.head_since = 0.0
+        self.idle_since = 0.0
         self.timed_out = False
         # ... and, during a request, the idle limit on data moving in either direction.
         self.idle_limit = 0.0
@@ -263,11 +285,28 @@ class ClientConnection(Channel):
         super().connection_made(transport)
         self.state.peer = peer_address(transport)
         self.server.connections.add(self)
+        self.head_since = self.idle_since = self.loop.time()  # the first head is due --header-timeout after the handshake
         self.task = self.loop.create_task(self.serve())
+
+    def data_received(self, data: bytes) -> None:
+        if not data:
+            return
+        self.chunks.append(data)
+        self.buffered += len(data)
+        self.received += len(data)
+        if self.buffered > READ_HIGH and not self.reading_paused and self.transport is not None:
+            self.reading_paused = True
+            self.transport.pause_reading()
+        if self.waiting and self.fast is None and self.pending is None and self.server.fast is not None and not self.finished:
+            if self.server.fast.start_fast(self):
+                return
+        self.wake()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
         self.server.connections.discard(self)
+        if self.fast is not None:
+            self.server.fast.fast_abandoned(self)
         self.state.run_close_callbacks()  # the pinned upstream connection goes with its client
         if self.in_request and self.task is not None and not self.task.done():
             self.task.cancel()
@@ -281,10 +320,13 @@ class ClientConnection(Channel):
                 head = await self.read_request_head()
                 if head is None:
                     return
-                request = parse_request_head(head)
                 self.in_request = True
-                keep = await handler(request, self)
+                if head is PENDING:
+                    keep = await server.fast.resume(self)
+                else:
+                    keep = await handler(parse_request_head(head), self)
                 self.in_request = False
+                self.idle_since = self.loop.time()
                 if not keep or server.draining or self.closing:
                     return
         except HeadRefused as exc:
@@ -294,7 +336,8 @@ class ClientConnection(Channel):
         except Exception:
             log.exception("unexpected error on the connection from %s", self.peer)
         finally:
-            self.deadline = self.idle_limit = 0.0
+            self.finished = True
+            self.idle_limit = 0.0
             self.state.run_close_callbacks()
             self.close()
 
@@ -306,27 +349,38 @@ class ClientConnection(Channel):
             self.transport.write(refusal_bytes(problem.status, problem.message))  # type: ignore[union-attr]
 
     async def read_request_head(self) -> bytes | None:
-        """The next request head, or None when the connection should end without an answer."""
-        head_started = self.requests == 0  # the first head is due --header-timeout after the handshake
-        deadline = self.loop.time() + self.guard.header_timeout if head_started else 0.0
+        """The next request head (PENDING for a handed-back exchange), or None when the connection
+        should end without an answer."""
         while True:
-            data = self.peek_all()
-            if data[:1] in (b"\r", b"\n"):  # empty lines before a request line are ignored (RFC 9112 2.2)
-                stripped = len(data) - len(data.lstrip(b"\r\n"))
-                self.consume(stripped)
-                continue
-            length = complete_head_length(data)
-            if length:
-                self.consume(length)
-                self.requests += 1
-                return data[:length]
-            if self.eof:
+            if self.pending is not None:
+                return PENDING
+            if self.finished:
                 return None
-            if data and not head_started:
-                head_started = True
-                deadline = self.loop.time() + self.guard.header_timeout
-            if not await self.wait_until(deadline if head_started else self.loop.time() + self.server.keepalive_timeout):
-                if not head_started:
+            if self.fast is None:
+                data = self.peek_all()
+                if data[:1] in (b"\r", b"\n"):  # empty lines before a request line are ignored (RFC 9112 2.2)
+                    self.consume(len(data) - len(data.lstrip(b"\r\n")))
+                    continue
+                length = complete_head_length(data)
+                if length:
+                    self.consume(length)
+                    self.requests += 1
+                    self.head_since = 0.0
+                    return data[:length]
+                if self.eof:
+                    return None
+                if data and not self.head_since:
+                    self.head_since = self.loop.time()
+            elif self.eof:
+                return None
+            self.timed_out = False
+            self.waiting = True
+            try:
+                await self.wait_for_data()
+            finally:
+                self.waiting = False
+            if self.timed_out:
+                if not self.head_since:
                     return None  # an idle keep-alive connection
                 self.guard.reject("header-timeout")
                 log.info("408 for %s: request head not complete within %g s", self.peer, self.guard.header_timeout)
@@ -334,15 +388,26 @@ class ClientConnection(Channel):
                     self.transport.write(simple_response(408, "Request Timeout", "The request head did not arrive in time."))  # type: ignore[union-attr]
                 return None
 
-    async def wait_until(self, deadline: float) -> bool:
-        """Wait for data; False when the deadline passed first."""
-        self.timed_out = False
-        self.deadline = deadline
-        try:
-            await self.wait_for_data()
-        finally:
-            self.deadline = 0.0
-        return not self.timed_out
+    def fast_done(self, keep: bool) -> None:
+        """The fast path has answered; go on with what the client sent meanwhile (pipelining)."""
+        self.fast = None
+        self.in_request = False
+        self.idle_since = self.loop.time()
+        if not keep or self.server.draining:
+            self.finished = True
+            self.wake()
+        elif self.chunks and not self.server.fast.start_fast(self):
+            self.wake()
+
+    def fast_fallback(self, exchange: Any) -> None:
+        """The fast path hands its exchange to the task (an unusual answer, or an error)."""
+        self.fast = None
+        self.pending = exchange
+        self.wake()
+
+    def take_pending(self) -> Any:
+        exchange, self.pending = self.pending, None
+        return exchange
 
     # ---- deadlines ---------------------------------------------------------------------------
     def touch(self) -> None:
@@ -357,14 +422,21 @@ class ClientConnection(Channel):
 
     def check_deadlines(self, now: float) -> None:
         if self.idle_limit:
-            if now - self.last_activity >= self.idle_limit and self.task is not None and not self.task.done():
+            if now - self.last_activity >= self.idle_limit:
                 self.idle_limit = 0.0
                 self.idle_expired = True
-                self.task.cancel()
-        elif self.deadline and now >= self.deadline:
-            self.deadline = 0.0
-            self.timed_out = True
-            self.wake()
+                if self.fast is not None:
+                    self.server.fast.fast_expired(self)
+                elif self.task is not None and not self.task.done():
+                    self.task.cancel()
+        elif self.waiting and self.fast is None:
+            if self.head_since:
+                due = self.head_since + self.guard.header_timeout
+            else:
+                due = self.idle_since + self.server.keepalive_timeout
+            if now >= due:
+                self.timed_out = True
+                self.wake()
 
 
 def refusal_bytes(status: int, message: str) -> bytes:
@@ -375,8 +447,11 @@ def refusal_bytes(status: int, message: str) -> bytes:
 class FrontServer:
     """The HTTPS listener(s), its open connections and the drain on shutdown."""
 
-    def __init__(self, handler: Handler, guard: ConnectionGuard, ssl_context: Any, keepalive_timeout: float, drain_timeout: float = 30.0) -> None:
+    def __init__(
+        self, handler: Handler, guard: ConnectionGuard, ssl_context: Any, keepalive_timeout: float, drain_timeout: float = 30.0, fast: FastPath | None = None
+    ) -> None:
         self.handler = handler
+        self.fast = fast
         self.guard = guard
         self.ssl_context = ssl_context
         self.keepalive_timeout = keepalive_timeout

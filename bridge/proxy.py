@@ -13,7 +13,7 @@ import functools
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from http import HTTPStatus
 from urllib.parse import unquote
 
@@ -23,14 +23,16 @@ from aiohttp.web_request import BaseRequest
 from bridge.bans import carries_final_credentials
 from bridge.channel import LimitExceeded
 from bridge.config import BridgeConfig
-from bridge.front import ClientConnection, RequestHead
+from bridge.front import ClientConnection, HeadRefused, RequestHead, complete_head_length, parse_request_head
 from bridge.http_server import ConnectionState
 from bridge.upstream import (
+    MAX_HEAD,
     READ_SIZE,
     LegacyPool,
     ResponseHead,
     UpstreamConnection,
     UpstreamError,
+    parse_response_head,
     response_has_body,
     response_keeps_connection,
 )
@@ -159,7 +161,10 @@ class Proxy:
         """(status, message, close) for requests that must not reach the legacy server, else None."""
         if self.bans is not None and self.bans.is_banned(client.peer):
             return 403, "Forbidden: too many failed logons from this address; try again later.", True
-        path = request.raw_path.split("?", 1)[0]
+        return self.cached_path_verdict(request.raw_path)
+
+    def cached_path_verdict(self, target: str) -> tuple[int, str, bool] | None:
+        path = target.split("?", 1)[0]
         try:
             return self.path_verdicts[path]
         except KeyError:
@@ -202,13 +207,21 @@ class Proxy:
             log.error("502 for %s %s: %s", request.method, log_path(request), exc)
             keep = request.keep_alive and not request.has_body and not client.server.draining
             return self.answer_locally(request, client, exchange, 502, f"The bridge could not reach the Exchange server: {exc}.", keep)
-        exchange.upstream = str(upstream.server)
+        exchange.upstream = upstream.name
         exchange.body_done = not request.has_body
         client.watch_idle(self.config.idle_timeout)
+        return await self.relay(request, client, upstream, exchange, self.request_head(request, client.peer))
+
+    async def relay(
+        self, request: RequestHead, client: ClientConnection, upstream: UpstreamConnection, exchange: Exchange, head_bytes: bytes | None
+    ) -> bool:
+        """Everything after the upstream connection is chosen: the request (its head unless
+        ``head_bytes`` is None, i.e. already sent), interim answers, the response, the body pump."""
         pump: asyncio.Task | None = None
         has_body = request.has_body
         try:
-            upstream.write(self.request_head(request, client.peer))
+            if head_bytes is not None:
+                upstream.write(head_bytes)
             expects_continue = request.expect_continue and has_body
             exchange.body_withheld = expects_continue
             if has_body and not expects_continue:
@@ -262,6 +275,133 @@ class Proxy:
             client.watch_idle(0)
             if pump is not None and not pump.done():
                 pump.cancel()
+
+    # ---- the fast path: a simple exchange in transport callbacks, no task switch ----------------
+    # Most requests are small and plain: no body, an open pinned upstream connection, a short
+    # answer with a Content-Length. For them the head goes upstream from the client's
+    # data_received and the answer goes back from the upstream's, which spares the connection's
+    # task two wake-ups and the coroutine layers per request. Anything else (1xx, chunked or large
+    # bodies, errors, a lost leg) is handed to the task, which goes on with relay().
+
+    def start_fast(self, client: ClientConnection) -> bool:
+        """Relay the buffered request head on the fast path if it qualifies; False leaves it to the task."""
+        data = client.peek_all()
+        try:
+            length = complete_head_length(data)
+            if not length:
+                return False
+            request = parse_request_head(data if length == len(data) else data[:length])
+        except HeadRefused:
+            return False  # the task answers it
+        if request.has_body or request.expect_continue or client.server.draining:
+            return False
+        upstream = client.state.data.get(UPSTREAM_KEY)
+        if upstream is None or not upstream.usable or upstream.channel.chunks:
+            return False
+        if (self.bans is not None and self.bans.has_bans()) or self.cached_path_verdict(request.raw_path) is not None:
+            return False  # refused or possibly banned: the task answers (and counts) it
+        client.consume(length)
+        client.requests += 1
+        client.head_since = 0.0
+        exchange = Exchange()
+        exchange.upstream = upstream.name
+        exchange.body_done = True
+        if self.stats is not None:
+            self.stats.begin(request, exchange)
+        client.in_request = True
+        client.watch_idle(self.config.idle_timeout)
+        client.fast = (request, exchange, upstream)
+        upstream.channel.on_data = client.fast_data_callback or self.fast_callback(client)
+        try:
+            upstream.write(self.request_head(request, client.peer))
+        except UpstreamError:
+            self.fall_back(client)
+        return True
+
+    def fast_callback(self, client: ClientConnection) -> Callable[[], None]:
+        client.fast_data_callback = lambda: self.continue_fast(client)
+        return client.fast_data_callback
+
+    def continue_fast(self, client: ClientConnection) -> None:
+        """Upstream data for a fast exchange: answer once the whole (small) response is here."""
+        if client.fast is None:
+            return
+        request, exchange, upstream = client.fast
+        channel = upstream.channel
+        data = channel.peek_all()
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            if channel.eof or len(data) > MAX_HEAD:
+                self.fall_back(client)
+            return
+        try:
+            head = parse_response_head(data[: end + 4], upstream.server)
+        except UpstreamError:
+            self.fall_back(client)
+            return
+        length = head.content_length
+        has_body = response_has_body(request.method, head.status)
+        if head.status < 200 or (has_body and (length is None or length > COALESCE_LIMIT)):
+            self.fall_back(client)
+            return
+        total = end + 4 + (length if has_body and length else 0)
+        if len(data) < total:
+            if channel.eof:
+                self.fall_back(client)
+            return
+        channel.consume(total)
+        keep = response_keeps_connection(head) and upstream.reusable
+        if not keep:
+            upstream.reusable = False
+        keep = keep and request.keep_alive and not client.server.draining
+        exchange.status = head.status
+        exchange.bytes_out = total - end - 4
+        exchange.answered = True
+        if not client.closing:
+            client.write(self.response_head(request, head, length, False, keep) + data[end + 4 : total])
+        if not upstream.reusable:
+            upstream.close()
+        self.end_fast(client, keep)
+
+    def end_fast(self, client: ClientConnection, keep: bool) -> None:
+        request, exchange, upstream = client.fast
+        upstream.channel.on_data = None
+        client.watch_idle(0)
+        self.note_failed_logon(request, client, exchange)
+        if self.stats is not None:
+            self.stats.end(request, exchange)
+        self.log_access(request, client, exchange)
+        client.fast_done(keep)
+
+    def fall_back(self, client: ClientConnection) -> None:
+        """Hand the fast exchange to the connection's task (resume() goes on with relay())."""
+        request, exchange, upstream = client.fast
+        upstream.channel.on_data = None
+        client.fast_fallback((request, exchange, upstream))
+
+    async def resume(self, client: ClientConnection) -> bool:
+        request, exchange, upstream = client.take_pending()
+        try:
+            keep = await self.relay(request, client, upstream, exchange, None)
+            self.note_failed_logon(request, client, exchange)
+            return keep
+        finally:
+            if self.stats is not None:
+                self.stats.end(request, exchange)
+            self.log_access(request, client, exchange)
+
+    def fast_expired(self, client: ClientConnection) -> None:
+        """--idle-timeout ran out while the legacy server had not answered a fast exchange."""
+        request, exchange, upstream = client.fast
+        upstream.close()
+        log.warning("%s %s: no data moved for %g s, closing both legs", request.method, log_path(request), self.config.idle_timeout)
+        self.abort_exchange(client, exchange, 504, "The Exchange server did not answer in time.")
+        self.end_fast(client, False)
+
+    def fast_abandoned(self, client: ClientConnection) -> None:
+        """The client went away during a fast exchange."""
+        client.fast[2].close()
+        self.end_fast(client, False)
 
     def start_pump(self, request: RequestHead, client: ClientConnection, upstream: UpstreamConnection, exchange: Exchange) -> asyncio.Task:
         pump = asyncio.ensure_future(self.pump_request_body(request, client, upstream, exchange))

@@ -69,6 +69,7 @@ class UpstreamConnection:
 
     def __init__(self, server: LegacyServer, channel: Channel) -> None:
         self.server = server
+        self.name = str(server)
         self.channel = channel
         self.reusable = True
 

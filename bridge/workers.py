@@ -481,6 +481,9 @@ class WorkerBans:
         self.policy = policy  # kept for bridge.status.reload_settings
         self.refused_total = 0
 
+    def has_bans(self) -> bool:
+        return bool(self.bans)
+
     def is_banned(self, address: str) -> bool:
         from bridge.bans import _plain
 
@@ -535,7 +538,7 @@ async def serve_worker(index: int, control_fd: int, listen_fds: list[int]) -> in
     guard = connection_guard(config)
     guard.public_origin = proxy.public_origin
     sockets = [socket.socket(fileno=fd) for fd in listen_fds]
-    runner = FrontServer(proxy.handle, guard, ssl_context, keepalive_timeout=config.idle_timeout, drain_timeout=config.drain_timeout)
+    runner = FrontServer(proxy.handle, guard, ssl_context, keepalive_timeout=config.idle_timeout, drain_timeout=config.drain_timeout, fast=proxy)
     for sock in sockets:
         await runner.listen(None, 0, sock=sock)
     bridge = RunningBridge(config, proxy, settings["public_port"], 0, ssl_context, [runner], guard=guard)
