@@ -305,7 +305,7 @@ class ClientConnection(Channel):
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
         self.server.connections.discard(self)
-        if self.fast is not None:
+        if self.fast is not None or self.pending is not None:
             self.server.fast.fast_abandoned(self)
         self.state.run_close_callbacks()  # the pinned upstream connection goes with its client
         if self.in_request and self.task is not None and not self.task.done():
@@ -338,6 +338,8 @@ class ClientConnection(Channel):
         finally:
             self.finished = True
             self.idle_limit = 0.0
+            if self.fast is not None or self.pending is not None:
+                self.server.fast.fast_abandoned(self)
             self.state.run_close_callbacks()
             self.close()
 

@@ -326,6 +326,14 @@ class Proxy:
         """Upstream data for a fast exchange: answer once the whole (small) response is here."""
         if client.fast is None:
             return
+        try:
+            self.answer_fast(client)
+        except Exception:  # never let a callback error kill a transport: the task takes over
+            log.exception("fast path failed; the request goes on the general path")
+            if client.fast is not None:
+                self.fall_back(client)
+
+    def answer_fast(self, client: ClientConnection) -> None:
         request, exchange, upstream = client.fast
         channel = upstream.channel
         data = channel.peek_all()
@@ -399,9 +407,17 @@ class Proxy:
         self.end_fast(client, False)
 
     def fast_abandoned(self, client: ClientConnection) -> None:
-        """The client went away during a fast exchange."""
-        client.fast[2].close()
-        self.end_fast(client, False)
+        """The client connection ended with a fast exchange in flight or handed back but not resumed."""
+        if client.fast is None and client.pending is None:
+            return
+        request, exchange, upstream = client.fast or client.pending
+        client.fast = client.pending = None
+        upstream.channel.on_data = None
+        upstream.close()
+        client.watch_idle(0)
+        if self.stats is not None:
+            self.stats.end(request, exchange)
+        self.log_access(request, client, exchange)
 
     def start_pump(self, request: RequestHead, client: ClientConnection, upstream: UpstreamConnection, exchange: Exchange) -> asyncio.Task:
         pump = asyncio.ensure_future(self.pump_request_body(request, client, upstream, exchange))

@@ -50,9 +50,9 @@ class ScriptedUpstream:
 def through_bridge(ca, tmp_path):
     started = []
 
-    def start(script):
+    def start(script, **overrides):
         upstream = ScriptedUpstream(script, tmp_path, ca)
-        bridge = BackgroundBridge(bridge_config(upstream.port, tmp_path, ca))
+        bridge = BackgroundBridge(bridge_config(upstream.port, tmp_path, ca, **overrides))
         bridge.start()
         started.append((upstream, bridge))
         return RawHttpsConnection(bridge.https_port, context=bridge_client_context(ca, check_hostname=False), timeout=5)
@@ -147,3 +147,77 @@ def test_malformed_client_body_closes_both_legs_without_a_traceback(through_brid
     read_until_close(connection)
     assert "malformed" in caplog.text
     assert "Traceback" not in caplog.text and "Unhandled exception" not in caplog.text
+
+
+# ---- one keep-alive connection, every shape of answer in turn ------------------------------------
+# After the first request, plain requests take the proxy's fast path (relayed in callbacks); each
+# answer below that is not a small Content-Length one must be handed back to the general path
+# without losing a byte or the order.
+
+ANSWERS = [
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", 200, b"hello"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nworld", 200, b"world"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n", 200, b"abcde"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 20000\r\n\r\n" + b"L" * 20000, 200, b"L" * 20000),
+    (b"HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\n\r\n", 304, b""),
+    (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", 200, b"ok"),
+    (b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: NTLM\r\nContent-Length: 0\r\n\r\n", 401, b""),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nend", 200, b"end"),
+]
+
+
+def read_answer(connection: RawHttpsConnection) -> tuple[int, dict[str, str], bytes]:
+    status, headers = connection.read_head()
+    while status < 200:  # interim answers
+        status, headers = connection.read_head()
+    if "content-length" in headers:
+        return status, headers, connection.read_body(int(headers["content-length"]))
+    body = b""
+    if headers.get("transfer-encoding") == "chunked":
+        while True:
+            while b"\r\n" not in connection.buffer:
+                connection._receive()
+            size_line, connection.buffer = connection.buffer.split(b"\r\n", 1)
+            size = int(size_line, 16)
+            chunk = connection.read_body(size + 2)
+            if size == 0:
+                return status, headers, body
+            body += chunk[:-2]
+    return status, headers, body
+
+
+def test_every_answer_shape_in_turn_on_one_connection(through_bridge):
+    connections = []
+
+    async def script(reader, writer):
+        for index, (answer, _, _) in enumerate(ANSWERS):
+            await reader.readuntil(b"\r\n\r\n")
+            if index == 0:
+                connections.append(1)  # (the bridge's start-up check connects without a request)
+            writer.write(answer)
+            await writer.drain()
+        await reader.read()
+
+    connection = through_bridge(script)
+    for index, (_, status, body) in enumerate(ANSWERS):
+        connection.send_head("GET", "/EWS/Exchange.asmx", {})
+        got_status, headers, got_body = read_answer(connection)
+        assert (got_status, got_body) == (status, body), index
+    assert headers.get("connection") == "close"
+    assert read_until_close(connection, 2.0) == b""  # the bridge ended the connection after the last answer
+    assert connections == [1]  # one upstream connection served all of them
+
+
+def test_a_silent_upstream_on_a_kept_connection_gets_504_after_the_idle_timeout(through_bridge):
+    async def script(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(30)  # never answers the second request
+
+    connection = through_bridge(script, idle_timeout=1.0)
+    connection.send_head("GET", "/EWS/Exchange.asmx", {})
+    assert read_answer(connection)[0] == 200
+    connection.send_head("GET", "/EWS/Exchange.asmx", {})
+    status, headers, _ = read_answer(connection)
+    assert status == 504 and headers.get("connection") == "close"
