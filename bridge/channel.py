@@ -44,18 +44,24 @@ class Channel(asyncio.Protocol):
         transport.set_write_buffer_limits(high=WRITE_HIGH)  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
-        if not data:
+        if not self.keep(data):
             return
+        if self.on_data is not None:
+            self.on_data()
+        else:
+            self.wake()
+
+    def keep(self, data: bytes) -> bool:
+        """Buffer received bytes (pausing the transport above READ_HIGH); False for none."""
+        if not data:
+            return False
         self.chunks.append(data)
         self.buffered += len(data)
         self.received += len(data)
         if self.buffered > READ_HIGH and not self.reading_paused and self.transport is not None:
             self.reading_paused = True
             self.transport.pause_reading()
-        if self.on_data is not None:
-            self.on_data()
-        else:
-            self.wake()
+        return True
 
     def eof_received(self) -> bool | None:
         self.eof = True

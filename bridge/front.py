@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from bridge.channel import READ_HIGH, Channel
+from bridge.channel import Channel
 from bridge.guard import (
     MAX_HEAD_BYTES,
     MAX_METHOD_LENGTH,
@@ -289,14 +289,8 @@ class ClientConnection(Channel):
         self.task = self.loop.create_task(self.serve())
 
     def data_received(self, data: bytes) -> None:
-        if not data:
+        if not self.keep(data):
             return
-        self.chunks.append(data)
-        self.buffered += len(data)
-        self.received += len(data)
-        if self.buffered > READ_HIGH and not self.reading_paused and self.transport is not None:
-            self.reading_paused = True
-            self.transport.pause_reading()
         if self.waiting and self.fast is None and self.pending is None and self.server.fast is not None and not self.finished:
             if self.server.fast.start_fast(self):
                 return
