@@ -5,7 +5,9 @@ per-request objects (request, response, header multidicts, a task per request, i
 about two thirds of the bridge's CPU per small request, and its compiled parser refuses Outlook
 Anywhere's ``RPC_IN_DATA``/``RPC_OUT_DATA``. Here one task serves each connection: it reads a request
 head, parses and checks it in one pass (``parse_request_head``), and hands it to the proxy, which
-writes the answer as bytes. aiohttp still serves port 80, the status page and the lab.
+writes the answer as bytes; a plain request on an open upstream connection skips even that task and
+is relayed from the transport callbacks (the proxy's fast path). aiohttp still serves port 80, the
+status page and the lab.
 
 Every connection first passes bridge.guard's Gate (allow-list, plain HTTP, --max-connections, TLS by
 the loop's own implementation); a head must arrive within --header-timeout (408), an idle
