@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import shlex
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -280,6 +281,10 @@ def _operations(config: BridgeConfig, values: dict[str, Any]) -> None:
         config.ban_duration = _seconds("--ban-duration", values["ban_duration"])
     if values.get("ban_command"):
         config.ban_command = str(values["ban_command"])
+        try:
+            shlex.split(config.ban_command)
+        except ValueError as exc:
+            raise ConfigError(f"--ban-command {config.ban_command!r} is not a command line ({exc}); check its quotes.") from None
     config.never_ban = parse_networks(_as_list(values.get("never_ban")), "--never-ban")
     config.allow = parse_networks(_as_list(values.get("allow")), "--allow")
     if values.get("max_connections") is not None:

@@ -99,6 +99,7 @@ class RequestHead:
 FRAMING_NAMES = frozenset({b"content-length", b"transfer-encoding", b"host", b"connection", b"expect"})
 
 
+END_TO_END = frozenset({b"content-length", b"host"})
 COMMON_METHODS = {m.encode(): m for m in ("GET", "POST", "HEAD", "PUT", "DELETE", "OPTIONS", "PATCH", "RPC_IN_DATA", "RPC_OUT_DATA", "PROPFIND", "SEARCH")}
 VALID_HOSTS: set[bytes] = set()  # Host values seen and found valid (clients repeat one or two)
 
@@ -200,6 +201,9 @@ def parse_request_head(raw: bytes) -> RequestHead:
         raise refused(400, "bad-host", "An HTTP/1.1 request must have a Host header.")
 
     tokens = connection_tokens(connection) if connection else frozenset()
+    if tokens and not tokens.isdisjoint(END_TO_END):
+        # Dropping them as hop-by-hop would change the framing the legacy server sees (smuggling).
+        raise refused(400, "smuggling", "The Connection header may not name Content-Length or Host.")
     keep_alive = b"close" not in tokens if version == (1, 1) else b"keep-alive" in tokens
     return RequestHead(
         method=method,
@@ -215,18 +219,20 @@ def parse_request_head(raw: bytes) -> RequestHead:
     )
 
 
-def complete_head_length(data: bytes) -> int:
+def complete_head_length(data: bytes, scanned: int = 0) -> int:
     """The length of the request head that starts ``data`` (through CRLF CRLF), or 0 while more bytes
-    are needed; raises HeadRefused as soon as no acceptable head can come of it."""
-    end = data.find(b"\r\n\r\n")
+    are needed; raises HeadRefused as soon as no acceptable head can come of it. ``scanned``: how many
+    bytes of ``data`` an earlier call already checked (a head trickling in is not rescanned whole)."""
+    end = data.find(b"\r\n\r\n", max(0, scanned - 3))
     if end >= 0:
         return end + 4
-    line_end = data.find(b"\r\n")
-    if line_end > MAX_LINE_SIZE or (line_end < 0 and len(data) > MAX_LINE_SIZE):
+    size = len(data)
+    if size > MAX_LINE_SIZE and data.find(b"\r\n", 0, MAX_LINE_SIZE + 2) < 0:
         raise refused(414, "target-too-long", "The request line is too long.")
-    if len(data) > MAX_REQUEST_HEAD:
+    if size > MAX_REQUEST_HEAD:
         raise refused(431, "head-too-large", "The request header fields are too large.")
-    if BAD_HEAD_BYTES.search(data[:-1] if data.endswith(b"\r") else data):
+    # (A CR at the very end may be the start of a CRLF: not judged yet.)
+    if BAD_HEAD_BYTES.search(data, max(0, scanned - 1), size - 1 if data.endswith(b"\r") else size):
         raise refused(400, "malformed-head", MALFORMED)  # e.g. bare LF line ends: no CRLF CRLF will come
     return 0
 
@@ -264,6 +270,7 @@ class ClientConnection(Channel):
         self.in_request = False
         self.requests = 0
         self.finished = False  # no further request on this connection
+        self.scanned = 0  # buffered bytes already checked for a complete request head
         self.fast: Any = None  # the exchange the fast path is relaying
         self.pending: Any = None  # an exchange the fast path handed back to the task
         self.fast_data_callback: Callable[[], None] | None = None  # the upstream's on_data during fast exchanges
@@ -293,9 +300,15 @@ class ClientConnection(Channel):
     def data_received(self, data: bytes) -> None:
         if not self.keep(data):
             return
-        if self.waiting and self.fast is None and self.pending is None and self.server.fast is not None and not self.finished:
-            if self.server.fast.start_fast(self):
-                return
+        if (
+            self.waiting and self.fast is None and self.pending is None and not self.timed_out and not self.finished
+            and not self.writing_paused and self.server.fast is not None
+        ):
+            try:
+                if self.server.fast.start_fast(self):
+                    return
+            except Exception:  # never let a callback error kill the transport: the task takes over
+                log.exception("fast path failed to start; the request goes on the general path")
         self.wake()
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -325,6 +338,8 @@ class ClientConnection(Channel):
                 self.idle_since = self.loop.time()
                 if not keep or server.draining or self.closing:
                     return
+                if self.writing_paused:
+                    await self.drain()  # a client that pipelines but does not read gets no more answers
         except HeadRefused as exc:
             self.refuse(exc.problem)
         except asyncio.CancelledError:
@@ -349,6 +364,7 @@ class ClientConnection(Channel):
     async def read_request_head(self) -> bytes | None:
         """The next request head (PENDING for a handed-back exchange), or None when the connection
         should end without an answer."""
+        expired = False
         while True:
             if self.pending is not None:
                 return PENDING
@@ -359,7 +375,7 @@ class ClientConnection(Channel):
                 if data[:1] in (b"\r", b"\n"):  # empty lines before a request line are ignored (RFC 9112 2.2)
                     self.consume(len(data) - len(data.lstrip(b"\r\n")))
                     continue
-                length = complete_head_length(data)
+                length = self.complete_head(data)
                 if length:
                     self.consume(length)
                     self.requests += 1
@@ -367,6 +383,16 @@ class ClientConnection(Channel):
                     return data[:length]
                 if self.eof:
                     return None
+                if expired:
+                    if self.head_since:
+                        self.guard.reject("header-timeout")
+                        log.info("408 for %s: request head not complete within %g s", self.peer, self.guard.header_timeout)
+                        if not self.closing:
+                            self.transport.write(simple_response(408, "Request Timeout", "The request head did not arrive in time."))  # type: ignore[union-attr]
+                        return None
+                    if not data:
+                        return None  # an idle keep-alive connection
+                    # (bytes arrived just as the keep-alive deadline fired: a head has begun)
                 if data and not self.head_since:
                     self.head_since = self.loop.time()
             elif self.eof:
@@ -377,14 +403,13 @@ class ClientConnection(Channel):
                 await self.wait_for_data()
             finally:
                 self.waiting = False
-            if self.timed_out:
-                if not self.head_since:
-                    return None  # an idle keep-alive connection
-                self.guard.reject("header-timeout")
-                log.info("408 for %s: request head not complete within %g s", self.peer, self.guard.header_timeout)
-                if not self.closing:
-                    self.transport.write(simple_response(408, "Request Timeout", "The request head did not arrive in time."))  # type: ignore[union-attr]
-                return None
+            expired, self.timed_out = self.timed_out, False
+
+    def complete_head(self, data: bytes) -> int:
+        """complete_head_length() of the buffer, remembering how much of it has been checked."""
+        length = complete_head_length(data, self.scanned)
+        self.scanned = 0 if length else len(data)
+        return length
 
     def fast_done(self, keep: bool) -> None:
         """The fast path has answered; go on with what the client sent meanwhile (pipelining)."""
@@ -394,8 +419,8 @@ class ClientConnection(Channel):
         if not keep or self.server.draining:
             self.finished = True
             self.wake()
-        elif self.chunks and not self.server.fast.start_fast(self):
-            self.wake()
+        elif self.chunks and (self.writing_paused or not self.server.fast.start_fast(self)):
+            self.wake()  # the task takes the next request (after the client has read the answers so far)
 
     def fast_fallback(self, exchange: Any) -> None:
         """The fast path hands its exchange to the task (an unusual answer, or an error)."""
@@ -481,7 +506,11 @@ class FrontServer:
             await asyncio.sleep(max(0.05, min(0.5, self.guard.header_timeout / 8, self.keepalive_timeout / 8)))
             now = loop.time()
             for connection in list(self.connections):
-                connection.check_deadlines(now)
+                try:
+                    connection.check_deadlines(now)
+                except Exception:  # one connection's failure must not stop the deadlines of all
+                    log.exception("deadline handling failed for the connection from %s", connection.peer)
+                    connection.abort()
 
     @property
     def port(self) -> int:

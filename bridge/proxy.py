@@ -23,7 +23,7 @@ from aiohttp.web_request import BaseRequest
 from bridge.bans import carries_final_credentials
 from bridge.channel import LimitExceeded
 from bridge.config import BridgeConfig
-from bridge.front import ClientConnection, HeadRefused, RequestHead, complete_head_length, parse_request_head
+from bridge.front import ClientConnection, HeadRefused, RequestHead, parse_request_head
 from bridge.http_server import ConnectionState
 from bridge.upstream import (
     MAX_HEAD,
@@ -287,7 +287,7 @@ class Proxy:
         """Relay the buffered request head on the fast path if it qualifies; False leaves it to the task."""
         data = client.peek_all()
         try:
-            length = complete_head_length(data)
+            length = client.complete_head(data)
             if not length:
                 return False
             request = parse_request_head(data if length == len(data) else data[:length])
@@ -300,14 +300,14 @@ class Proxy:
             return False
         if (self.bans is not None and self.bans.has_bans()) or self.cached_path_verdict(request.raw_path) is not None:
             return False  # refused or possibly banned: the task answers (and counts) it
-        client.consume(length)
-        client.requests += 1
-        client.head_since = 0.0
         exchange = Exchange()
         exchange.upstream = upstream.name
         exchange.body_done = True
         if self.stats is not None:
             self.stats.begin(request, exchange)
+        client.consume(length)
+        client.requests += 1
+        client.head_since = 0.0
         client.in_request = True
         client.watch_idle(self.config.idle_timeout)
         client.fast = (request, exchange, upstream)
@@ -328,13 +328,18 @@ class Proxy:
             return
         try:
             self.answer_fast(client)
-        except Exception:  # never let a callback error kill a transport: the task takes over
-            log.exception("fast path failed; the request goes on the general path")
-            if client.fast is not None:
-                self.fall_back(client)
+        except Exception:  # never let a callback error kill a transport
+            log.exception("fast path failed")
+            if client.fast is None:
+                return
+            if client.fast[1].answered:
+                self.end_fast(client, False)  # the answer is out: end the connection, never answer twice
+            else:
+                self.fall_back(client)  # the task answers
 
     def answer_fast(self, client: ClientConnection) -> None:
         request, exchange, upstream = client.fast
+        client.touch()  # upstream bytes count as activity for --idle-timeout
         channel = upstream.channel
         data = channel.peek_all()
         end = data.find(b"\r\n\r\n")
@@ -373,9 +378,13 @@ class Proxy:
 
     def end_fast(self, client: ClientConnection, keep: bool) -> None:
         request, exchange, upstream = client.fast
+        client.fast = None
         upstream.channel.on_data = None
         client.watch_idle(0)
-        self.note_failed_logon(request, client, exchange)
+        try:
+            self.note_failed_logon(request, client, exchange)
+        except Exception:  # the answer is out; a failing ban hook must not touch the exchange
+            log.exception("recording a failed logon failed")
         if self.stats is not None:
             self.stats.end(request, exchange)
         self.log_access(request, client, exchange)

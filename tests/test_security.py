@@ -247,6 +247,7 @@ HOSTILE = {
     "invalid-method-token": (f"GE(T {EWS} HTTP/1.1\r\n{HOST}\r\n", 400),
     "method-with-dot": (f"G.ET {EWS} HTTP/1.1\r\n{HOST}\r\n", 400),
     "lower-case-method": (f"get {EWS} HTTP/1.1\r\n{HOST}\r\n", 400),
+    "connection-names-content-length": (f"POST {EWS} HTTP/1.1\r\n{HOST}Connection: content-length\r\nContent-Length: 5\r\n\r\nhello", 400),
     "connect": ("CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: 127.0.0.1:22\r\n\r\n", 405),
     "trace": (f"TRACE {EWS} HTTP/1.1\r\n{HOST}\r\n", 405),
     "absolute-form": (f"GET https://exch2007.lab.test{EWS} HTTP/1.1\r\n{HOST}\r\n", 400),
