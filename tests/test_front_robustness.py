@@ -8,14 +8,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import ssl
 import time
 
 import pytest
 
-from bridge_clients import BackgroundBridge, bridge_client_context, bridge_config, wait_until
+from bridge_clients import bridge_client_context, wait_until
 from lab_clients import RawHttpsConnection
-from test_upstream_framing import ScriptedUpstream, read_answer, read_until_close
+from test_upstream_framing import read_answer, scripted_bridges  # noqa: F401 (scripted_bridges is a fixture)
 
 
 class Rig:
@@ -45,23 +44,12 @@ class Rig:
 
 
 @pytest.fixture
-def rig(ca, tmp_path):
-    started = []
-
+def rig(scripted_bridges, ca):
     def start(script, **overrides):
-        upstream = ScriptedUpstream(script, tmp_path, ca)
-        bridge = BackgroundBridge(bridge_config(upstream.port, tmp_path, ca, **overrides))
-        bridge.start()
-        started.append((upstream, bridge))
+        upstream, bridge = scripted_bridges(script, **overrides)
         return Rig(upstream, bridge, ca)
 
-    yield start
-    for upstream, bridge in started:
-        try:
-            bridge.shutdown()
-        except Exception:
-            pass
-        upstream.close()
+    return start
 
 
 GET = b"GET /EWS/Exchange.asmx HTTP/1.1\r\nHost: bridge.lab.test\r\n\r\n"

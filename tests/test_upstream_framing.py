@@ -47,7 +47,8 @@ class ScriptedUpstream:
 
 
 @pytest.fixture
-def through_bridge(ca, tmp_path):
+def scripted_bridges(ca, tmp_path):
+    """start(script, **config overrides) -> (upstream, bridge): a bridge in front of a ScriptedUpstream."""
     started = []
 
     def start(script, **overrides):
@@ -55,12 +56,23 @@ def through_bridge(ca, tmp_path):
         bridge = BackgroundBridge(bridge_config(upstream.port, tmp_path, ca, **overrides))
         bridge.start()
         started.append((upstream, bridge))
-        return RawHttpsConnection(bridge.https_port, context=bridge_client_context(ca, check_hostname=False), timeout=5)
+        return upstream, bridge
 
     yield start
     for upstream, bridge in started:
-        bridge.shutdown()
-        upstream.close()
+        try:
+            bridge.shutdown()
+        finally:
+            upstream.close()
+
+
+@pytest.fixture
+def through_bridge(scripted_bridges, ca):
+    def start(script, **overrides):
+        _, bridge = scripted_bridges(script, **overrides)
+        return RawHttpsConnection(bridge.https_port, context=bridge_client_context(ca, check_hostname=False), timeout=5)
+
+    return start
 
 
 def read_until_close(connection: RawHttpsConnection, wait: float = 3.0) -> bytes:
