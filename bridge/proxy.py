@@ -13,7 +13,7 @@ import functools
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from http import HTTPStatus
 from urllib.parse import unquote
 
@@ -21,7 +21,7 @@ from aiohttp import web
 from aiohttp.web_request import BaseRequest
 
 from bridge.bans import carries_final_credentials
-from bridge.channel import LimitExceeded
+from bridge.channel import ChannelClosed, LimitExceeded
 from bridge.config import BridgeConfig
 from bridge.front import ClientConnection, HeadRefused, RequestHead, parse_request_head
 from bridge.http_server import ConnectionState
@@ -50,6 +50,7 @@ SECURITY_LINES = "".join(f"{name}: {value}\r\n" for name, value in SECURITY_HEAD
 SECURITY_BY_NAME = {name.lower().encode(): f"{name}: {value}".encode() for name, value in SECURITY_HEADERS}
 SECURITY_NAMES = frozenset(SECURITY_BY_NAME)
 SECURITY_BLOCK = SECURITY_LINES[:-2].encode()
+SECURITY_SUFFIX = b"\r\n" + SECURITY_BLOCK
 SECURITY_BY_KEY = {b"\r\n" + name + b":": line for name, line in SECURITY_BY_NAME.items()}
 # Request header names the upstream head treats specially (all others are copied line for line).
 REQUEST_SPECIAL = HOP_BY_HOP_BYTES | SET_BY_BRIDGE | {b"x-forwarded-for", b"host"}
@@ -311,16 +312,15 @@ class Proxy:
         client.in_request = True
         client.watch_idle(self.config.idle_timeout)
         client.fast = (request, exchange, upstream)
-        upstream.channel.on_data = client.fast_data_callback or self.fast_callback(client)
+        channel = upstream.channel
+        if client.fast_data_callback is None:
+            client.fast_data_callback = functools.partial(self.continue_fast, client)
+        channel.on_data = client.fast_data_callback
         try:
-            upstream.write(self.request_head(request, client.peer))
-        except UpstreamError:
+            channel.write(self.request_head(request, client.peer))
+        except ChannelClosed:
             self.fall_back(client)
         return True
-
-    def fast_callback(self, client: ClientConnection) -> Callable[[], None]:
-        client.fast_data_callback = lambda: self.continue_fast(client)
-        return client.fast_data_callback
 
     def continue_fast(self, client: ClientConnection) -> None:
         """Upstream data for a fast exchange: answer once the whole (small) response is here."""
@@ -339,7 +339,7 @@ class Proxy:
 
     def answer_fast(self, client: ClientConnection) -> None:
         request, exchange, upstream = client.fast
-        client.touch()  # upstream bytes count as activity for --idle-timeout
+        client.last_activity = client.loop.time()  # upstream bytes count as activity for --idle-timeout
         channel = upstream.channel
         data = channel.peek_all()
         end = data.find(b"\r\n\r\n")
@@ -380,14 +380,16 @@ class Proxy:
         request, exchange, upstream = client.fast
         client.fast = None
         upstream.channel.on_data = None
-        client.watch_idle(0)
-        try:
-            self.note_failed_logon(request, client, exchange)
-        except Exception:  # the answer is out; a failing ban hook must not touch the exchange
-            log.exception("recording a failed logon failed")
+        client.idle_limit = 0.0
+        if exchange.status == 401:
+            try:
+                self.note_failed_logon(request, client, exchange)
+            except Exception:  # the answer is out; a failing ban hook must not touch the exchange
+                log.exception("recording a failed logon failed")
         if self.stats is not None:
             self.stats.end(request, exchange)
-        self.log_access(request, client, exchange)
+        if access_log.isEnabledFor(logging.INFO):
+            self.log_access(request, client, exchange)
         client.fast_done(keep)
 
     def fall_back(self, client: ClientConnection) -> None:
@@ -561,28 +563,25 @@ class Proxy:
     def response_head(self, request: RequestHead, head: ResponseHead, length: int | None, chunked_out: bool, keep: bool) -> bytes:
         """The client's response head: the origin's header lines less hop-by-hop, Location rewritten."""
         block = RESPONSE_DROP.sub(b"", head.block)  # one pass; the other lines go as received
-        named = head.connection_tokens - PLAIN_CONNECTION_TOKENS
-        if named:  # headers the origin marked hop-by-hop (RFC 9110 7.6.1)
-            block = lines_named(frozenset(named)).sub(b"", block)
+        tokens = head.connection_tokens
+        if tokens and not tokens <= PLAIN_CONNECTION_TOKENS:  # headers the origin marked hop-by-hop (RFC 9110 7.6.1)
+            block = lines_named(frozenset(tokens - PLAIN_CONNECTION_TOKENS)).sub(b"", block)
         lowered = head.lowered
         if b"location:" in lowered:
             block = LOCATION_LINE.sub(self.rewrite_location, block)
-        out = [b"HTTP/1.%d %d %s%s" % (request.version[1], head.status, head.reason, block)]
         if length is not None:
-            out.append(b"Content-Length: %d" % length)
-        elif chunked_out:
-            out.append(b"Transfer-Encoding: chunked")
-        if request.version >= (1, 1):
-            if not keep:
-                out.append(b"Connection: close")
-        elif keep:
-            out.append(b"Connection: keep-alive")
-        if b"-options:" in lowered:
-            out += [line for key, line in SECURITY_BY_KEY.items() if key not in lowered]
+            framing = b"\r\nContent-Length: %d" % length
         else:
-            out.append(SECURITY_BLOCK)
-        out.append(b"\r\n")
-        return b"\r\n".join(out)
+            framing = b"\r\nTransfer-Encoding: chunked" if chunked_out else b""
+        if request.version >= (1, 1):
+            connection = b"" if keep else b"\r\nConnection: close"
+        else:
+            connection = b"\r\nConnection: keep-alive" if keep else b""
+        if b"-options:" in lowered:
+            security = b"".join(b"\r\n" + line for key, line in SECURITY_BY_KEY.items() if key not in lowered)
+        else:
+            security = SECURITY_SUFFIX
+        return b"HTTP/1.%d %d %s%s%s%s%s\r\n\r\n" % (request.version[1], head.status, head.reason, block, framing, connection, security)
 
     def rewrite_location(self, match: re.Match[bytes]) -> bytes:
         line = match.group(0)

@@ -212,8 +212,15 @@ def parse_response_head(raw: bytes, server: LegacyServer) -> ResponseHead:
     head = ResponseHead(parts[0][5:].decode("latin-1"), int(parts[1]), parts[2] if len(parts) > 2 else b"", block, lowered)
     if b"\r\ntransfer-encoding:" in lowered:
         head.chunked = any(b"chunked" in value.lower() for value in header_values(block, lowered, b"\r\ntransfer-encoding:"))
-    if not head.chunked and b"\r\ncontent-length:" in lowered:
-        head.content_length = _content_length(header_values(block, lowered, b"\r\ncontent-length:"), server)
+    if not head.chunked:
+        start = lowered.find(b"\r\ncontent-length:")
+        if start >= 0:
+            end = block.find(b"\r\n", start + 17)
+            value = block[start + 17 : end if end >= 0 else len(block)].strip(b" \t")
+            if value.isdigit() and (end < 0 or lowered.find(b"\r\ncontent-length:", end) < 0):
+                head.content_length = int(value)  # the usual case: one plain Content-Length
+            else:
+                head.content_length = _content_length(header_values(block, lowered, b"\r\ncontent-length:"), server)
     if b"\r\nconnection:" in lowered:
         head.connection_tokens = connection_tokens(b",".join(header_values(block, lowered, b"\r\nconnection:")))
     return head
