@@ -273,6 +273,7 @@ class ClientConnection(Channel):
         self.scanned = 0  # buffered bytes already checked for a complete request head
         self.fast: Any = None  # the exchange the fast path is relaying
         self.pending: Any = None  # an exchange the fast path handed back to the task
+        self.declined: tuple[bytes, RequestHead] | None = None  # a head the fast path parsed and left to the task
         self.fast_data_callback: Callable[[], None] | None = None  # the upstream's on_data during fast exchanges
         # Deadlines, checked by the server's sweeper (no timer per request): while the task waits
         # for a head, since when part of one is here (--header-timeout) or since when the
@@ -333,7 +334,7 @@ class ClientConnection(Channel):
                 if head is PENDING:
                     keep = await server.fast.resume(self)
                 else:
-                    keep = await handler(parse_request_head(head), self)
+                    keep = await handler(self.parsed(head), self)
                 self.in_request = False
                 self.idle_since = self.loop.time()
                 if not keep or server.draining or self.closing:
@@ -404,6 +405,13 @@ class ClientConnection(Channel):
             finally:
                 self.waiting = False
             expired, self.timed_out = self.timed_out, False
+
+    def parsed(self, head: bytes) -> RequestHead:
+        """The request of this head: the fast path's parse of it when it declined it, else a new one."""
+        declined, self.declined = self.declined, None
+        if declined is not None and declined[0] == head:
+            return declined[1]
+        return parse_request_head(head)
 
     def complete_head(self, data: bytes) -> int:
         """complete_head_length() of the buffer, remembering how much of it has been checked."""

@@ -291,16 +291,15 @@ class Proxy:
             length = client.complete_head(data)
             if not length:
                 return False
-            request = parse_request_head(data if length == len(data) else data[:length])
+            head = data if length == len(data) else data[:length]
+            request = parse_request_head(head)
         except HeadRefused:
             return False  # the task answers it
-        if request.has_body or request.expect_continue or client.server.draining:
+        if not self.qualifies_for_fast(request, client):
+            client.declined = (head, request)  # the task takes it without parsing it again
             return False
-        upstream = client.state.data.get(UPSTREAM_KEY)
-        if upstream is None or not upstream.usable or upstream.channel.chunks:
-            return False
-        if (self.bans is not None and self.bans.has_bans()) or self.cached_path_verdict(request.raw_path) is not None:
-            return False  # refused or possibly banned: the task answers (and counts) it
+        upstream = client.state.data[UPSTREAM_KEY]
+        client.declined = None
         exchange = Exchange()
         exchange.upstream = upstream.name
         exchange.body_done = True
@@ -321,6 +320,15 @@ class Proxy:
         except ChannelClosed:
             self.fall_back(client)
         return True
+
+    def qualifies_for_fast(self, request: RequestHead, client: ClientConnection) -> bool:
+        if request.has_body or request.expect_continue or client.server.draining:
+            return False
+        upstream = client.state.data.get(UPSTREAM_KEY)
+        if upstream is None or not upstream.usable or upstream.channel.chunks:
+            return False
+        # Refused or possibly banned requests are the task's to answer (and count).
+        return not (self.bans is not None and self.bans.has_bans()) and self.cached_path_verdict(request.raw_path) is None
 
     def continue_fast(self, client: ClientConnection) -> None:
         """Upstream data for a fast exchange: answer once the whole (small) response is here."""

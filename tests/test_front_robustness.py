@@ -26,6 +26,14 @@ class Rig:
     def connect(self, timeout=5):
         return RawHttpsConnection(self.bridge.https_port, context=bridge_client_context(self.ca, check_hostname=False), timeout=timeout)
 
+    def warmed(self):
+        """A connection that has had one answered request: its pinned upstream connection is open, so
+        the next plain request may take the fast path."""
+        connection = self.connect()
+        connection.send(GET)
+        assert read_answer(connection)[0] == 200
+        return connection
+
     @property
     def front(self):
         from bridge.front import FrontServer
@@ -85,9 +93,7 @@ def test_a_client_that_pipelines_without_reading_gets_no_unbounded_buffer(rig):
     big = b"HTTP/1.1 200 OK\r\nContent-Length: 16000\r\n\r\n" + b"B" * 16000
     seen = []
     r = rig(lambda rd, wr: answer_heads(rd, wr, seen, big))
-    c = r.connect()
-    c.send(GET)
-    assert read_answer(c)[0] == 200
+    c = r.warmed()
     c.send(GET * 4000)  # 64 MB of answers: far more than the socket buffers hold  # ~230 KB of requests, never read the answers
 
     def buffered():
@@ -117,9 +123,7 @@ def test_drain_lets_a_fast_exchange_finish(rig):
         await reader.read()
 
     r = rig(script)
-    c = r.connect()
-    c.send(GET)
-    assert read_answer(c)[0] == 200
+    c = r.warmed()
     c.send(GET)
     time.sleep(0.3)
     fast = r.on_loop(lambda: [conn.fast is not None for conn in r.front.connections])
@@ -143,9 +147,7 @@ def test_client_vanishes_during_fast_exchange(rig):
         upstream_saw_eof.append(data)
 
     r = rig(script)
-    c = r.connect()
-    c.send(GET)
-    assert read_answer(c)[0] == 200
+    c = r.warmed()
     c.send(GET)
     time.sleep(0.3)
     assert r.on_loop(lambda: [conn.fast is not None for conn in r.front.connections]) == [True]
@@ -170,9 +172,7 @@ def test_every_answer_shape_pipelined(rig):
         await reader.read()
 
     r = rig(script)
-    c = r.connect()
-    c.send(GET)
-    assert read_answer(c)[:1] == (200,)
+    c = r.warmed()
     c.send(GET * len(ANSWERS))
     for index, (_, status, body) in enumerate(ANSWERS):
         got_status, headers, got_body = read_answer(c)
@@ -198,9 +198,7 @@ def test_upstream_vanishes_during_fast_exchange(rig, caplog, second):
         writer.transport.abort()
 
     r = rig(script)
-    c = r.connect()
-    c.send(GET)
-    assert read_answer(c)[0] == 200
+    c = r.warmed()
     c.send(GET)
     status, headers, body = read_answer(c)
     assert status == 502 and headers.get("connection") == "close"
@@ -213,9 +211,7 @@ def test_upstream_vanishes_during_fast_exchange(rig, caplog, second):
 def test_a_request_arriving_as_the_keepalive_deadline_fires_is_answered(rig):
     seen = []
     r = rig(lambda rd, wr: answer_heads(rd, wr, seen))
-    c = r.connect()
-    c.send(GET)
-    assert read_answer(c)[0] == 200
+    c = r.warmed()
 
     def race():
         conn = next(iter(r.front.connections))
