@@ -68,6 +68,13 @@ LOCATION_LINE = lines_matching({b"location", b"content-location"})
 
 
 @functools.lru_cache(maxsize=64)
+def special_request_lines(names: frozenset[bytes]) -> re.Pattern[bytes]:
+    """Matches the lines of a lower-case header block whose name is one of ``names`` (group 1: the name)."""
+    alternatives = b"|".join(re.escape(name) for name in sorted(names, key=len, reverse=True))
+    return re.compile(rb"\r\n(" + alternatives + rb"):[^\r\n]*")
+
+
+@functools.lru_cache(maxsize=64)
 def lines_named(names: frozenset[bytes]) -> re.Pattern[bytes]:
     return lines_matching(names)
 UPSTREAM_KEY = "upstream"
@@ -107,6 +114,11 @@ class Proxy:
         if config.legacy_host_header:
             self.legacy_names.add(config.legacy_host_header.lower())
         self.host_header = config.legacy_host_header.encode("latin-1") if config.legacy_host_header else None
+        self.host_line = b"\r\nHost: " + self.host_header if self.host_header else b""
+        # The client's header lines the upstream head leaves out or replaces (the Host line only with
+        # --legacy-host-header).
+        self.request_special_names = REQUEST_SPECIAL if self.host_header else REQUEST_SPECIAL - {b"host"}
+        self.request_special = special_request_lines(self.request_special_names)
         self.set_public_port(config.https_port)
         self._location_names: frozenset[str] = frozenset()
         self._location_pattern: re.Pattern[str] | None = None
@@ -119,7 +131,7 @@ class Proxy:
 
     def set_public_port(self, port: int) -> None:
         self.https_port = str(port)
-        self.forwarded_lines = b"X-Forwarded-Proto: https\r\nX-Forwarded-Port: " + self.https_port.encode()
+        self.forwarded_lines = b"\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Port: " + self.https_port.encode()
         self.public_origin = f"https://{self.config.fqdn}" + ("" if port == 443 else f":{port}")
 
     @property
@@ -165,15 +177,16 @@ class Proxy:
         return self.cached_path_verdict(request.raw_path)
 
     def cached_path_verdict(self, target: str) -> tuple[int, str, bool] | None:
-        path = target.split("?", 1)[0]
+        verdicts = self.path_verdicts
         try:
-            return self.path_verdicts[path]
+            return verdicts[target]  # clients repeat whole targets (the RPC proxy's, EWS's)
         except KeyError:
             pass
-        verdict = self.path_verdict(path)
-        if len(self.path_verdicts) >= PATH_CACHE_SIZE:
-            self.path_verdicts.clear()
-        self.path_verdicts[path] = verdict
+        path = target.split("?", 1)[0]
+        verdict = verdicts[path] if path in verdicts else self.path_verdict(path)
+        if len(verdicts) >= PATH_CACHE_SIZE:
+            verdicts.clear()
+        verdicts[path] = verdicts[target] = verdict
         return verdict
 
     def path_verdict(self, path: str) -> tuple[int, str, bool] | None:
@@ -322,13 +335,14 @@ class Proxy:
         return True
 
     def qualifies_for_fast(self, request: RequestHead, client: ClientConnection) -> bool:
-        if request.has_body or request.expect_continue or client.server.draining:
+        if request.chunked or request.content_length or request.expect_continue or client.server.draining:
             return False
         upstream = client.state.data.get(UPSTREAM_KEY)
         if upstream is None or not upstream.usable or upstream.channel.chunks:
             return False
         # Refused or possibly banned requests are the task's to answer (and count).
-        return not (self.bans is not None and self.bans.has_bans()) and self.cached_path_verdict(request.raw_path) is None
+        bans = self.bans
+        return (bans is None or not bans.has_bans()) and self.cached_path_verdict(request.raw_path) is None
 
     def continue_fast(self, client: ClientConnection) -> None:
         """Upstream data for a fast exchange: answer once the whole (small) response is here."""
@@ -472,27 +486,35 @@ class Proxy:
 
     def request_head(self, request: RequestHead, peer: str) -> bytes:
         """The upstream request head: exactly the client's header lines less hop-by-hop, plus X-Forwarded-*."""
-        special = REQUEST_SPECIAL | request.connection_tokens if request.connection_tokens else REQUEST_SPECIAL
-        out = [f"{request.method} {request.raw_path} HTTP/1.1".encode("latin-1")]
+        tokens = request.connection_tokens
+        pattern = self.request_special if not tokens or tokens <= PLAIN_CONNECTION_TOKENS else self.special_lines(tokens)
+        block = request.block
+        out = [request.request_line]
         forwarded_for: bytes | None = None
-        for lowered, line in zip(request.names, request.lines):
-            if lowered in special:
-                if lowered == b"x-forwarded-for":
-                    value = line[line.find(b":") + 1 :].strip(b" \t")
-                    forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
-                    continue
-                if lowered != b"host":
-                    continue  # hop-by-hop, named in Connection, or set by the bridge
-                if self.host_header is not None:
-                    line = b"Host: " + self.host_header
-            out.append(line)
+        position = 0
+        for match in pattern.finditer(request.lowered):
+            start, end = match.span()
+            out.append(block[position:start])
+            position = end
+            name = match.group(1)
+            if name == b"host":
+                out.append(self.host_line)  # --legacy-host-header
+            elif name == b"x-forwarded-for":
+                value = block[start + 18 : end].strip(b" \t")  # after CRLF "x-forwarded-for:"
+                forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
+            # (anything else: hop-by-hop, named in Connection, or set by the bridge: dropped)
+        out.append(block[position:] if position else block)
         address = (peer or "unknown").encode()
-        out.append(b"X-Forwarded-For: " + (forwarded_for + b", " + address if forwarded_for else address))
+        out.append(b"\r\nX-Forwarded-For: " + (forwarded_for + b", " + address if forwarded_for else address))
         out.append(self.forwarded_lines)
         if request.chunked:
-            out.append(b"Transfer-Encoding: chunked")
-        out.append(b"\r\n")
-        return b"\r\n".join(out)
+            out.append(b"\r\nTransfer-Encoding: chunked")
+        out.append(b"\r\n\r\n")
+        return b"".join(out)
+
+    def special_lines(self, tokens: frozenset[bytes]) -> re.Pattern[bytes]:
+        """request_special, plus the lines the client's Connection header names."""
+        return special_request_lines(frozenset(tokens - PLAIN_CONNECTION_TOKENS) | self.request_special_names)
 
     async def pump_request_body(
         self, request: RequestHead, client: ClientConnection, upstream: UpstreamConnection, exchange: Exchange
@@ -575,7 +597,7 @@ class Proxy:
         if tokens and not tokens <= PLAIN_CONNECTION_TOKENS:  # headers the origin marked hop-by-hop (RFC 9110 7.6.1)
             block = lines_named(frozenset(tokens - PLAIN_CONNECTION_TOKENS)).sub(b"", block)
         lowered = head.lowered
-        if b"location:" in lowered:
+        if lowered.find(b"location:") >= 0:  # (find(): see bridge.front.parse_request_head)
             block = LOCATION_LINE.sub(self.rewrite_location, block)
         if length is not None:
             framing = b"\r\nContent-Length: %d" % length
@@ -585,7 +607,7 @@ class Proxy:
             connection = b"" if keep else b"\r\nConnection: close"
         else:
             connection = b"\r\nConnection: keep-alive" if keep else b""
-        if b"-options:" in lowered:
+        if lowered.find(b"-options:") >= 0:
             security = b"".join(b"\r\n" + line for key, line in SECURITY_BY_KEY.items() if key not in lowered)
         else:
             security = SECURITY_SUFFIX

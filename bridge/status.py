@@ -74,12 +74,14 @@ class BridgeStats:
 
     def route(self, target: str) -> str:
         """The forwarded virtual directory a request went to, or "other" (bounded label set)."""
-        path = target.split("?", 1)[0]
-        route = self.routes.get(path)
+        routes = self.routes
+        route = routes.get(target)  # clients repeat whole targets
         if route is None:
-            if len(self.routes) >= 4096:
-                self.routes.clear()
-            route = self.routes[path] = self._route(path)
+            path = target.split("?", 1)[0]
+            route = routes.get(path) or self._route(path)
+            if len(routes) >= 4096:
+                routes.clear()
+            routes[path] = routes[target] = route
         return route
 
     def _route(self, path: str) -> str:

@@ -179,7 +179,9 @@ class UpstreamConnection:
 
 
 # Each line: a name without whitespace or colon, a colon, a value.
-RESPONSE_BLOCK = re.compile(rb"(?:\r\n[^\r\n\t :]+:[^\r\n]*)*")
+RESPONSE_BLOCK = re.compile(rb"(?:\r\n[^\r\n\t :]++:[^\r\n]*+)*+")
+STATUS_LINE = re.compile(rb"HTTP/(1\.[0-9]) ([0-9]{3})(?: ([^\r\n]*))?")
+MIN_LINE = 4  # the shortest header line in a block: CRLF, a one-letter name, the colon
 
 
 def header_values(block: bytes, lowered: bytes, key: bytes) -> list[bytes]:
@@ -196,33 +198,53 @@ def header_values(block: bytes, lowered: bytes, key: bytes) -> list[bytes]:
     return values
 
 
+MANY = b"\r\n"  # single_value(): the field appears more than once (compared by identity)
+
+
+def single_value(block: bytes, lowered: bytes, key: bytes) -> bytes | None:
+    """The value of a header line that should appear once (``key``: CRLF, lower-case name, colon);
+    None when there is none, MANY when there are several."""
+    start = lowered.find(key)
+    if start < 0:
+        return None
+    begin = start + len(key)
+    end = block.find(b"\r\n", begin)
+    if end < 0:
+        return block[begin:].strip(b" \t")
+    if lowered.find(key, end) >= 0:
+        return MANY
+    return block[begin:end].strip(b" \t")
+
+
 def parse_response_head(raw: bytes, server: LegacyServer) -> ResponseHead:
     """Parse a response head (ending in CRLF CRLF): status line, framing headers, the block as received."""
     line_end = raw.find(b"\r\n")
-    parts = raw[:line_end].split(b" ", 2)
-    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or len(parts[1]) != 3 or not parts[1].isdigit():
+    status = STATUS_LINE.fullmatch(raw, 0, line_end)
+    if status is None:
         status_line = raw[:line_end].decode("latin-1")
         raise UpstreamProtocolError(f"the legacy server {server} answered something that is not HTTP/1.x ({status_line[:40]!r})")
     block = raw[line_end:-4]
-    if block.count(b"\r\n") > MAX_HEADERS:
+    if len(block) > MIN_LINE * MAX_HEADERS and block.count(b"\r\n") > MAX_HEADERS:
         raise UpstreamProtocolError(f"the legacy server {server} sent more than {MAX_HEADERS} response headers")
     if not RESPONSE_BLOCK.fullmatch(block):
         raise UpstreamProtocolError(f"the legacy server {server} sent a malformed response header line")
     lowered = block.lower()
-    head = ResponseHead(parts[0][5:].decode("latin-1"), int(parts[1]), parts[2] if len(parts) > 2 else b"", block, lowered)
-    if b"\r\ntransfer-encoding:" in lowered:
+    version, code, reason = status.groups(b"")
+    head = ResponseHead(version.decode("latin-1"), int(code), reason, block, lowered)
+    if lowered.find(b"\r\ntransfer-encoding:") >= 0:  # (find(): see bridge.front.parse_request_head)
         head.chunked = any(b"chunked" in value.lower() for value in header_values(block, lowered, b"\r\ntransfer-encoding:"))
     if not head.chunked:
-        start = lowered.find(b"\r\ncontent-length:")
-        if start >= 0:
-            end = block.find(b"\r\n", start + 17)
-            value = block[start + 17 : end if end >= 0 else len(block)].strip(b" \t")
-            if value.isdigit() and (end < 0 or lowered.find(b"\r\ncontent-length:", end) < 0):
-                head.content_length = int(value)  # the usual case: one plain Content-Length
+        length = single_value(block, lowered, b"\r\ncontent-length:")
+        if length is not None:
+            if length is not MANY and length.isdigit():
+                head.content_length = int(length)  # the usual case: one plain Content-Length
             else:
                 head.content_length = _content_length(header_values(block, lowered, b"\r\ncontent-length:"), server)
-    if b"\r\nconnection:" in lowered:
-        head.connection_tokens = connection_tokens(b",".join(header_values(block, lowered, b"\r\nconnection:")))
+    connection = single_value(block, lowered, b"\r\nconnection:")
+    if connection is not None:
+        if connection is MANY:
+            connection = b",".join(header_values(block, lowered, b"\r\nconnection:"))
+        head.connection_tokens = connection_tokens(connection)
     return head
 
 
