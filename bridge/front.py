@@ -36,7 +36,7 @@ from bridge.guard import (
     valid_host,
 )
 from bridge.http_server import MAX_FIELD_SIZE, MAX_HEADERS, MAX_LINE_SIZE, ConnectionState
-from bridge.upstream import MANY, MIN_LINE, connection_tokens, header_values, single_value
+from bridge.upstream import HOP_BY_HOP_BYTES, MIN_LINE, connection_tokens, header_values
 
 log = logging.getLogger("bridge.front")
 
@@ -78,6 +78,7 @@ class RequestHead:
     keep_alive: bool
     expect_continue: bool
     connection_tokens: frozenset[bytes]  # lower-case
+    fields: list[tuple[bytes, int, int]]  # (lower-case name, start, end) of each REQUEST_FIELDS line in the block
 
     @property
     def lines(self) -> list[bytes]:
@@ -99,8 +100,16 @@ class RequestHead:
 
 COMMON_METHODS = {m.encode(): m for m in ("GET", "POST", "HEAD", "PUT", "DELETE", "OPTIONS", "PATCH", "RPC_IN_DATA", "RPC_OUT_DATA", "PROPFIND", "SEARCH")}
 VALID_HOSTS: set[bytes] = set()  # Host values seen and found valid (clients repeat one or two)
-# Each line: CRLF, a token name directly followed by a colon (no whitespace, no obsolete folding), a value.
-HEADER_BLOCK = re.compile(rb"(?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]++:[^\r\n]*+)*+")
+# Each line: CRLF, a token name directly followed by a colon (no whitespace, no obsolete folding), a
+# value (which has_only_clean_line_ends() has checked: it runs to the CR of the next CRLF).
+HEADER_BLOCK = re.compile(rb"(?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]++:[^\r]*+)*+")
+
+
+# The request header lines the bridge acts on, found in one scan of the lower-case block: the framing
+# fields, and those the upstream head leaves out or replaces (hop-by-hop, X-Forwarded-*, Host).
+# Group 1: the name; group 2: the value, lower-case, not stripped.
+REQUEST_FIELD_NAMES = HOP_BY_HOP_BYTES | {b"content-length", b"host", b"expect", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-port"}
+REQUEST_FIELDS = re.compile(rb"\r\n(" + b"|".join(sorted(REQUEST_FIELD_NAMES, key=len, reverse=True)) + rb"):([^\r]*)")
 
 
 def remember_valid_host(host: bytes) -> bool:
@@ -165,26 +174,37 @@ def parse_request_head(raw: bytes) -> RequestHead:
 
     content_length = None
     chunked = False
-    # (find() rather than "in": CPython 3.11's bytes "in" first tries the operand as an integer and
-    # builds and discards a TypeError each time, about twice the cost.)
-    if lowered.find(b"\r\ncontent-length:") >= 0 or lowered.find(b"\r\ntransfer-encoding:") >= 0:
-        content_length, chunked = request_framing(block, lowered, version)
-    host = single_value(block, lowered, b"\r\nhost:")
-    if host is None:
-        if version == (1, 1):
-            raise refused(400, "bad-host", "An HTTP/1.1 request must have a Host header.")
-    elif host is MANY or (host not in VALID_HOSTS and not remember_valid_host(host)):
+    fields = []
+    lengths: list[bytes] = []
+    codings: list[bytes] = []
+    hosts: list[bytes] = []
+    connection = b""
+    expect = b""
+    for match in REQUEST_FIELDS.finditer(lowered):
+        name, value = match.group(1, 2)
+        fields.append((name, *match.span()))
+        if name == b"host":
+            hosts.append(value.strip(b" \t"))
+        elif name == b"connection":
+            connection = connection + b"," + value if connection else value
+        elif name == b"content-length":
+            lengths.append(value.strip(b" \t"))
+        elif name == b"transfer-encoding":
+            codings.append(value.strip(b" \t"))
+        elif name == b"expect":
+            expect = value
+    if lengths or codings:
+        content_length, chunked = request_framing(lengths, codings, version)
+    if len(hosts) > 1 or (hosts and hosts[0] not in VALID_HOSTS and not remember_valid_host(hosts[0])):
         raise refused(400, "bad-host", "The Host header is not a valid host name.")
-
+    if not hosts and version == (1, 1):
+        raise refused(400, "bad-host", "An HTTP/1.1 request must have a Host header.")
     tokens = EMPTY_TOKENS
-    if lowered.find(b"\r\nconnection:") >= 0:
-        tokens = connection_tokens(b",".join(header_values(block, lowered, b"\r\nconnection:")))
+    if connection:
+        tokens = connection_tokens(connection)
         if not tokens.isdisjoint(END_TO_END):
             # Dropping them as hop-by-hop would change the framing the legacy server sees (smuggling).
             raise refused(400, "smuggling", "The Connection header may not name Content-Length or Host.")
-    expect_continue = False
-    if lowered.find(b"\r\nexpect:") >= 0:
-        expect_continue = header_values(block, lowered, b"\r\nexpect:")[-1].lower() == b"100-continue"
     return RequestHead(
         method,
         target_bytes.decode("latin-1"),
@@ -195,8 +215,9 @@ def parse_request_head(raw: bytes) -> RequestHead:
         content_length,
         chunked,
         b"close" not in tokens if version == (1, 1) else b"keep-alive" in tokens,
-        expect_continue,
+        expect.strip(b" \t") == b"100-continue",
         tokens,
+        fields,
     )
 
 
@@ -204,11 +225,10 @@ EMPTY_TOKENS: frozenset[bytes] = frozenset()
 END_TO_END = frozenset({b"content-length", b"host"})
 
 
-def request_framing(block: bytes, lowered: bytes, version: tuple[int, int]) -> tuple[int | None, bool]:
-    """(Content-Length, chunked) of a request with a body; raises HeadRefused when the framing is
-    ambiguous (RFC 9112 6.3: the request smuggling cases)."""
-    lengths = header_values(block, lowered, b"\r\ncontent-length:")
-    codings = header_values(block, lowered, b"\r\ntransfer-encoding:")
+def request_framing(lengths: list[bytes], codings: list[bytes], version: tuple[int, int]) -> tuple[int | None, bool]:
+    """(Content-Length, chunked) of a request with a body, from its Content-Length and (lower-case)
+    Transfer-Encoding values; raises HeadRefused when the framing is ambiguous (RFC 9112 6.3: the
+    request smuggling cases)."""
     if len(lengths) > 1:
         raise refused(400, "smuggling", "The request has more than one Content-Length.")
     if codings and lengths:
@@ -216,10 +236,10 @@ def request_framing(block: bytes, lowered: bytes, version: tuple[int, int]) -> t
     if codings:
         if version == (1, 0):
             raise refused(400, "smuggling", "HTTP/1.0 requests may not use Transfer-Encoding.")
-        final_coding = codings[0].rsplit(b",", 1)[-1].strip(b" \t").lower() if len(codings) == 1 else b""
+        final_coding = codings[0].rsplit(b",", 1)[-1].strip(b" \t") if len(codings) == 1 else b""
         if final_coding != b"chunked":  # no way to tell where the body ends (RFC 9112 6.3)
             raise refused(400, "smuggling", "The request's Transfer-Encoding does not end in chunked.")
-        if codings[0].lower() != b"chunked":
+        if codings[0] != b"chunked":
             raise refused(501, "smuggling", "Only Transfer-Encoding: chunked is supported.")
         return None, True
     if not lengths[0].isdigit() or len(lengths[0]) > 18:

@@ -26,6 +26,8 @@ from bridge.config import BridgeConfig
 from bridge.front import ClientConnection, HeadRefused, RequestHead, parse_request_head
 from bridge.http_server import ConnectionState
 from bridge.upstream import (
+    HOP_BY_HOP_BYTES,
+    REWRITTEN_RESPONSE,
     MAX_HEAD,
     READ_SIZE,
     LegacyPool,
@@ -40,10 +42,6 @@ from bridge.upstream import (
 log = logging.getLogger("bridge.proxy")
 access_log = logging.getLogger("bridge.access")
 
-HOP_BY_HOP = frozenset(
-    {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "proxy-authorization", "proxy-authenticate"}
-)
-HOP_BY_HOP_BYTES = frozenset(name.encode() for name in HOP_BY_HOP)
 SET_BY_BRIDGE = frozenset({b"x-forwarded-proto", b"x-forwarded-port"})
 SECURITY_HEADERS = (("X-Frame-Options", "SAMEORIGIN"), ("X-Content-Type-Options", "nosniff"))
 SECURITY_LINES = "".join(f"{name}: {value}\r\n" for name, value in SECURITY_HEADERS)
@@ -51,7 +49,6 @@ SECURITY_BY_NAME = {name.lower().encode(): f"{name}: {value}".encode() for name,
 SECURITY_NAMES = frozenset(SECURITY_BY_NAME)
 SECURITY_BLOCK = SECURITY_LINES[:-2].encode()
 SECURITY_SUFFIX = b"\r\n" + SECURITY_BLOCK
-SECURITY_BY_KEY = {b"\r\n" + name + b":": line for name, line in SECURITY_BY_NAME.items()}
 # Request header names the upstream head treats specially (all others are copied line for line).
 REQUEST_SPECIAL = HOP_BY_HOP_BYTES | SET_BY_BRIDGE | {b"x-forwarded-for", b"host"}
 PLAIN_CONNECTION_TOKENS = frozenset({b"close", b"keep-alive"})
@@ -63,7 +60,7 @@ def lines_matching(names: frozenset[bytes] | set[bytes]) -> re.Pattern[bytes]:
     return re.compile(rb"\r\n(?:" + alternatives + rb")[ \t]*:[^\r\n]*", re.IGNORECASE)
 
 
-RESPONSE_DROP = lines_matching(HOP_BY_HOP_BYTES | {b"content-length"})
+REWRITTEN_RESPONSE_NAMES = frozenset(REWRITTEN_RESPONSE)
 LOCATION_LINE = lines_matching({b"location", b"content-location"})
 
 
@@ -72,6 +69,24 @@ def special_request_lines(names: frozenset[bytes]) -> re.Pattern[bytes]:
     """Matches the lines of a lower-case header block whose name is one of ``names`` (group 1: the name)."""
     alternatives = b"|".join(re.escape(name) for name in sorted(names, key=len, reverse=True))
     return re.compile(rb"\r\n(" + alternatives + rb"):[^\r\n]*")
+
+
+def cut_response_lines(block: bytes, fields: list[tuple[bytes, int, int]]) -> tuple[bytes, tuple[bytes, ...]]:
+    """The block less its hop-by-hop and Content-Length lines (the bridge sets the framing), and the
+    names of the lines it keeps but may rewrite (Location, the security headers)."""
+    pieces = []
+    kept: tuple[bytes, ...] = ()
+    position = 0
+    for name, start, end in fields:
+        if name in REWRITTEN_RESPONSE_NAMES:
+            kept += (name,)
+            continue
+        pieces.append(block[position:start])
+        position = end
+    if not pieces:
+        return block, kept
+    pieces.append(block[position:])
+    return b"".join(pieces), kept
 
 
 @functools.lru_cache(maxsize=64)
@@ -118,7 +133,6 @@ class Proxy:
         # The client's header lines the upstream head leaves out or replaces (the Host line only with
         # --legacy-host-header).
         self.request_special_names = REQUEST_SPECIAL if self.host_header else REQUEST_SPECIAL - {b"host"}
-        self.request_special = special_request_lines(self.request_special_names)
         self.set_public_port(config.https_port)
         self._location_names: frozenset[str] = frozenset()
         self._location_pattern: re.Pattern[str] | None = None
@@ -301,7 +315,8 @@ class Proxy:
         """Relay the buffered request head on the fast path if it qualifies; False leaves it to the task."""
         data = client.peek_all()
         try:
-            length = client.complete_head(data)
+            end = data.find(b"\r\n\r\n") if not client.scanned else -1  # (the usual case: a whole head in one read)
+            length = end + 4 if end >= 0 else client.complete_head(data)
             if not length:
                 return False
             head = data if length == len(data) else data[:length]
@@ -487,16 +502,21 @@ class Proxy:
     def request_head(self, request: RequestHead, peer: str) -> bytes:
         """The upstream request head: exactly the client's header lines less hop-by-hop, plus X-Forwarded-*."""
         tokens = request.connection_tokens
-        pattern = self.request_special if not tokens or tokens <= PLAIN_CONNECTION_TOKENS else self.special_lines(tokens)
+        special = self.request_special_names
+        if tokens and not tokens <= PLAIN_CONNECTION_TOKENS:  # the client's Connection names other headers too
+            special = frozenset(tokens - PLAIN_CONNECTION_TOKENS) | special
+            fields = [(match.group(1), *match.span()) for match in special_request_lines(special).finditer(request.lowered)]
+        else:
+            fields = request.fields
         block = request.block
         out = [request.request_line]
         forwarded_for: bytes | None = None
         position = 0
-        for match in pattern.finditer(request.lowered):
-            start, end = match.span()
+        for name, start, end in fields:
+            if name not in special:
+                continue  # end to end (Content-Length, Expect; Host without --legacy-host-header)
             out.append(block[position:start])
             position = end
-            name = match.group(1)
             if name == b"host":
                 out.append(self.host_line)  # --legacy-host-header
             elif name == b"x-forwarded-for":
@@ -511,10 +531,6 @@ class Proxy:
             out.append(b"\r\nTransfer-Encoding: chunked")
         out.append(b"\r\n\r\n")
         return b"".join(out)
-
-    def special_lines(self, tokens: frozenset[bytes]) -> re.Pattern[bytes]:
-        """request_special, plus the lines the client's Connection header names."""
-        return special_request_lines(frozenset(tokens - PLAIN_CONNECTION_TOKENS) | self.request_special_names)
 
     async def pump_request_body(
         self, request: RequestHead, client: ClientConnection, upstream: UpstreamConnection, exchange: Exchange
@@ -592,12 +608,15 @@ class Proxy:
 
     def response_head(self, request: RequestHead, head: ResponseHead, length: int | None, chunked_out: bool, keep: bool) -> bytes:
         """The client's response head: the origin's header lines less hop-by-hop, Location rewritten."""
-        block = RESPONSE_DROP.sub(b"", head.block)  # one pass; the other lines go as received
+        block = head.block
+        if head.fields:
+            block, rewritten = cut_response_lines(block, head.fields)
+        else:
+            rewritten = ()
         tokens = head.connection_tokens
         if tokens and not tokens <= PLAIN_CONNECTION_TOKENS:  # headers the origin marked hop-by-hop (RFC 9110 7.6.1)
             block = lines_named(frozenset(tokens - PLAIN_CONNECTION_TOKENS)).sub(b"", block)
-        lowered = head.lowered
-        if lowered.find(b"location:") >= 0:  # (find(): see bridge.front.parse_request_head)
+        if b"location" in rewritten or b"content-location" in rewritten:
             block = LOCATION_LINE.sub(self.rewrite_location, block)
         if length is not None:
             framing = b"\r\nContent-Length: %d" % length
@@ -607,8 +626,8 @@ class Proxy:
             connection = b"" if keep else b"\r\nConnection: close"
         else:
             connection = b"\r\nConnection: keep-alive" if keep else b""
-        if lowered.find(b"-options:") >= 0:
-            security = b"".join(b"\r\n" + line for key, line in SECURITY_BY_KEY.items() if key not in lowered)
+        if b"x-frame-options" in rewritten or b"x-content-type-options" in rewritten:
+            security = b"".join(b"\r\n" + line for name, line in SECURITY_BY_NAME.items() if name not in rewritten)
         else:
             security = SECURITY_SUFFIX
         return b"HTTP/1.%d %d %s%s%s%s%s\r\n\r\n" % (request.version[1], head.status, head.reason, block, framing, connection, security)

@@ -233,3 +233,34 @@ def test_a_silent_upstream_on_a_kept_connection_gets_504_after_the_idle_timeout(
     connection.send_head("GET", "/EWS/Exchange.asmx", {})
     status, headers, _ = read_answer(connection)
     assert status == 504 and headers.get("connection") == "close"
+
+
+HOP_LADEN = (
+    b"HTTP/1.1 200 OK\r\nX-Before: 1\r\nKEEP-ALIVE: timeout=5\r\nProxy-Connection: keep-alive\r\nUpgrade: h2c\r\nTE: trailers\r\n"
+    b"Trailer: X-Sum\r\nProxy-Authenticate: Basic\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 42\r\nCONTENT-length: 5\r\n"
+    b"x-frame-options: DENY\r\nContent-Location: https://upstream.lab.test/owa/x\r\nX-After: 2\r\n\r\nhello"
+)
+
+
+def test_hop_by_hop_response_lines_are_removed_on_both_paths(through_bridge):
+    """The first answer goes through the general path, the second through the fast path: both drop
+    every hop-by-hop line (whatever its case) and those the origin's Connection names, keep the
+    origin's own X-Frame-Options, add the missing security header, and reframe the body."""
+    connection = through_bridge(lambda r, w: answer_each_request(r, w, HOP_LADEN))
+    for _ in range(2):
+        connection.send_head("GET", "/EWS/Exchange.asmx", {})
+        while b"\r\n\r\n" not in connection.buffer:
+            connection._receive()
+        head = connection.buffer.split(b"\r\n\r\n", 1)[0].decode("latin-1")
+        connection.buffer = connection.buffer[len(head) + 4 :]
+        lines = head.split("\r\n")
+        names = [line.split(":", 1)[0].lower() for line in lines[1:]]
+        assert lines[0] == "HTTP/1.1 200 OK"
+        assert names[:2] == ["x-before", "x-frame-options"] and "x-after" in names, head
+        for dropped in ("keep-alive", "proxy-connection", "upgrade", "te", "trailer", "proxy-authenticate", "connection", "x-secret"):
+            assert dropped not in names, (dropped, head)
+        assert names.count("content-length") == 1 and "Content-Length: 5" in lines
+        assert "x-frame-options: DENY" in lines and names.count("x-frame-options") == 1
+        assert "X-Content-Type-Options: nosniff" in lines
+        assert any(line.lower().startswith("content-location: https://bridge.lab.test") for line in lines), head
+        assert connection.read_body(5) == b"hello"
