@@ -202,24 +202,6 @@ def header_values(block: bytes, lowered: bytes, key: bytes) -> list[bytes]:
     return values
 
 
-MANY = b"\r\n"  # single_value(): the field appears more than once (compared by identity)
-
-
-def single_value(block: bytes, lowered: bytes, key: bytes) -> bytes | None:
-    """The value of a header line that should appear once (``key``: CRLF, lower-case name, colon);
-    None when there is none, MANY when there are several."""
-    start = lowered.find(key)
-    if start < 0:
-        return None
-    begin = start + len(key)
-    end = block.find(b"\r\n", begin)
-    if end < 0:
-        return block[begin:].strip(b" \t")
-    if lowered.find(key, end) >= 0:
-        return MANY
-    return block[begin:end].strip(b" \t")
-
-
 # The response header lines the bridge acts on, found in one scan of the lower-case block (a scan
 # costs about as much as several find() calls; names are followed directly by their colon, which
 # RESPONSE_BLOCK has checked). Group 1: the name; group 2: the value, lower-case, not stripped.
