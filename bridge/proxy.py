@@ -64,13 +64,6 @@ REWRITTEN_RESPONSE_NAMES = frozenset(REWRITTEN_RESPONSE)
 LOCATION_LINE = lines_matching({b"location", b"content-location"})
 
 
-@functools.lru_cache(maxsize=64)
-def special_request_lines(names: frozenset[bytes]) -> re.Pattern[bytes]:
-    """Matches the lines of a lower-case header block whose name is one of ``names`` (group 1: the name)."""
-    alternatives = b"|".join(re.escape(name) for name in sorted(names, key=len, reverse=True))
-    return re.compile(rb"\r\n(" + alternatives + rb"):[^\r\n]*")
-
-
 def cut_response_lines(block: bytes, fields: list[tuple[bytes, int, int]]) -> tuple[bytes, tuple[bytes, ...]]:
     """The block less its hop-by-hop and Content-Length lines (the bridge sets the framing), and the
     names of the lines it keeps but may rewrite (Location, the security headers)."""
@@ -89,9 +82,12 @@ def cut_response_lines(block: bytes, fields: list[tuple[bytes, int, int]]) -> tu
     return b"".join(pieces), kept
 
 
-@functools.lru_cache(maxsize=64)
-def lines_named(names: frozenset[bytes]) -> re.Pattern[bytes]:
-    return lines_matching(names)
+def without_lines_named(block: bytes, names: frozenset[bytes]) -> bytes:
+    """The block (CRLF before each line) less the lines whose lower-case name is in ``names``. A loop,
+    not a regular expression: the names come from a peer's Connection header and vary, and compiling a
+    pattern per set let a client spend the bridge's CPU and memory at will."""
+    lines = block.split(b"\r\n")
+    return b"".join(b"\r\n" + line for line in lines[1:] if line[: line.find(b":")].lower() not in names)
 UPSTREAM_KEY = "upstream"
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 PATH_CACHE_SIZE = 4096
@@ -501,36 +497,33 @@ class Proxy:
 
     def request_head(self, request: RequestHead, peer: str) -> bytes:
         """The upstream request head: exactly the client's header lines less hop-by-hop, plus X-Forwarded-*."""
-        tokens = request.connection_tokens
-        special = self.request_special_names
-        if tokens and not tokens <= PLAIN_CONNECTION_TOKENS:  # the client's Connection names other headers too
-            special = frozenset(tokens - PLAIN_CONNECTION_TOKENS) | special
-            fields = [(match.group(1), *match.span()) for match in special_request_lines(special).finditer(request.lowered)]
-        else:
-            fields = request.fields
         block = request.block
-        out = [request.request_line]
+        pieces = []
         forwarded_for: bytes | None = None
         position = 0
-        for name, start, end in fields:
+        special = self.request_special_names
+        for name, start, end in request.fields:
             if name not in special:
                 continue  # end to end (Content-Length, Expect; Host without --legacy-host-header)
-            out.append(block[position:start])
+            pieces.append(block[position:start])
             position = end
             if name == b"host":
-                out.append(self.host_line)  # --legacy-host-header
+                pieces.append(self.host_line)  # --legacy-host-header
             elif name == b"x-forwarded-for":
                 value = block[start + 18 : end].strip(b" \t")  # after CRLF "x-forwarded-for:"
-                forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
-            # (anything else: hop-by-hop, named in Connection, or set by the bridge: dropped)
-        out.append(block[position:] if position else block)
+                if value:
+                    forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
+            # (anything else: hop-by-hop or set by the bridge: dropped)
+        if position:
+            pieces.append(block[position:])
+            block = b"".join(pieces)
+        tokens = request.connection_tokens
+        if tokens and not tokens <= PLAIN_CONNECTION_TOKENS:  # the client's Connection names other headers too
+            block = without_lines_named(block, tokens - PLAIN_CONNECTION_TOKENS - special)
         address = (peer or "unknown").encode()
-        out.append(b"\r\nX-Forwarded-For: " + (forwarded_for + b", " + address if forwarded_for else address))
-        out.append(self.forwarded_lines)
-        if request.chunked:
-            out.append(b"\r\nTransfer-Encoding: chunked")
-        out.append(b"\r\n\r\n")
-        return b"".join(out)
+        forwarded = b"\r\nX-Forwarded-For: " + (forwarded_for + b", " + address if forwarded_for else address)
+        framing = b"\r\nTransfer-Encoding: chunked" if request.chunked else b""
+        return b"".join((request.request_line, block, forwarded, self.forwarded_lines, framing, b"\r\n\r\n"))
 
     async def pump_request_body(
         self, request: RequestHead, client: ClientConnection, upstream: UpstreamConnection, exchange: Exchange
@@ -615,7 +608,9 @@ class Proxy:
             rewritten = ()
         tokens = head.connection_tokens
         if tokens and not tokens <= PLAIN_CONNECTION_TOKENS:  # headers the origin marked hop-by-hop (RFC 9110 7.6.1)
-            block = lines_named(frozenset(tokens - PLAIN_CONNECTION_TOKENS)).sub(b"", block)
+            named = tokens - PLAIN_CONNECTION_TOKENS
+            block = without_lines_named(block, named)
+            rewritten = tuple(name for name in rewritten if name not in named)  # (a dropped security header is added back)
         if b"location" in rewritten or b"content-location" in rewritten:
             block = LOCATION_LINE.sub(self.rewrite_location, block)
         if length is not None:

@@ -152,6 +152,21 @@ def test_upstream_gets_exactly_the_client_headers_plus_forwarded(bridge, ca, lab
     assert seen["header_names"] == ["Host", "User-Agent", "X-Custom", "X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Port"]
 
 
+def test_connection_may_name_many_headers_each_request_a_new_set(bridge, ca, lab):
+    """The headers the client's Connection names are dropped, the others kept, whatever the names (a
+    fresh set on each request, names that look like regular expressions): matched line by line, no
+    pattern compiled per set (which let a client burn the bridge's CPU with long, changing lists)."""
+    with raw(bridge, ca) as connection:
+        for round_number in range(3):
+            tokens = [f"x-{round_number}-{index}" for index in range(800)] + ["x.*", "a+b"]  # one line under the 8 KiB field limit
+            headers = {"Connection": ", ".join(tokens), "x.*": "dropped", "A+B": "dropped", f"X-{round_number}-7": "dropped", "X-Kept": "kept"}
+            connection.send_head("GET", "/EWS/Exchange.asmx", headers)
+            status, _ = read_raw_head(connection)
+            assert "200" in status or "401" in status
+            seen = lab.counters.recent_requests[-1]
+            assert seen["header_names"] == ["Host", "X-Kept", "X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Port"], seen["header_names"]
+
+
 def test_pipelined_requests_are_answered_in_order_on_one_connection(bridge, ca, lab):
     """Three heads in one TLS write: forwarded, refused locally, forwarded; the answers keep their order."""
     heads = [f"GET {path} HTTP/1.1\r\nHost: {BRIDGE_FQDN}\r\n\r\n" for path in ("/EWS/Exchange.asmx", "/admin/", "/owa/")]
@@ -430,3 +445,33 @@ def test_client_connection_ends_when_its_upstream_connection_was_lost(ca, tmp_pa
             fresh.close()
     finally:
         background.shutdown()
+
+
+# ---- the heads the proxy writes, from parsed heads (no sockets needed for these two rules) --------
+
+
+def _head_writer():
+    from bridge.config import build_config
+    from bridge.proxy import Proxy
+    from bridge.upstream import LegacyPool
+
+    config = build_config({"fqdn": BRIDGE_FQDN, "legacy": ["127.0.0.1:9"]})
+    return Proxy(config, LegacyPool(servers=config.legacy, tls_context=None, connect_timeout=5))
+
+
+def test_forwarded_for_chain_leaves_out_empty_values():
+    from bridge.front import parse_request_head
+
+    request = parse_request_head(b"GET /owa/ HTTP/1.1\r\nHost: a.example\r\nX-Forwarded-For:\r\nX-Forwarded-For: 9.9.9.9\r\n\r\n")
+    head = _head_writer().request_head(request, "10.0.0.1")
+    assert b"\r\nX-Forwarded-For: 9.9.9.9, 10.0.0.1\r\n" in head and head.count(b"X-Forwarded-For") == 1
+
+
+def test_a_security_header_the_origin_marks_hop_by_hop_is_replaced_by_the_bridges():
+    from bridge.front import parse_request_head
+    from bridge.upstream import parse_response_head
+
+    request = parse_request_head(b"GET /owa/ HTTP/1.1\r\nHost: a.example\r\n\r\n")
+    origin = parse_response_head(b"HTTP/1.1 200 OK\r\nConnection: x-frame-options\r\nX-Frame-Options: ALLOWALL\r\nContent-Length: 0\r\n\r\n", None)
+    head = _head_writer().response_head(request, origin, 0, False, True)
+    assert b"ALLOWALL" not in head and b"\r\nX-Frame-Options: SAMEORIGIN" in head and b"\r\nX-Content-Type-Options: nosniff" in head
