@@ -129,9 +129,9 @@ def has_only_clean_line_ends(raw: bytes) -> bool:
 def parse_request_head(raw: bytes) -> RequestHead:
     """Parse and check a request head (ending in CRLF CRLF); raises HeadRefused with the answer.
 
-    The header lines are checked and searched as one block (one regular expression for all names,
-    lower-case finds for the few framing fields), not line by line: a head's cost barely grows
-    with its number of headers."""
+    The header lines are checked and searched as one block (one regular expression checks every
+    name, one scan of the lower-case block finds the REQUEST_FIELDS lines), not line by line: a
+    head's cost barely grows with its number of headers."""
     if not has_only_clean_line_ends(raw):
         raise refused(400, "malformed-head", MALFORMED)
     line_end = raw.find(b"\r\n")
