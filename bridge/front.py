@@ -247,6 +247,22 @@ def request_framing(lengths: list[bytes], codings: list[bytes], version: tuple[i
     return int(lengths[0]), False
 
 
+def cached_by_path(cache: dict[str, Any], target: str, decide: Callable[[str], Any], limit: int = 4096) -> Any:
+    """decide(path) for a request target's path (the target less its query), cached under the whole
+    target (clients repeat whole targets: the RPC proxy's, EWS's) and under the path; the cache is
+    emptied when it holds ``limit`` entries."""
+    try:
+        return cache[target]
+    except KeyError:
+        pass
+    path = target.split("?", 1)[0]
+    value = cache[path] if path in cache else decide(path)
+    if len(cache) >= limit:
+        cache.clear()
+    cache[path] = cache[target] = value
+    return value
+
+
 def complete_head_length(data: bytes, scanned: int = 0) -> int:
     """The length of the request head that starts ``data`` (through CRLF CRLF), or 0 while more bytes
     are needed; raises HeadRefused as soon as no acceptable head can come of it. ``scanned``: how many

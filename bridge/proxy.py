@@ -23,7 +23,7 @@ from aiohttp.web_request import BaseRequest
 from bridge.bans import carries_final_credentials
 from bridge.channel import ChannelClosed, LimitExceeded
 from bridge.config import BridgeConfig
-from bridge.front import ClientConnection, HeadRefused, RequestHead, parse_request_head
+from bridge.front import ClientConnection, HeadRefused, RequestHead, cached_by_path, parse_request_head
 from bridge.http_server import ConnectionState
 from bridge.upstream import (
     HOP_BY_HOP_BYTES,
@@ -46,7 +46,6 @@ SET_BY_BRIDGE = frozenset({b"x-forwarded-proto", b"x-forwarded-port"})
 SECURITY_HEADERS = (("X-Frame-Options", "SAMEORIGIN"), ("X-Content-Type-Options", "nosniff"))
 SECURITY_LINES = "".join(f"{name}: {value}\r\n" for name, value in SECURITY_HEADERS)
 SECURITY_BY_NAME = {name.lower().encode(): f"{name}: {value}".encode() for name, value in SECURITY_HEADERS}
-SECURITY_NAMES = frozenset(SECURITY_BY_NAME)
 SECURITY_BLOCK = SECURITY_LINES[:-2].encode()
 SECURITY_SUFFIX = b"\r\n" + SECURITY_BLOCK
 # Request header names the upstream head treats specially (all others are copied line for line).
@@ -187,17 +186,7 @@ class Proxy:
         return self.cached_path_verdict(request.raw_path)
 
     def cached_path_verdict(self, target: str) -> tuple[int, str, bool] | None:
-        verdicts = self.path_verdicts
-        try:
-            return verdicts[target]  # clients repeat whole targets (the RPC proxy's, EWS's)
-        except KeyError:
-            pass
-        path = target.split("?", 1)[0]
-        verdict = verdicts[path] if path in verdicts else self.path_verdict(path)
-        if len(verdicts) >= PATH_CACHE_SIZE:
-            verdicts.clear()
-        verdicts[path] = verdicts[target] = verdict
-        return verdict
+        return cached_by_path(self.path_verdicts, target, self.path_verdict, PATH_CACHE_SIZE)
 
     def path_verdict(self, path: str) -> tuple[int, str, bool] | None:
         if not path.startswith("/"):

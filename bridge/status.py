@@ -34,6 +34,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from bridge import __version__
 from bridge.config import ConfigError, parse_status_bind
+from bridge.front import cached_by_path
 
 log = logging.getLogger("bridge.status")
 
@@ -57,7 +58,7 @@ class BridgeStats:
         self.bytes_out_done = 0
         self.active: dict[int, Any] = {}  # id -> Exchange of each request in progress
         self.rpc_channels = 0
-        self.routes: dict[str, str] = {}  # path -> route label, cached
+        self.routes: dict[str, str] = {}  # target or path -> route label (cached_by_path)
 
     def begin(self, request: Any, exchange: Any) -> None:
         self.active[id(exchange)] = exchange
@@ -74,15 +75,7 @@ class BridgeStats:
 
     def route(self, target: str) -> str:
         """The forwarded virtual directory a request went to, or "other" (bounded label set)."""
-        routes = self.routes
-        route = routes.get(target)  # clients repeat whole targets
-        if route is None:
-            path = target.split("?", 1)[0]
-            route = routes.get(path) or self._route(path)
-            if len(routes) >= 4096:
-                routes.clear()
-            routes[path] = routes[target] = route
-        return route
+        return cached_by_path(self.routes, target, self._route)
 
     def _route(self, path: str) -> str:
         lowered = path.lower()

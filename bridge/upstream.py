@@ -242,10 +242,7 @@ def parse_response_head(raw: bytes, server: LegacyServer) -> ResponseHead:
         elif name == b"connection":
             connection = connection + b"," + value if connection else value
     if lengths and not head.chunked:
-        if len(lengths) == 1 and lengths[0].isdigit():
-            head.content_length = int(lengths[0])  # the usual case: one plain Content-Length
-        else:
-            head.content_length = _content_length(lengths, server)
+        head.content_length = _content_length(lengths, server)
     if connection:
         head.connection_tokens = connection_tokens(connection)
     return head
@@ -267,7 +264,7 @@ def connection_tokens(value: bytes) -> frozenset[bytes]:
 def _content_length(lengths: list[bytes], server: LegacyServer) -> int:
     """The one Content-Length (repeats must agree, RFC 9110 8.6); anything else is refused."""
     if len(lengths) == 1 and lengths[0].isdigit():
-        return int(lengths[0])
+        return int(lengths[0])  # the usual case: one plain Content-Length
     values = {v.strip().decode("latin-1") for value in lengths for v in value.split(b",")}
     if len(values) != 1 or not all(c in "0123456789" for c in next(iter(values))) or not next(iter(values)):
         raise UpstreamProtocolError(f"the legacy server {server} sent an invalid Content-Length ({', '.join(sorted(values))[:40]})")
