@@ -13,19 +13,19 @@ import sys
 
 from rich.console import Console
 
+from bridge.errors import UserError
+
 SUBCOMMANDS = {
     # name: (module, help)
-    "up": ("bridge.app", "run the bridge: TLS 1.2/1.3 front end reverse-proxying a TLS 1.0 Exchange 2007"),
-    "lab": ("bridge.lab", "run a simulated Exchange 2007 (TLS 1.0 only, NTLM and Basic) on loopback"),
+    "up": ("bridge.runtime.up", "run the bridge: TLS 1.2/1.3 front end reverse-proxying a TLS 1.0 Exchange 2007"),
+    "lab": ("bridge.lab.server", "run a simulated Exchange 2007 (TLS 1.0 only, NTLM and Basic) on loopback"),
     "demo": ("bridge.demo", "start the lab and a bridge in front of it, and show NTLM, Basic and RPC going through"),
-    "cert": ("bridge.acme", "obtain, renew or show the bridge's certificate"),
-    "preflight": ("bridge.preflight", "check the legacy server and the bridge before creating the migration batch"),
-    "status": ("bridge.status", "show a running bridge's status page (connections, traffic, bans) live in the terminal"),
-    "ban": ("bridge.bans", "list, add or lift bans of client addresses (kept in the state dir)"),
+    "cert": ("bridge.runtime.cert_command", "obtain, renew or show the bridge's certificate"),
+    "preflight": ("bridge.preflight.command", "check the legacy server and the bridge before creating the migration batch"),
+    "status": ("bridge.ops.status", "show a running bridge's status page (connections, traffic, bans) live in the terminal"),
+    "ban": ("bridge.ops.bans", "list, add or lift bans of client addresses (kept in the state dir)"),
 }
 
-# Exceptions whose message is a complete sentence for the user.
-USER_ERROR_NAMES = {"ConfigError", "CertificateError", "StartupError", "AcmeError", "PreflightUsageError"}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # noqa: BLE001 - user errors become one sentence, the rest a short report
-        if type(exc).__name__ in USER_ERROR_NAMES:
+        if isinstance(exc, UserError):
             console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             return 2
         logging.getLogger("bridge").debug("unexpected failure", exc_info=True)

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from bridge.errors import ConfigError
+
 DEFAULT_FORWARD_PATHS = (
     "/owa",
     "/exchange",
@@ -45,10 +47,6 @@ _FINGERPRINT = re.compile(r"^(?:sha256:)?([0-9A-Fa-f]{2}(?::?[0-9A-Fa-f]{2}){31}
 
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-class ConfigError(Exception):
-    """A configuration mistake the user can fix; str() is one sentence."""
 
 
 @dataclass(frozen=True)

@@ -25,10 +25,10 @@ import spnego
 from rich.console import Console
 from rich.table import Table
 
-from bridge.app import setup_logging, start_bridge
-from bridge.certificates import LocalCA, cert_pem, new_private_key, write_pair
+from bridge.runtime.app import setup_logging, start_bridge
+from bridge.certs.keys import LocalCA, cert_pem, new_private_key, write_pair
 from bridge.config import BridgeConfig, LegacyServer, default_state_dir
-from bridge.lab import DEFAULT_USERS, Lab, LabOptions, payload_sha256, start_lab
+from bridge.lab.server import DEFAULT_USERS, Lab, LabOptions, payload_sha256, start_lab
 
 DEMO_FQDN = "clientowa.lab.test"
 RPC_TARGET = "EXCH2007.lab.local:6001"

@@ -44,8 +44,8 @@ sys.path.insert(0, str(REPO))
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from bridge.certificates import LocalCA, cert_pem, legacy_self_signed, new_private_key, write_pair  # noqa: E402
-from bridge.tls import LEGACY_CIPHERS, fingerprint, pin_flag  # noqa: E402
+from bridge.certs.keys import LocalCA, cert_pem, legacy_self_signed, new_private_key, write_pair  # noqa: E402
+from bridge.net.tls import LEGACY_CIPHERS, fingerprint, pin_flag  # noqa: E402
 
 FQDN = "bench.lab.test"
 TOOLS = ("haproxy", "nginx", "wrk", "curl", "openssl")

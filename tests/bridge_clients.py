@@ -23,8 +23,8 @@ from typing import Any
 import requests
 from requests.adapters import HTTPAdapter
 
-from bridge.app import RunningBridge, start_bridge
-from bridge.certificates import LocalCA, cert_pem, new_private_key, write_pair
+from bridge.runtime.app import RunningBridge, start_bridge
+from bridge.certs.keys import LocalCA, cert_pem, new_private_key, write_pair
 from bridge.config import BridgeConfig, LegacyServer
 
 BRIDGE_FQDN = "bridge.lab.test"

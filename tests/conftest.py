@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bridge.certificates import LocalCA
-from bridge.lab import LabOptions
+from bridge.certs.keys import LocalCA
+from bridge.lab.server import LabOptions
 from lab_clients import BackgroundLab
 
 

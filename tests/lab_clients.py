@@ -28,7 +28,7 @@ import spnego
 import urllib3
 from requests.adapters import HTTPAdapter
 
-from bridge.lab import Lab, LabOptions, start_lab
+from bridge.lab.server import Lab, LabOptions, start_lab
 
 LEGACY_CLIENT_CIPHERS = "DEFAULT:AES128-SHA:AES256-SHA:@SECLEVEL=0"
 LAB_USER = "LAB\\alice"

@@ -22,7 +22,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bridge.certificates import LocalCA, cert_pem, new_private_key, write_pair
+from bridge.certs.keys import LocalCA, cert_pem, new_private_key, write_pair
 
 STARTUP_SECONDS = 15.0
 INSTALL_HINT = "Pebble is not installed: run scripts/test.sh (it installs the Debian package pebble), or apt-get install -y pebble."

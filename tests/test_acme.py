@@ -26,12 +26,13 @@ from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from bridge.acme import AcmeError, Lineage, certificate_for_bridge, open_session
-from bridge.app import RunningBridge, start_bridge
-from bridge.certificates import LocalCA, cert_pem, key_pem, new_private_key
+from bridge.certs.acme import Lineage, certificate_for_bridge, open_session
+from bridge.errors import AcmeError
+from bridge.runtime.app import RunningBridge, start_bridge
+from bridge.certs.keys import LocalCA, cert_pem, key_pem, new_private_key
 from bridge.config import BridgeConfig, LegacyServer
-from bridge.renewal import Renewer, expiry_warning, ratio_renewal_time, renewal_plan, retry_delay
-from bridge.tls import front_context
+from bridge.certs.renewal import Renewer, expiry_warning, ratio_renewal_time, renewal_plan, retry_delay
+from bridge.net.tls import front_context
 from pebble_server import EAB_KEYS, PebbleServer, free_port, require_pebble
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from bridge.certificates import LocalCA, new_private_key, write_pair
+from bridge.certs.keys import LocalCA, new_private_key, write_pair
 from bridge.demo import ResolvedHTTPSConnection
-from bridge.lab import payload_sha256
+from bridge.lab.server import payload_sha256
 from bridge_clients import BRIDGE_FQDN, bridge_client_context
 from lab_clients import basic_header
 

@@ -36,7 +36,7 @@ class Rig:
 
     @property
     def front(self):
-        from bridge.front import FrontServer
+        from bridge.net.front import FrontServer
 
         return next(r for r in self.bridge.bridge.runners if isinstance(r, FrontServer))
 

@@ -20,7 +20,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from requests_ntlm import HttpNtlmAuth
 
-from bridge.lab import LabOptions, StartupError, lab_payload, payload_sha256, start_lab
+from bridge.errors import StartupError
+from bridge.lab.server import LabOptions, lab_payload, payload_sha256, start_lab
 from lab_clients import (  # pytest puts tests/ on sys.path: there is no tests/__init__.py
     LAB_PASSWORD,
     BackgroundLab,

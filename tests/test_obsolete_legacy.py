@@ -13,8 +13,8 @@ import struct
 
 import pytest
 
-from bridge.certificates import LocalCA
-from bridge.upstream import probe_obsolete_suites
+from bridge.certs.keys import LocalCA
+from bridge.net.upstream import probe_obsolete_suites
 from bridge_clients import BackgroundBridge, bridge_config, bridge_session
 
 RC4_SUITES = (0x0005, 0x0004)
@@ -86,8 +86,8 @@ def test_bridge_explains_an_rc4_only_legacy_server(tmp_path, caplog):
 
 def test_probe_hello_is_well_formed_for_a_strict_openssl_server(tmp_path):
     """OpenSSL (the lab) rejects a malformed ClientHello: the hand-built one must pass and get AES128-SHA."""
-    from bridge.lab import LabOptions
-    from bridge.upstream import _server_choice
+    from bridge.lab.server import LabOptions
+    from bridge.net.upstream import _server_choice
     from lab_clients import BackgroundLab
 
     with BackgroundLab(LabOptions(host="127.0.0.1", port=0, state_dir=tmp_path)) as lab:
@@ -125,7 +125,7 @@ async def test_bridge_accepts_a_server_without_secure_renegotiation():
     """OP_LEGACY_SERVER_CONNECT: without it OpenSSL 3 stops at the ServerHello; with it the handshake goes on."""
     import ssl
 
-    from bridge.tls import legacy_context
+    from bridge.net.tls import legacy_context
 
     server = await asyncio.start_server(no_rfc5746_server, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]

@@ -22,13 +22,16 @@ from types import SimpleNamespace
 import pytest
 from rich.console import Console
 
-from bridge.certificates import LocalCA
+from bridge.certs.keys import LocalCA
 from bridge.cli import build_parser
 from bridge.config import LegacyServer
-from bridge.lab import LabOptions
-from bridge.preflight import SCHEMA, Credentials, PreflightUsageError, Report, Settings, planned_checks, run_preflight, settings_from_args
-from bridge.preflight_report import STATUS_COLOURS, print_report, render_html, report_json, run_with_progress
-from bridge.tls import pin_flag
+from bridge.lab.server import LabOptions
+from bridge.errors import PreflightUsageError
+from bridge.preflight.checks import SCHEMA, Report, Settings, planned_checks, run_preflight
+from bridge.preflight.command import settings_from_args
+from bridge.preflight.probe import Credentials
+from bridge.preflight.report import STATUS_COLOURS, print_report, render_html, report_json, run_with_progress
+from bridge.net.tls import pin_flag
 from bridge_clients import BRIDGE_FQDN, BackgroundBridge, bridge_config, ca_file, resolve_lab_names
 from lab_clients import LAB_PASSWORD, LAB_USER, BackgroundLab
 

@@ -15,9 +15,9 @@ import time
 import pytest
 from requests_ntlm import HttpNtlmAuth
 
-from bridge.certificates import LocalCA
+from bridge.certs.keys import LocalCA
 from bridge.demo import ResolvedHTTPSConnection
-from bridge.lab import LabOptions, payload_sha256
+from bridge.lab.server import LabOptions, payload_sha256
 from bridge_clients import BRIDGE_FQDN, BackgroundBridge, bridge_client_context, bridge_config, bridge_session
 from lab_clients import LAB_PASSWORD, LAB_USER, BackgroundLab, RawHttpsConnection, basic_header, negotiate_logon
 
@@ -410,7 +410,7 @@ def test_legacy_ca_verifies_the_legacy_certificate_by_name(lab, ca, tmp_path):
 
 
 def test_config_file_with_flags_winning(lab, ca, tmp_path):
-    from bridge.app import add_arguments, config_from_args
+    from bridge.runtime.up import add_arguments, config_from_args
     import argparse
 
     config_file = tmp_path / "bridge.toml"
@@ -452,15 +452,15 @@ def test_client_connection_ends_when_its_upstream_connection_was_lost(ca, tmp_pa
 
 def _head_writer():
     from bridge.config import build_config
-    from bridge.proxy import Proxy
-    from bridge.upstream import LegacyPool
+    from bridge.proxy.relay import Proxy
+    from bridge.net.upstream import LegacyPool
 
     config = build_config({"fqdn": BRIDGE_FQDN, "legacy": ["127.0.0.1:9"]})
     return Proxy(config, LegacyPool(servers=config.legacy, tls_context=None, connect_timeout=5))
 
 
 def test_forwarded_for_chain_leaves_out_empty_values():
-    from bridge.front import parse_request_head
+    from bridge.net.front import parse_request_head
 
     request = parse_request_head(b"GET /owa/ HTTP/1.1\r\nHost: a.example\r\nX-Forwarded-For:\r\nX-Forwarded-For: 9.9.9.9\r\n\r\n")
     head = _head_writer().request_head(request, "10.0.0.1")
@@ -468,8 +468,8 @@ def test_forwarded_for_chain_leaves_out_empty_values():
 
 
 def test_a_security_header_the_origin_marks_hop_by_hop_is_replaced_by_the_bridges():
-    from bridge.front import parse_request_head
-    from bridge.upstream import parse_response_head
+    from bridge.net.front import parse_request_head
+    from bridge.net.upstream import parse_response_head
 
     request = parse_request_head(b"GET /owa/ HTTP/1.1\r\nHost: a.example\r\n\r\n")
     origin = parse_response_head(b"HTTP/1.1 200 OK\r\nConnection: x-frame-options\r\nX-Frame-Options: ALLOWALL\r\nContent-Length: 0\r\n\r\n", None)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from bridge import cli
-from bridge.certificates import LocalCA
+from bridge.certs.keys import LocalCA
 from bridge_clients import wait_until, BRIDGE_FQDN, BackgroundBridge, bridge_client_context, bridge_config, bridge_session, resolve_lab_names
 from lab_clients import LAB_PASSWORD, LAB_USER, basic_header, negotiate_logon
 

@@ -20,8 +20,8 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge import cli
-from bridge.bans import normalise_address
-from bridge.certificates import LocalCA, new_private_key, write_pair
+from bridge.ops.bans import normalise_address
+from bridge.certs.keys import LocalCA, new_private_key, write_pair
 from bridge_clients import wait_until, BRIDGE_FQDN, BackgroundBridge, bridge_client_context, bridge_config, bridge_session
 from lab_clients import LAB_PASSWORD, LAB_USER, basic_header
 

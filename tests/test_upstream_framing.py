@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from bridge.certificates import new_private_key, write_pair
+from bridge.certs.keys import new_private_key, write_pair
 from bridge_clients import BackgroundBridge, bridge_client_context, bridge_config
 from lab_clients import RawHttpsConnection
 

@@ -19,7 +19,7 @@ import pytest
 from cryptography import x509
 from requests_ntlm import HttpNtlmAuth
 
-from bridge.certificates import new_private_key, write_pair
+from bridge.certs.keys import new_private_key, write_pair
 from bridge.demo import ResolvedHTTPSConnection
 from bridge_clients import BRIDGE_FQDN, bridge_client_context
 from lab_clients import LAB_PASSWORD, LAB_USER, basic_header, negotiate_logon
@@ -206,7 +206,7 @@ def test_workers_setting_is_checked():
 
 def test_workers_from_toml_and_auto(tmp_path):
     from bridge.config import ConfigError, build_config, load_toml
-    from bridge.workers import connection_share
+    from bridge.runtime.workers import connection_share
 
     config = tmp_path / "bridge.toml"
     config.write_text('fqdn = "ok.example"\nlegacy = ["a.example"]\nworkers = 3\n')
@@ -263,8 +263,8 @@ def test_a_certificate_renewed_by_the_parent_reaches_every_worker(pebble, tmp_pa
     import ssl
     import sys
 
-    from bridge.acme import Lineage
-    from bridge.certificates import LocalCA, cert_pem, key_pem
+    from bridge.certs.acme import Lineage
+    from bridge.certs.keys import LocalCA, cert_pem, key_pem
     from test_bridge_process import BridgeProcess
 
     fqdn = "workers.acme.test"

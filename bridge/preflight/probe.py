@@ -19,8 +19,8 @@ from pathlib import Path
 import spnego
 
 from bridge.config import is_ip_address
-from bridge.tls import legacy_context
-from bridge.upstream import response_has_body
+from bridge.net.tls import legacy_context
+from bridge.net.upstream import response_has_body
 
 USER_AGENT = "exchange-bridge-preflight"
 MAX_BODY = 1024 * 1024

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from bridge.acme import AcmeError, AcmeSession, Lineage, StoredCertificate, obtain, open_session
-from bridge.certificates import inspect_certificate
+from bridge.errors import AcmeError, CertificateError
+from bridge.certs.acme import AcmeSession, Lineage, StoredCertificate, obtain, open_session
+from bridge.certs.keys import inspect_certificate
 from bridge.config import BridgeConfig
-from bridge.tls import CertificateError, fingerprint, load_front_certificate
+from bridge.net.tls import fingerprint, load_front_certificate
 
 log = logging.getLogger("bridge.renewal")
 

@@ -33,8 +33,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from bridge import __version__
-from bridge.config import ConfigError, parse_status_bind
-from bridge.front import cached_by_path
+from bridge.config import parse_status_bind
+from bridge.errors import ConfigError
+from bridge.net.front import cached_by_path
 
 log = logging.getLogger("bridge.status")
 
@@ -97,7 +98,7 @@ def certificate_summary(path: Path | None) -> dict[str, Any]:
     if path is None:
         return {"subject": "-", "days_left": None, "not_after": None}
     try:
-        from bridge.certificates import inspect_certificate, load_pem_chain
+        from bridge.certs.keys import inspect_certificate, load_pem_chain
 
         info = inspect_certificate(load_pem_chain(Path(path))[0])
     except Exception as exc:  # noqa: BLE001 - the page must render even if the file went away
@@ -115,7 +116,7 @@ def snapshot(bridge: Any) -> dict[str, Any]:
     for server, health in bridge.proxy.pool.health.items():
         down = bool(health.last_error)
         legacy.append({"server": str(server), "state": "down" if down else "up", "error": health.last_error})
-    from bridge.bans import summary
+    from bridge.ops.bans import summary
 
     return {
         "version": __version__,
@@ -198,7 +199,7 @@ def status_password(state_dir: Path) -> str:
             os.chmod(path, 0o600)
             log.warning("%s was readable by others; made it 0600", path)
         return text
-    from bridge.certificates import atomic_write
+    from bridge.certs.keys import atomic_write
 
     password = secrets.token_urlsafe(18)
     atomic_write(path, (password + "\n").encode(), mode=0o600)
@@ -462,7 +463,7 @@ def run(args: argparse.Namespace) -> int:
 
 def connection_guard(config: Any) -> Any:
     """The HTTPS listener's ConnectionGuard from the configuration (before the listener starts)."""
-    from bridge.guard import ConnectionGuard
+    from bridge.net.gate import ConnectionGuard
 
     port = "" if config.https_port in (0, 443) else f":{config.https_port}"
     return ConnectionGuard(
@@ -474,14 +475,14 @@ def connection_guard(config: Any) -> Any:
 def redirect_guard(config: Any) -> Any:
     """Port 80's ConnectionGuard: header timeout and connection limit, no allow-list (ACME HTTP-01
     validation comes from addresses Let's Encrypt does not publish)."""
-    from bridge.guard import ConnectionGuard
+    from bridge.net.gate import ConnectionGuard
 
     return ConnectionGuard(max_connections=config.max_connections, header_timeout=config.header_timeout)
 
 
 async def attach_operations(bridge: Any, guard: Any, https_runner: Any) -> None:
     """Bans, counters and the status listener for a started bridge; drains take --drain-timeout."""
-    from bridge.bans import BanGuard, policy_from_config
+    from bridge.ops.bans import BanGuard, policy_from_config
 
     config = bridge.config
     guard.public_origin = bridge.proxy.public_origin
@@ -506,7 +507,7 @@ RESTART_SETTINGS = ("fqdn", "legacy", "bind", "https_port", "http_port", "state_
 
 def reload_settings(bridge: Any, new: Any) -> None:
     """Apply a re-read configuration (SIGHUP) without dropping connections."""
-    from bridge.bans import policy_from_config
+    from bridge.ops.bans import policy_from_config
 
     old = bridge.config
     changed = [name for name in RESTART_SETTINGS if getattr(old, name) != getattr(new, name)]

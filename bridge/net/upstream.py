@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from bridge.channel import Channel, ChannelClosed, LimitExceeded
+from bridge.net.channel import Channel, ChannelClosed, LimitExceeded
 from bridge.config import LegacyServer, is_ip_address
-from bridge.tls import describe_ssl_error, fingerprint, pin_flag
+from bridge.net.tls import describe_ssl_error, fingerprint, pin_flag
 
 log = logging.getLogger("bridge.upstream")
 

@@ -38,9 +38,11 @@ from aiohttp.web_request import BaseRequest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from bridge.certificates import legacy_self_signed
-from bridge.http_server import bound_port, connection_state, start_site
-from bridge.tls import fingerprint, pin_flag
+from bridge.errors import StartupError
+from bridge.protocol.auth import NTLM_SIGNATURE, starts_new_handshake
+from bridge.certs.keys import legacy_self_signed
+from bridge.net.aio_server import bound_port, connection_state, start_site
+from bridge.net.tls import fingerprint, pin_flag
 
 DEFAULT_HOSTNAME = "exch2007.lab.test"
 DEFAULT_INTERNAL_SERVER = "EXCH2007.lab.local"
@@ -72,10 +74,6 @@ FINAL_CHALLENGES = web.RequestKey("lab_final_challenges", list)
 
 ORGANISATION_DN = "/o=Lab Organization/ou=Exchange Administrative Group (FYDIBOHF23SPDLT)"
 EXCHANGE_2007_SP3 = (8, 3, 83)
-
-
-class StartupError(Exception):
-    """The lab cannot start as asked; str() is one sentence for the user."""
 
 
 # --------------------------------------------------------------------------- options and counters
@@ -275,21 +273,10 @@ def certificate_fingerprint(cert_path: Path) -> str:
 
 # --------------------------------------------------------------------------- authentication
 
-NTLM_SIGNATURE = b"NTLMSSP\x00"
-NTLM_NEGOTIATE_MESSAGE = 1
-SPNEGO_INIT_TAG = 0x60
-
-
 @dataclass
 class AuthOutcome:
     user: str | None  # None: not authenticated
     challenges: list[str] = field(default_factory=list)  # WWW-Authenticate values to send
-
-
-def starts_new_handshake(token: bytes) -> bool:
-    if token.startswith(NTLM_SIGNATURE) and len(token) >= 12:
-        return struct.unpack_from("<I", token, 8)[0] == NTLM_NEGOTIATE_MESSAGE
-    return bool(token) and token[0] == SPNEGO_INIT_TAG
 
 
 class Authenticator:

@@ -6,16 +6,14 @@ import hashlib
 import ssl
 from pathlib import Path
 
+from bridge.errors import CertificateError
+
 # Forward-secret AEAD suites only: no CBC, no RSA key exchange. TLS 1.3 suites are fixed by OpenSSL.
 FRONT_CIPHERS = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
 
 # What a Windows 2003/2008 Exchange 2007 CAS offers, and what OpenSSL 3 refuses at level 1 and up:
 # RSA key exchange with CBC-SHA1, SHA-1 signatures, 1024-bit keys.
 LEGACY_CIPHERS = "DEFAULT:AES128-SHA:AES256-SHA:ECDHE-RSA-AES128-SHA:ECDHE-RSA-AES256-SHA:@SECLEVEL=0"
-
-
-class CertificateError(Exception):
-    """The front-end certificate or key cannot be used; str() is one sentence."""
 
 
 def front_context(cert: Path, key: Path) -> ssl.SSLContext:

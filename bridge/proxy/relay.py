@@ -20,12 +20,12 @@ from urllib.parse import unquote
 from aiohttp import web
 from aiohttp.web_request import BaseRequest
 
-from bridge.bans import carries_final_credentials
-from bridge.channel import ChannelClosed, LimitExceeded
+from bridge.protocol.auth import carries_final_credentials
+from bridge.net.channel import ChannelClosed, LimitExceeded
 from bridge.config import BridgeConfig
-from bridge.front import ClientConnection, HeadRefused, RequestHead, cached_by_path, parse_request_head
-from bridge.http_server import ConnectionState
-from bridge.upstream import (
+from bridge.net.front import ClientConnection, HeadRefused, RequestHead, cached_by_path, parse_request_head
+from bridge.net.aio_server import ConnectionState
+from bridge.net.upstream import (
     HOP_BY_HOP_BYTES,
     REWRITTEN_RESPONSE,
     MAX_HEAD,

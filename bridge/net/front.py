@@ -23,8 +23,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from bridge.channel import Channel
-from bridge.guard import (
+from bridge.net.channel import Channel
+from bridge.net.gate import (
     MAX_HEAD_BYTES,
     MAX_METHOD_LENGTH,
     REFUSED_METHODS,
@@ -35,8 +35,8 @@ from bridge.guard import (
     simple_response,
     valid_host,
 )
-from bridge.http_server import MAX_FIELD_SIZE, MAX_HEADERS, MAX_LINE_SIZE, ConnectionState
-from bridge.upstream import HOP_BY_HOP_BYTES, MIN_LINE, connection_tokens, header_values
+from bridge.net.aio_server import MAX_FIELD_SIZE, MAX_HEADERS, MAX_LINE_SIZE, ConnectionState
+from bridge.net.upstream import HOP_BY_HOP_BYTES, MIN_LINE, connection_tokens, header_values
 
 log = logging.getLogger("bridge.front")
 

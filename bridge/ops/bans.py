@@ -28,8 +28,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from bridge.certificates import atomic_write
-from bridge.config import ConfigError
+from bridge.certs.keys import atomic_write
+from bridge.errors import ConfigError
 
 log = logging.getLogger("bridge.bans")
 
@@ -38,31 +38,6 @@ MAX_TRACKED_ADDRESSES = 50_000
 REFRESH_INTERVAL = 1.0
 SWEEP_INTERVAL = 5.0
 HOOK_TIMEOUT = 30.0
-NTLM_SIGNATURE = b"NTLMSSP\x00"
-NTLM_AUTHENTICATE = 3
-SPNEGO_INIT_TAG = 0x60
-
-
-# --------------------------------------------------------------------------- what counts as a failure
-
-
-def carries_final_credentials(authorization: str | None) -> bool:
-    """True when a 401 to this Authorization header means a failed logon (not a handshake step)."""
-    if not authorization:
-        return False
-    scheme, _, token = authorization.strip().partition(" ")
-    scheme = scheme.lower()
-    if scheme == "basic":
-        return True
-    if scheme not in ("ntlm", "negotiate"):
-        return False
-    try:
-        raw = base64.b64decode(token.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        return True  # garbage credentials are a failed attempt too
-    if raw.startswith(NTLM_SIGNATURE):
-        return len(raw) >= 12 and int.from_bytes(raw[8:12], "little") == NTLM_AUTHENTICATE
-    return bool(raw) and raw[0] != SPNEGO_INIT_TAG  # a NegTokenResp: the client's answer to a challenge
 
 
 # --------------------------------------------------------------------------- the file

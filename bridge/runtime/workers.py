@@ -167,7 +167,7 @@ class Supervisor:
     """The parent: what `bridge.status` and `ready_line` read (config, stats, guard, bans, proxy.pool)."""
 
     def __init__(self, config: BridgeConfig, sockets: list[socket.socket], cert: Path, key: Path, ssl_context: Any) -> None:
-        from bridge.bans import BanGuard, policy_from_config
+        from bridge.ops.bans import BanGuard, policy_from_config
 
         self.config = config
         self.sockets = sockets
@@ -202,7 +202,7 @@ class Supervisor:
         fds = [child_end.fileno(), *(sock.fileno() for sock in self.sockets)]
         try:
             process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "bridge.workers", str(index), *map(str, fds), pass_fds=fds, stdin=asyncio.subprocess.DEVNULL,
+                sys.executable, "-m", "bridge.runtime.workers", str(index), *map(str, fds), pass_fds=fds, stdin=asyncio.subprocess.DEVNULL,
             )
         finally:
             child_end.close()
@@ -245,7 +245,7 @@ class Supervisor:
 
     async def start_workers(self) -> None:
         """Start every worker and wait until each serves; StartupError when one exits or hangs first."""
-        from bridge.app import StartupError
+        from bridge.errors import StartupError
 
         for index in range(self.config.workers):
             await self.spawn(index)
@@ -295,7 +295,7 @@ class Supervisor:
 
     # ---- signals ---------------------------------------------------------------------------------
     def on_hup(self, reload_config: Callable[[], BridgeConfig] | None) -> None:
-        from bridge.tls import load_front_certificate
+        from bridge.net.tls import load_front_certificate
 
         if reload_config is not None:
             try:
@@ -355,8 +355,8 @@ def _exit_reason(code: int) -> str:
 
 def apply_to_parent(supervisor: Supervisor, new: BridgeConfig) -> None:
     """SIGHUP: the parent's part of bridge.status.reload_settings (the workers get the rest)."""
-    from bridge.bans import policy_from_config
-    from bridge.status import RESTART_SETTINGS
+    from bridge.ops.bans import policy_from_config
+    from bridge.ops.status import RESTART_SETTINGS
 
     old = supervisor.config
     changed = [name for name in RESTART_SETTINGS if getattr(old, name) != getattr(new, name)]
@@ -376,7 +376,7 @@ def apply_to_parent(supervisor: Supervisor, new: BridgeConfig) -> None:
 
 def bind_https(config: BridgeConfig, backlog: int = 1024) -> list[socket.socket]:
     """The HTTPS listening socket(s), bound and listening in the parent; StartupError when that fails."""
-    from bridge.app import listen_error
+    from bridge.runtime.app import listen_error
 
     sockets: list[socket.socket] = []
     try:
@@ -403,12 +403,12 @@ def bind_https(config: BridgeConfig, backlog: int = 1024) -> list[socket.socket]
 
 async def serve_with_workers(config: BridgeConfig, reload_config: Callable[[], BridgeConfig] | None = None) -> int:
     """`bridge up` with --workers N > 1; returns the exit code."""
-    from bridge.app import _certificate, _listen, ready_line
-    from bridge.http_server import bound_port
-    from bridge.proxy import HttpRedirector
-    from bridge.status import redirect_guard, start_status_listener
-    from bridge.tls import front_context, legacy_context
-    from bridge.upstream import LegacyPool
+    from bridge.runtime.app import _certificate, _listen, ready_line
+    from bridge.net.aio_server import bound_port
+    from bridge.proxy.relay import HttpRedirector
+    from bridge.ops.status import redirect_guard, start_status_listener
+    from bridge.net.tls import front_context, legacy_context
+    from bridge.net.upstream import LegacyPool
 
     challenges: dict[str, str] = {}
     redirector = HttpRedirector(config.fqdn, config.https_port, challenges)
@@ -459,7 +459,7 @@ async def serve_with_workers(config: BridgeConfig, reload_config: Callable[[], B
 
 def notifying_renewer(config: BridgeConfig, challenges: dict[str, str], ssl_context: Any, notify: Callable[[], None]) -> Any:
     """bridge.renewal.Renewer whose every certificate swap also tells the workers to reload."""
-    from bridge.renewal import Renewer
+    from bridge.certs.renewal import Renewer
 
     class NotifyingRenewer(Renewer):
         def swap(self) -> None:
@@ -485,7 +485,7 @@ class WorkerBans:
         return bool(self.bans)
 
     def is_banned(self, address: str) -> bool:
-        from bridge.bans import _plain
+        from bridge.ops.bans import _plain
 
         until = self.bans.get(_plain(address))
         if until is None or until <= time.time():
@@ -512,13 +512,13 @@ def worker_report(bridge: Any) -> dict[str, Any]:
 
 
 async def serve_worker(index: int, control_fd: int, listen_fds: list[int]) -> int:
-    from bridge.app import RunningBridge, settle_garbage_collector, setup_logging
-    from bridge.bans import policy_from_config
-    from bridge.front import FrontServer
-    from bridge.proxy import Proxy
-    from bridge.status import BridgeStats, connection_guard, reload_settings
-    from bridge.tls import front_context, legacy_context
-    from bridge.upstream import LegacyPool
+    from bridge.runtime.app import RunningBridge, settle_garbage_collector, setup_logging
+    from bridge.ops.bans import policy_from_config
+    from bridge.net.front import FrontServer
+    from bridge.proxy.relay import Proxy
+    from bridge.ops.status import BridgeStats, connection_guard, reload_settings
+    from bridge.net.tls import front_context, legacy_context
+    from bridge.net.upstream import LegacyPool
 
     control = socket.socket(fileno=control_fd)
     reader, writer = await asyncio.open_unix_connection(sock=control)
@@ -583,7 +583,7 @@ async def serve_worker(index: int, control_fd: int, listen_fds: list[int]) -> in
 
 
 def main(argv: list[str]) -> int:
-    from bridge.app import event_loop_factory
+    from bridge.runtime.app import event_loop_factory
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops the workers
     index, control_fd, *listen_fds = (int(arg) for arg in argv)

@@ -1,0 +1,138 @@
+"""`bridge preflight`: its arguments, the settings they make, and the run that prints and writes reports."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import ssl
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bridge.preflight import report
+from bridge.config import is_ip_address, load_toml, merge, parse_fingerprint, parse_legacy, validate_fqdn
+from bridge.errors import PreflightUsageError
+from bridge.preflight.checks import DEFAULT_HOLD, DEFAULT_TIMEOUT, SCHEMA, Settings
+from bridge.preflight.probe import Credentials
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, metavar="FILE", help="a bridge TOML (as for `bridge up`): legacy, fqdn and ports come from it; flags win")
+    parser.add_argument("--legacy", metavar="HOST[:PORT]", help="the Exchange 2007 Client Access Server")
+    parser.add_argument("--fqdn", help="the bridge's public name: checks the bridge too")
+    parser.add_argument("--expect-ip", metavar="IP", help="the address the bridge's name must resolve to")
+    parser.add_argument("--bridge-addr", metavar="IP", help="probe the bridge at this address (SNI and Host stay the FQDN), e.g. before DNS is published")
+    parser.add_argument("--https-port", type=int, help="the bridge's HTTPS port (default 443)")
+    parser.add_argument("--http-port", type=int, help="the bridge's HTTP port (default 80)")
+    parser.add_argument("--ca-bundle", type=Path, metavar="FILE", help="also trust this CA for the bridge certificate (e.g. Let's Encrypt staging)")
+    parser.add_argument("--email", metavar="ADDR", help="a mailbox to test Autodiscover and the RPC proxy with (needs --username)")
+    parser.add_argument("--username", metavar="USER", help="logon name for that mailbox: DOMAIN\\user or user@domain")
+    parser.add_argument("--password-env", metavar="VAR", help="environment variable holding the password (default: ask at a prompt)")
+    parser.add_argument("--auth", choices=("basic", "ntlm", "both"), default="both", help="authentication to test (default both)")
+    parser.add_argument("--json", type=Path, metavar="FILE", help=f"write the report as JSON ({SCHEMA}, see docs/preflight-schema.md)")
+    parser.add_argument("--html", type=Path, metavar="FILE", help="write a self-contained HTML report for the customer")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="S", help=f"seconds per network step (default {DEFAULT_TIMEOUT:g})")
+    parser.add_argument("--hold", type=float, default=DEFAULT_HOLD, metavar="S", help=f"seconds an idle connection to the bridge must survive (default {DEFAULT_HOLD:g}; 960 proves 15 min)")
+
+
+def settings_from_args(args: argparse.Namespace, read_password: Callable[[str], str] | None = None) -> Settings:
+    file_values: dict[str, Any] = load_toml(args.config) if args.config else {}
+    values = merge(file_values, {"legacy": args.legacy, "fqdn": args.fqdn, "https_port": args.https_port, "http_port": args.http_port})
+    legacy = values.get("legacy")
+    listed = [str(item) for item in (legacy if isinstance(legacy, list) else [legacy] if legacy else [])]
+    if not listed:
+        raise PreflightUsageError("No legacy server given: pass --legacy with the Exchange 2007 host (e.g. --legacy owa.customer.example) or --config with the bridge's TOML.")
+    settings = Settings(legacy=parse_legacy(listed[0]), other_legacy=[parse_legacy(item) for item in listed[1:]])
+    if values.get("fqdn"):
+        settings.fqdn = validate_fqdn(str(values["fqdn"]))
+    for name in ("https_port", "http_port"):
+        if values.get(name) is not None:
+            setattr(settings, name, port_number(f"--{name.replace('_', '-')}", values[name]))
+    if values.get("legacy_fingerprint"):
+        settings.legacy_fingerprint = parse_fingerprint(str(values["legacy_fingerprint"]))
+    settings.expect_ip = ip_flag("--expect-ip", args.expect_ip)
+    settings.bridge_addr = ip_flag("--bridge-addr", args.bridge_addr)
+    if (settings.expect_ip or settings.bridge_addr) and not settings.fqdn:
+        raise PreflightUsageError("--expect-ip and --bridge-addr describe the bridge: give its name with --fqdn too.")
+    settings.ca_bundle = ca_bundle_flag(args.ca_bundle)
+    settings.auth = args.auth
+    if not args.timeout > 0:
+        raise PreflightUsageError(f"--timeout must be a positive number of seconds, not {args.timeout:g}.")
+    if args.hold < 0:
+        raise PreflightUsageError(f"--hold must be zero or more seconds, not {args.hold:g}.")
+    settings.timeout, settings.hold = args.timeout, args.hold
+    for flag, path in (("--json", args.json), ("--html", args.html)):
+        if path is not None and not path.resolve().parent.is_dir():
+            raise PreflightUsageError(f"{flag} {path}: the directory {path.resolve().parent} does not exist; create it or choose another path.")
+    settings.credentials = credentials_from_args(args, read_password or prompt_password)
+    return settings
+
+
+def port_number(flag: str, value: Any) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = -1
+    if not 0 < number < 65536:
+        raise PreflightUsageError(f"{flag} must be a port number from 1 to 65535, not {value!r}.")
+    return number
+
+
+def ip_flag(flag: str, value: str | None) -> str | None:
+    if value is None:
+        return None
+    if not is_ip_address(value.strip()):
+        raise PreflightUsageError(f"{flag} {value!r} is not an IP address; give the bridge's address, e.g. {flag} 203.0.113.10.")
+    return value.strip()
+
+
+def ca_bundle_flag(path: Path | None) -> Path | None:
+    if path is None:
+        return None
+    if not path.is_file():
+        raise PreflightUsageError(f"--ca-bundle {path} does not exist; give the PEM file of the CA to trust.")
+    try:
+        ssl.create_default_context().load_verify_locations(cafile=str(path))
+    except (ssl.SSLError, OSError):
+        raise PreflightUsageError(f"--ca-bundle {path} holds no PEM certificate; give the CA certificate in PEM form.") from None
+    return path
+
+
+def credentials_from_args(args: argparse.Namespace, read_password: Callable[[str], str]) -> Credentials | None:
+    if not args.email and not args.username:
+        if args.password_env:
+            raise PreflightUsageError("--password-env needs --email and --username: name the mailbox to test with.")
+        return None
+    if not (args.email and args.username):
+        raise PreflightUsageError("--email and --username go together: give the mailbox address and the logon name (DOMAIN\\user or UPN).")
+    if "@" not in args.email:
+        raise PreflightUsageError(f"--email {args.email!r} is not an e-mail address; give the mailbox's primary SMTP address.")
+    if args.password_env:
+        password = os.environ.get(args.password_env)
+        if not password:
+            raise PreflightUsageError(f"The environment variable {args.password_env} named by --password-env is not set or empty; export it first.")
+    else:
+        password = read_password(args.username)
+    return Credentials(args.email, args.username, password)
+
+
+def prompt_password(username: str) -> str:
+    if not sys.stdin.isatty():
+        raise PreflightUsageError("No terminal to ask for the password: put it in an environment variable and name it with --password-env.")
+    password = getpass.getpass(f"Password for {username}: ")
+    if not password:
+        raise PreflightUsageError("An empty password was given; rerun and type the mailbox password.")
+    return password
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    report = report.run_with_progress(settings)
+    report.print_report(report)
+    if args.json:
+        report.write_json(report, args.json)
+    if args.html:
+        report.write_html(report, args.html)
+    return 1 if report.verdict == "fail" else 0
