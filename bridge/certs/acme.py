@@ -13,7 +13,6 @@ Every failure a user can cause becomes an ``AcmeError`` whose message is one sen
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import binascii

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import binascii
 import ipaddress
 import json
 import logging

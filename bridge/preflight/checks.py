@@ -11,15 +11,11 @@ The network probes live in bridge.preflight.probe; rendering (console table, JSO
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import datetime as dt
-import getpass
-import os
 import secrets
 import socket
 import ssl
-import sys
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -29,9 +25,8 @@ from typing import Any
 
 from cryptography import x509
 
-from bridge.errors import PreflightUsageError
 from bridge.certs.keys import inspect_certificate
-from bridge.config import LegacyServer, is_ip_address, load_toml, merge, parse_fingerprint, parse_legacy, validate_fqdn
+from bridge.config import LegacyServer, is_ip_address
 from bridge.preflight.probe import (
     USER_AGENT,
     Credentials,
