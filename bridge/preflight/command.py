@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bridge.preflight import report
+from bridge.preflight.report import print_report, run_with_progress, write_html, write_json
 from bridge.config import is_ip_address, load_toml, merge, parse_fingerprint, parse_legacy, validate_fqdn
 from bridge.errors import PreflightUsageError
 from bridge.preflight.checks import DEFAULT_HOLD, DEFAULT_TIMEOUT, SCHEMA, Settings
@@ -129,10 +129,10 @@ def prompt_password(username: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
-    report = report.run_with_progress(settings)
-    report.print_report(report)
+    outcome = run_with_progress(settings)
+    print_report(outcome)
     if args.json:
-        report.write_json(report, args.json)
+        write_json(outcome, args.json)
     if args.html:
-        report.write_html(report, args.html)
-    return 1 if report.verdict == "fail" else 0
+        write_html(outcome, args.html)
+    return 1 if outcome.verdict == "fail" else 0
