@@ -190,8 +190,8 @@ def load_pem_chain(path: Path) -> list[x509.Certificate]:
     return x509.load_pem_x509_certificates(path.read_bytes())
 
 
-def legacy_self_signed(directory: Path, names: list[str], *, days: int = 365, expired: bool = False) -> tuple[Path, Path]:
-    """An Exchange-2007-style certificate: self-signed, RSA 1024, SHA-1 (cert.pem, key.pem).
+def legacy_self_signed(directory: Path, names: list[str], *, days: int = 365, expired: bool = False, key_bits: int = 1024) -> tuple[Path, Path]:
+    """An Exchange-2007-style certificate: self-signed, RSA 1024 (or ``key_bits``), SHA-1 (cert.pem, key.pem).
 
     cryptography no longer signs with SHA-1, so this asks the openssl command, which still does.
     """
@@ -210,7 +210,7 @@ def legacy_self_signed(directory: Path, names: list[str], *, days: int = 365, ex
         atomic_write(key, key_pem(private), mode=0o600)
         atomic_write(cert, cert_pem(self_signed(names, private, days=399, not_before=start)))
         return cert, key
-    command = ["openssl", "req", "-x509", "-newkey", "rsa:1024", "-sha1", "-nodes", "-keyout", str(key), "-out", str(cert),
+    command = ["openssl", "req", "-x509", "-newkey", f"rsa:{key_bits}", "-sha1", "-nodes", "-keyout", str(key), "-out", str(cert),
                "-subj", f"/CN={names[0]}", "-addext", f"subjectAltName={san}", "-days", str(days)]
     subprocess.run(command, check=True, capture_output=True)
     key.chmod(0o600)

@@ -28,7 +28,7 @@ import tempfile
 import warnings
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +91,13 @@ class LabOptions:
     rpc: bool = True
     users: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_USERS))
     internal_server: str = DEFAULT_INTERNAL_SERVER
+    # Shapes real servers come in (each a preflight case): /rpc's own authentication (Outlook
+    # Anywhere set to Basic while EWS and Autodiscover also take NTLM is the usual 2007 setup),
+    # no Autodiscover, a weak key, a slow server.
+    rpc_auth: str | None = None  # basic | ntlm | both; None: as --auth
+    autodiscover: bool = True
+    key_bits: int = 1024
+    delay: float = 0.0  # seconds before every answer
 
 
 @dataclass
@@ -226,13 +233,14 @@ def default_state_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"exchange-bridge-lab-{os.getuid()}"
 
 
-def lab_certificate(state_dir: Path, hostname: str, expired: bool) -> tuple[Path, Path]:
+def lab_certificate(state_dir: Path, hostname: str, expired: bool, key_bits: int = 1024) -> tuple[Path, Path]:
     """Reuse the certificate in state_dir when it still fits, so a restarted lab keeps its fingerprint."""
-    directory = state_dir / "certs" / f"{hostname}-{'expired' if expired else 'current'}"
+    bits = "" if key_bits == 1024 else f"-rsa{key_bits}"
+    directory = state_dir / "certs" / f"{hostname}-{'expired' if expired else 'current'}{bits}"
     cert_path, key_path = directory / "legacy-cert.pem", directory / "legacy-key.pem"
     if not _certificate_fits(cert_path, key_path, hostname, expired):
         try:
-            cert_path, key_path = legacy_self_signed(directory, [hostname, "127.0.0.1"], expired=expired)
+            cert_path, key_path = legacy_self_signed(directory, [hostname, "127.0.0.1"], expired=expired, key_bits=key_bits)
         except RuntimeError as exc:
             raise StartupError(str(exc)) from None
     return cert_path, key_path
@@ -304,7 +312,9 @@ class Authenticator:
         header = request.headers.get("Authorization")
         state = connection_state(request).data
         if header is None:
-            return AuthOutcome(state.get(self.USER_KEY), [] if state.get(self.USER_KEY) else self.offered_challenges())
+            # A connection NTLM authenticated counts only where this directory takes NTLM.
+            user = state.get(self.USER_KEY) if self.ntlm_enabled else None
+            return AuthOutcome(user, [] if user else self.offered_challenges())
         scheme, _, token = header.strip().partition(" ")
         scheme = scheme.lower()
         if scheme == "basic" and self.basic_enabled:
@@ -524,6 +534,9 @@ class ExchangeSimulator:
         self.accounts = accounts
         self.counters = counters
         self.auth = Authenticator(options, accounts, ntlm_user_file, counters)
+        # /rpc/rpcproxy.dll has its own authentication setting (Set-OutlookAnywhere -ClientAuthenticationMethod).
+        rpc_auth = options.rpc_auth or options.auth
+        self.rpc_auth = self.auth if rpc_auth == options.auth else Authenticator(replace(options, auth=rpc_auth), accounts, ntlm_user_file, counters)
         self.routes = {
             "/owa": (self.owa_redirect, False),
             "/owa/": (self.owa_redirect, False),
@@ -534,6 +547,8 @@ class ExchangeSimulator:
         }
         if options.rpc:
             self.routes["/rpc/rpcproxy.dll"] = (self.rpc_proxy, True)
+        if not options.autodiscover:  # not published: IIS answers 404 like any other missing path
+            del self.routes["/autodiscover/autodiscover.xml"]
 
     async def handle(self, request: BaseRequest) -> web.StreamResponse:
         entry = self._record_request(request)
@@ -563,10 +578,15 @@ class ExchangeSimulator:
     async def _dispatch(self, request: BaseRequest) -> web.StreamResponse:
         route = self.routes.get(request.path.lower())
         if route is None:
+            if self.options.delay:
+                await asyncio.sleep(self.options.delay)
             return await self.final_without_body(request, iis_response(404, NOT_FOUND_HTML))
         handler, protected = route
+        if self.options.delay:  # a slow server: every answer takes this long
+            await asyncio.sleep(self.options.delay)
         if protected:
-            outcome = self.auth.authenticate(request)
+            authenticator = self.rpc_auth if handler == self.rpc_proxy else self.auth
+            outcome = authenticator.authenticate(request)
             if outcome.user is None:
                 return await self.unauthorized(request, outcome)
             request[FINAL_CHALLENGES] = outcome.challenges
@@ -667,7 +687,7 @@ class ExchangeSimulator:
             server_dn=server_dn(internal),
             server_version=server_version_hex(*EXCHANGE_2007_SP3),
             external_host=host_without_port(request.host or self.options.hostname),
-            auth_package="Basic" if self.options.auth == "basic" else "Ntlm",
+            auth_package="Basic" if (self.options.rpc_auth or self.options.auth) == "basic" else "Ntlm",
         )
 
     async def counters_json(self, request: BaseRequest) -> web.StreamResponse:
@@ -767,6 +787,14 @@ def validate_options(options: LabOptions) -> None:
         raise StartupError(f"Unknown TLS shape {options.tls_max!r}; use 1.0 (TLS 1.0 only) or 1.2.")
     if options.auth not in AUTH_MODES:
         raise StartupError(f"Unknown authentication mode {options.auth!r}; use basic, ntlm or both.")
+    if options.rpc_auth is not None and options.rpc_auth not in AUTH_MODES:
+        raise StartupError(f"Unknown authentication mode {options.rpc_auth!r} for /rpc; use basic, ntlm or both.")
+    if options.rpc_auth not in (None, "both") and options.auth not in (options.rpc_auth, "both"):
+        raise StartupError(f"--rpc-auth {options.rpc_auth} needs --auth {options.rpc_auth} or both: the lab's users can only log on with a scheme it has.")
+    if options.key_bits not in (512, 768, 1024, 2048):
+        raise StartupError(f"--key-bits {options.key_bits} is not offered; use 512, 768, 1024 or 2048.")
+    if not 0 <= options.delay <= 600:
+        raise StartupError(f"--delay {options.delay:g} is out of range; give 0 to 600 seconds.")
     if not 0 <= options.port <= 65535:
         raise StartupError(f"Port {options.port} is not a TCP port; give one between 1 and 65535.")
 
@@ -780,7 +808,7 @@ async def start_lab(options: LabOptions) -> Lab:
         ntlm_user_file = state_dir / f"ntlm-users-{_users_digest(options)}.txt"
         write_ntlm_user_file(ntlm_user_file, accounts, options.hostname)
         os.environ["NTLM_USER_FILE"] = str(ntlm_user_file)
-    cert_path, key_path = lab_certificate(state_dir, options.hostname, options.expired_cert)
+    cert_path, key_path = lab_certificate(state_dir, options.hostname, options.expired_cert, options.key_bits)
     counters = LabCounters()
     simulator = ExchangeSimulator(options, accounts, ntlm_user_file, counters)
     context = lab_tls_context(cert_path, key_path, options.tls_max)
@@ -856,6 +884,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--expired-cert", action="store_true", help="serve an expired certificate")
     parser.add_argument("--auth", choices=AUTH_MODES, default="both", help="authentication offered (default both)")
     parser.add_argument("--no-rpc", dest="rpc", action="store_false", help="no Outlook Anywhere: /rpc/rpcproxy.dll answers 404")
+    parser.add_argument("--rpc-auth", choices=AUTH_MODES, default=None, help="authentication /rpc/rpcproxy.dll offers (default: as --auth; basic is Outlook Anywhere's usual 2007 setting)")
+    parser.add_argument("--no-autodiscover", dest="autodiscover", action="store_false", help="Autodiscover not published: /Autodiscover/Autodiscover.xml answers 404")
+    parser.add_argument("--key-bits", type=int, default=1024, choices=(512, 768, 1024, 2048), help="RSA key size of the lab's certificate (default 1024, as Exchange 2007 made them)")
+    parser.add_argument("--delay", type=float, default=0.0, metavar="S", help="seconds before every answer: a slow server (default 0)")
     parser.add_argument("--user", dest="users", type=_user_argument, action="append", metavar="'DOMAIN\\user:password'",
                         help="a mailbox user, repeatable (default LAB\\alice:Passw0rd!)")
 
@@ -871,13 +903,17 @@ def options_from_args(args: argparse.Namespace) -> LabOptions:
         auth=args.auth,
         rpc=args.rpc,
         users=dict(args.users) if args.users else dict(DEFAULT_USERS),
+        rpc_auth=args.rpc_auth,
+        autodiscover=args.autodiscover,
+        key_bits=args.key_bits,
+        delay=args.delay,
     )
 
 
 def ready_line(lab: Lab) -> str:
     options = lab.options
     auth = {"basic": "Basic", "ntlm": "NTLM/Negotiate", "both": "NTLM/Negotiate and Basic"}[options.auth]
-    certificate = "expired certificate" if options.expired_cert else "self-signed RSA-1024 SHA-1 certificate"
+    certificate = "expired certificate" if options.expired_cert else f"self-signed RSA-{options.key_bits} SHA-1 certificate"
     users = ", ".join(options.users)
     return (
         f"Exchange 2007 lab ready at {lab.url} as {options.hostname}: {TLS_SHAPES[options.tls_max][2]}, "

@@ -129,6 +129,7 @@ class Settings:
     timeout: float = DEFAULT_TIMEOUT
     hold: float = DEFAULT_HOLD
     legacy_fingerprint: str | None = None  # pinned in the bridge config: compared with what is served
+    exchange_server: str | None = None  # --exchange-server: the RPC checks' target when Autodiscover cannot tell
     other_legacy: list[LegacyServer] = field(default_factory=list)  # further servers in --config, not probed
 
 
@@ -220,15 +221,48 @@ def evaluate_path(name: str, settings: Settings, answer: HttpAnswer | None, erro
         if settings.auth != "both" and missing:
             label = "Basic" if missing[0] == "basic" else "NTLM"
             return "fail", f"{path} offers {schemes}, not {label}", details, (
-                f"Enable {label} authentication on {path.split('/')[1]} in IIS (Exchange: Set-OutlookAnywhere -ClientAuthenticationMethod), or run with the --auth the server offers."
+                f"Enable {label} authentication on {path.split('/')[1]} ({enable_command(name, missing[0])}), or run with the --auth the server offers."
             )
         if settings.auth == "both" and len(missing) == 2:
-            return "fail", f"{path} offers neither Basic nor NTLM ({schemes})", details, "Enable Basic or NTLM authentication on this virtual directory."
+            return "fail", f"{path} offers neither Basic nor NTLM ({schemes})", details, f"Enable Basic or NTLM authentication on this virtual directory ({enable_command(name, 'ntlm')})."
         return "pass", f"{path} answers 401 and offers {schemes}", details, ""
     if answer.status in (200, 301, 302, 401, 403, 405):
         where = f" to {details['location']}" if "location" in details else ""
         return "pass", f"{path} answers {answer.status}{where}", details, ""
     return "warn", f"{path} answers {answer.status}", details, "Check this virtual directory's settings in IIS."
+
+
+# The cmdlet that sets each virtual directory's authentication (Set-OutlookAnywhere covers only /rpc).
+AUTH_COMMANDS = {
+    "rpc": {"basic": "Set-OutlookAnywhere -ClientAuthenticationMethod Basic", "ntlm": "Set-OutlookAnywhere -ClientAuthenticationMethod Ntlm"},
+    "ews": {"basic": "Set-WebServicesVirtualDirectory -BasicAuthentication $true", "ntlm": "Set-WebServicesVirtualDirectory -WindowsAuthentication $true"},
+    "autodiscover": {"basic": "Set-AutodiscoverVirtualDirectory -BasicAuthentication $true", "ntlm": "Set-AutodiscoverVirtualDirectory -WindowsAuthentication $true"},
+}
+
+
+def enable_command(directory: str, scheme: str) -> str:
+    """The Exchange Management Shell command that enables ``scheme`` on a virtual directory."""
+    return AUTH_COMMANDS.get(directory, AUTH_COMMANDS["ews"])[scheme]
+
+
+def certificate_names_host(sans: list[str], subject: str, host: str) -> bool:
+    """Whether a certificate's names (SANs, else the subject's CN) cover ``host``, wildcards included."""
+    names = [name.lower() for name in sans] or [part[3:].lower() for part in subject.split(",") if part.strip().upper().startswith("CN=")]
+    host = host.lower().rstrip(".")
+    for name in names:
+        if name == host or (name.startswith("*.") and "." in host and host.split(".", 1)[1] == name[2:]):
+            return True
+    return False
+
+
+def is_timeout(error: str | None) -> bool:
+    return bool(error) and "no answer within" in str(error)
+
+
+def timeout_fix(timeout: float, slowest: float | None) -> str:
+    """The fix for a step that ran out of time: a larger --timeout, sized by what did answer."""
+    seen = f"; the answers that did come took up to {slowest:.1f} s" if slowest else ""
+    return f"The server answered too slowly for --timeout {timeout:g}{seen}: rerun with a larger --timeout (e.g. --timeout {max(timeout * 3, (slowest or 0) * 3, 30):g})."
 
 
 def pox_settings(body: bytes) -> dict[str, Any]:
@@ -280,6 +314,7 @@ class Preflight:
         self.through_bridge: dict[str, Check] = {}  # the same, through the bridge
         self.facts: dict[str, Any] = {}
         self.autodiscovered: dict[str, dict[str, Any]] = {}  # side -> EXCH/EXPR settings
+        self.slowest = 0.0  # seconds the slowest HTTP answer took (sizes the fix of a step that timed out)
 
     # ---- bookkeeping -------------------------------------------------------------------------
     def record(self, check: Check) -> Check:
@@ -300,10 +335,21 @@ class Preflight:
         self.compare_through_bridge()
         self.note_other_legacy_servers()
         self.skip_remaining("", "not run")
+        self.size_timeout_fixes()
         found = self.autodiscovered.get("legacy") or self.autodiscovered.get("bridge") or {}
-        self.facts = {"exchange_server": found.get("exchange_server"), "legacy_dn": found.get("legacy_dn"), "authentication": self.recommended_authentication()}
+        self.facts = {
+            "exchange_server": self.settings.exchange_server or found.get("exchange_server"),
+            "legacy_dn": found.get("legacy_dn"),
+            "authentication": self.recommended_authentication(),
+        }
         checks = [self.results[check_id] for check_id, _ in self.planned]
         return Report(self.settings, checks, started, time.monotonic() - clock, self.facts)
+
+    def size_timeout_fixes(self) -> None:
+        """A step that ran out of time is fixed by a larger --timeout, not by changing the server."""
+        for check in self.results.values():
+            if check.status == "fail" and (is_timeout(check.details.get("error")) or "no answer within the timeout" in check.summary):
+                check.fix = timeout_fix(self.settings.timeout, self.slowest or None)
 
     def note_other_legacy_servers(self) -> None:
         others = self.settings.other_legacy
@@ -437,8 +483,13 @@ class Preflight:
             notes.append("self-signed")
         if info.signature_algorithm == "sha1":
             notes.append("SHA-1 signature")
-        if info.key_type.startswith("RSA ") and int(info.key_type.split()[1]) < 2048:
+        bits = int(info.key_type.split()[1]) if info.key_type.startswith("RSA ") else None
+        if bits is not None and 1024 <= bits < 2048:
             notes.append(f"{info.key_type}-bit key")
+        host = self.settings.legacy.host
+        if not certificate_names_host(info.sans, info.subject, host):
+            notes.append(f"does not name {host} (it names {', '.join(info.sans) or info.subject}): pin it, since name checks would refuse it")
+            details["names_host"] = False
         described = f"{info.subject}, issued by {'itself' if details['self_signed'] else info.issuer}, {info.key_type}, {info.signature_algorithm}"
         if self.settings.legacy_fingerprint and self.settings.legacy_fingerprint != observed:
             self.record(Check("legacy.certificate", "legacy", "fail", f"{described}: not the certificate pinned in the bridge config", details,
@@ -448,6 +499,11 @@ class Preflight:
             # certificate, so expiry does not fail the batch; it still deserves attention.
             self.record(Check("legacy.certificate", "legacy", "warn", f"{described}: expired on {info.not_after:%Y-%m-%d}; the bridge still connects (it pins, it does not check dates)", details,
                               "Nothing blocks the migration; if other clients use this server, renew it (New-ExchangeCertificate, then Enable-ExchangeCertificate -Services IIS) and pin the new one."))
+        elif bits is not None and bits < 1024:
+            # The legacy leg crosses the Internet with RSA key exchange and no forward secrecy: a key
+            # this small can be factored, exposing every recorded session's credentials and mail.
+            self.record(Check("legacy.certificate", "legacy", "fail", f"{described}: a {bits}-bit RSA key can be factored, which exposes recorded logons and mail on the legacy leg", details,
+                              "Replace the certificate with one of a 2048-bit key (New-ExchangeCertificate -KeySize 2048, then Enable-ExchangeCertificate -Services IIS), then pin the new one on the bridge."))
         elif info.not_before > now:
             self.record(Check("legacy.certificate", "legacy", "fail", f"{described}: not valid before {info.not_before:%Y-%m-%d}", details,
                               "Fix the legacy server's clock or certificate."))
@@ -462,7 +518,21 @@ class Preflight:
         self.direct.update(results)
 
     # ---- the HTTP checks, identical for both sides --------------------------------------------
+    async def exchange(self, target: HttpTarget, method: str, path: str, **kwargs: Any) -> tuple[HttpAnswer | None, str | None]:
+        """One HTTP exchange on its own connection, timed (the slowest answer sizes a --timeout fix)."""
+        started = time.monotonic()
+        answer, error = await attempt(http_exchange(target, method, path, **kwargs))
+        if answer is not None:
+            self.slowest = max(self.slowest, time.monotonic() - started)
+        return answer, error
+
     async def http_checks(self, target: HttpTarget, side: str, emit: Callable[[Check], Any]) -> dict[str, Check]:
+        """The anonymous path checks, the logons, Autodiscover and the RPC checks of one side.
+
+        Independent steps run at once on their own connections (against a server answering in 3 s,
+        NTLM's two round trips per step add up fast): the anonymous probes, each logon and
+        Autodiscover start together; the RPC checks follow as soon as the scheme /rpc accepts, a
+        working logon with it and the Exchange server's name are known."""
         results: dict[str, Check] = {}
 
         def done(suffix: str, status: str, summary: str, details: dict[str, Any] | None = None, fix: str = "") -> None:
@@ -472,24 +542,36 @@ class Preflight:
 
         async def probe_path(name: str) -> None:
             method, path = HTTP_PATHS[name]
-            answer, error = await attempt(http_exchange(target, method, path))
+            answer, error = await self.exchange(target, method, path)
             done(f"http.{name}", *evaluate_path(name, self.settings, answer, error, side))
 
-        logons = wanted_schemes(self.settings.auth) if self.settings.credentials else []
+        credentials = self.settings.credentials
+        logons = wanted_schemes(self.settings.auth) if credentials else []
+        discovery = asyncio.ensure_future(self.autodiscover(target)) if credentials else None
         await asyncio.gather(*(probe_path(name) for name in HTTP_PATHS), *(self.logon(target, scheme, done) for scheme in logons))
-        if not self.settings.credentials:
+        if discovery is None:
             return results
+        outcome = await discovery
         scheme = self.working_scheme(results)
         if scheme is None:
             reason = "no logon succeeded" if any(results[f"logon.{s}"].status == "fail" for s in logons) else "no usable authentication scheme"
             for suffix in ["autodiscover"] + [f"rpc.{port}" for port in RPC_PORTS]:
                 done(suffix, "skip", f"skipped: {reason}")
             return results
-        settings = await self.autodiscover(target, side, scheme, done)
-        server = settings.get("exchange_server")
+        status, summary, details, fix, found = outcome
+        manual = self.settings.exchange_server
+        if status == "fail" and manual:
+            status, summary = "warn", f"{summary}; the RPC checks use --exchange-server {manual}"
+            fix = "Create the migration endpoint with manual settings (-ExchangeServer and -RpcProxyServer, shown below): it does not need Autodiscover."
+        elif status == "fail":
+            fix += " Or give the Exchange server's name with --exchange-server to check Outlook Anywhere with manual settings."
+        done("autodiscover", status, summary, details, fix)
+        if found.get("exchange_server"):
+            self.autodiscovered[side] = found
+        server = manual or found.get("exchange_server")
         rpc_path = results["http.rpc"]
         if not server or rpc_path.details.get("http_status") == 404:
-            reason = "no Exchange server name from Autodiscover" if not server else "/rpc/rpcproxy.dll is missing"
+            reason = "no Exchange server name from Autodiscover (give it with --exchange-server)" if not server else "/rpc/rpcproxy.dll is missing"
             for port in RPC_PORTS:
                 done(f"rpc.{port}", "skip", f"skipped: {reason}")
             return results
@@ -497,17 +579,23 @@ class Preflight:
         return results
 
     def working_scheme(self, results: dict[str, Check]) -> str | None:
-        for scheme in ("ntlm", "basic") if self.settings.auth == "both" else (self.settings.auth,):
-            check = results.get(f"logon.{scheme}")
-            if check is not None and check.status == "pass":
-                return scheme
-        return None
+        """The scheme the migration endpoint will use: one whose logon worked, preferring what
+        /rpc/rpcproxy.dll itself offers (Outlook Anywhere is often Basic while EWS also takes NTLM)."""
+        order = ("ntlm", "basic") if self.settings.auth == "both" else (self.settings.auth,)
+        working = [scheme for scheme in order if (check := results.get(f"logon.{scheme}")) is not None and check.status == "pass"]
+        rpc = results.get("http.rpc")
+        offered = rpc.details.get("auth_schemes") if rpc is not None else None
+        if offered:
+            for scheme in working:
+                if offers(offered, scheme):
+                    return scheme
+        return working[0] if working else None
 
     async def logon(self, target: HttpTarget, scheme: str, done: Callable[..., None]) -> None:
         credentials = self.settings.credentials
         assert credentials is not None
         label = "Basic" if scheme == "basic" else "NTLM"
-        answer, error = await attempt(http_exchange(target, "GET", LOGON_PATH, credentials=credentials, scheme=scheme))
+        answer, error = await self.exchange(target, "GET", LOGON_PATH, credentials=credentials, scheme=scheme)
         if answer is None:
             done(f"logon.{scheme}", "fail", f"{label} logon as {credentials.username}: {error}", {"outcome": "error", "error": error},
                  "Check that the server answers HTTPS on /EWS.")
@@ -521,60 +609,64 @@ class Preflight:
             if self.settings.auth == "both":
                 done(f"logon.{scheme}", "skip", f"skipped: {summary}", details)
             else:
-                done(f"logon.{scheme}", "fail", summary, details, f"Enable {label} authentication on the Exchange virtual directories, or use --auth with a scheme the server offers.")
+                done(f"logon.{scheme}", "fail", summary, details, f"Enable {label} authentication on EWS ({enable_command('ews', scheme)}), or use --auth with a scheme the server offers.")
         elif answer.status == 401:
             done(f"logon.{scheme}", "fail", f"{label} logon as {credentials.username} was refused (401): wrong user name or password, or the account is locked or disabled", details,
                  "Check the user name (DOMAIN\\user or UPN) and password with the customer; try the same account in OWA.")
         else:
             done(f"logon.{scheme}", "fail", f"{label} logon as {credentials.username} answered {answer.status}", details, "Check the EWS virtual directory in IIS.")
 
-    async def autodiscover(self, target: HttpTarget, side: str, scheme: str, done: Callable[..., None]) -> dict[str, Any]:
+    async def autodiscover(self, target: HttpTarget) -> tuple[str, str, dict[str, Any], str, dict[str, Any]]:
+        """(status, summary, details, fix, EXCH/EXPR settings) of an Autodiscover POX request.
+
+        Runs beside the logons, so it picks its scheme itself: NTLM where allowed, Basic when the
+        server does not offer NTLM there."""
         credentials = self.settings.credentials
         assert credentials is not None
         body = POX_REQUEST.format(email=credentials.email).encode()
-        answer, error = await attempt(http_exchange(
-            target, "POST", HTTP_PATHS["autodiscover"][1], body=body, extra={"Content-Type": "text/xml; charset=utf-8"}, credentials=credentials, scheme=scheme,
-        ))
+        path = HTTP_PATHS["autodiscover"][1]
+        schemes = ["ntlm", "basic"] if self.settings.auth == "both" else [self.settings.auth]
+        answer, error, scheme = None, None, schemes[0]
+        for scheme in schemes:
+            answer, error = await self.exchange(target, "POST", path, body=body, extra={"Content-Type": "text/xml; charset=utf-8"}, credentials=credentials, scheme=scheme)
+            if answer is None or answer.status != 401 or offers(answer.schemes, scheme):
+                break
         fix = "Check Autodiscover for this mailbox on the server (Test-OutlookWebServices -Identity <mailbox>) and the e-mail address."
         if answer is None:
-            done("autodiscover", "fail", f"Autodiscover POST for {credentials.email}: {error}", {"error": error}, fix)
-            return {}
+            return "fail", f"Autodiscover POST for {credentials.email}: {error}", {"error": error}, fix, {}
+        if answer.status == 404:
+            return "fail", f"Autodiscover is not published ({path} answers 404)", {"http_status": 404}, (
+                "Publish Autodiscover (New-AutodiscoverVirtualDirectory on the Client Access Server) or create the migration endpoint with manual settings."), {}
+        if answer.status == 401:
+            return "fail", f"Autodiscover POST for {credentials.email} answered 401 with {scheme.upper() if scheme == 'ntlm' else 'Basic'}", {"http_status": 401, "auth_schemes": answer.schemes}, (
+                f"Enable the scheme on Autodiscover ({enable_command('autodiscover', scheme)}).") + " " + fix, {}
         if answer.status != 200:
-            done("autodiscover", "fail", f"Autodiscover POST for {credentials.email} answered {answer.status}", {"http_status": answer.status}, fix)
-            return {}
+            return "fail", f"Autodiscover POST for {credentials.email} answered {answer.status}", {"http_status": answer.status}, fix, {}
         try:
             found = pox_settings(answer.body)
         except ET.ParseError as exc:
-            done("autodiscover", "fail", f"Autodiscover answered with XML that cannot be parsed ({exc})", {"http_status": 200}, fix)
-            return {}
+            return "fail", f"Autodiscover answered with XML that cannot be parsed ({exc})", {"http_status": 200}, fix, {}
         details = {"http_status": 200, "email": credentials.email, "scheme": scheme, **found}
         details.setdefault("error", None)
         if found.get("error"):
-            done("autodiscover", "fail", f"Autodiscover for {credentials.email} answered an error: {found['error']}", details, fix)
-            return {}
+            return "fail", f"Autodiscover for {credentials.email} answered an error: {found['error']}", details, fix, {}
         if found.get("action"):
-            done("autodiscover", "warn", f"Autodiscover for {credentials.email} redirects ({found['action']} to {found.get('redirect')})", details,
-                 "Run preflight with the address Autodiscover redirects to, or give the Exchange server by hand.")
-            return {}
+            return "warn", f"Autodiscover for {credentials.email} redirects ({found['action']} to {found.get('redirect')})", details, (
+                "Run preflight with the address Autodiscover redirects to, or give the Exchange server with --exchange-server."), {}
         if not found.get("exchange_server"):
-            done("autodiscover", "fail", f"Autodiscover for {credentials.email} has no EXCH settings", details, fix)
-            return {}
+            return "fail", f"Autodiscover for {credentials.email} has no EXCH settings", details, fix, {}
         summary = f"Exchange server {found['exchange_server']}, legacy DN {found.get('legacy_dn')}, auth package {found.get('auth_package')}"
-        self.autodiscovered[side] = found
         if not found.get("expr_server"):
-            done("autodiscover", "warn", f"{summary}; no EXPR (Outlook Anywhere) block", details,
-                 "Run Enable-OutlookAnywhere so Autodiscover publishes EXPR, or create the migration endpoint with manual settings (shown below).")
-        else:
-            done("autodiscover", "pass", f"{summary}; EXPR {found['expr_server']}", details)
-        return found
+            return "warn", f"{summary}; no EXPR (Outlook Anywhere) block", details, (
+                "Run Enable-OutlookAnywhere so Autodiscover publishes EXPR, or create the migration endpoint with manual settings (shown below)."), found
+        return "pass", f"{summary}; EXPR {found['expr_server']}", details, "", found
 
     async def rpc_echo(self, target: HttpTarget, scheme: str, server: str, port: int, done: Callable[..., None]) -> None:
         credentials = self.settings.credentials
         path = f"/rpc/rpcproxy.dll?{server}:{port}"
-        outcomes = {}
-        for method in ("RPC_IN_DATA", "RPC_OUT_DATA"):
-            answer, error = await attempt(http_exchange(target, method, path, credentials=credentials, scheme=scheme))
-            outcomes[method] = (answer, error)
+        methods = ("RPC_IN_DATA", "RPC_OUT_DATA")
+        answers = await asyncio.gather(*(self.exchange(target, method, path, credentials=credentials, scheme=scheme) for method in methods))
+        outcomes = dict(zip(methods, answers))
         details = {"path": path, "rpc_in_data": rpc_outcome(*outcomes["RPC_IN_DATA"]), "rpc_out_data": rpc_outcome(*outcomes["RPC_OUT_DATA"]), "scheme": scheme}
         statuses = [answer.status if answer else None for answer, _ in outcomes.values()]
         if statuses == [200, 200]:
@@ -584,7 +676,7 @@ class Preflight:
         if 503 in statuses:
             fix = f"The RPC proxy cannot reach {server}:{port}: check the ValidPorts registry value of the RPC proxy and that {server} resolves on the Client Access Server."
         elif 401 in statuses:
-            fix = f"Enable {'NTLM' if scheme == 'ntlm' else 'Basic'} authentication on /rpc (Set-OutlookAnywhere -ClientAuthenticationMethod)."
+            fix = f"Enable {'NTLM' if scheme == 'ntlm' else 'Basic'} authentication on /rpc ({enable_command('rpc', scheme)})."
         else:
             fix = "Check the RPC over HTTP Proxy feature and Outlook Anywhere on the Client Access Server."
         done(f"rpc.{port}", "fail", summary, details, fix)
@@ -769,12 +861,17 @@ class Preflight:
             self.record(compare(suffix, self.direct.get(suffix), via))
 
     def recommended_authentication(self) -> str | None:
-        if self.settings.auth != "both":
-            return "Basic" if self.settings.auth == "basic" else "NTLM"
+        """The -Authentication of New-MigrationEndpoint: the scheme the RPC checks used. With
+        credentials and no logon that worked, nothing is recommended (nothing was proven)."""
+        label = {"ntlm": "NTLM", "basic": "Basic"}
         for results in (self.direct, self.through_bridge):
             scheme = self.working_scheme(results)
             if scheme:
-                return "NTLM" if scheme == "ntlm" else "Basic"
+                return label[scheme]
+        if self.settings.credentials:
+            return None
+        if self.settings.auth != "both":
+            return label[self.settings.auth]
         rpc = self.direct.get("http.rpc") or self.through_bridge.get("http.rpc")
         if rpc and rpc.details.get("auth_schemes"):
             return "NTLM" if offers(rpc.details["auth_schemes"], "ntlm") else "Basic"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import os
+import re
 import ssl
 import sys
 from collections.abc import Callable
@@ -31,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--username", metavar="USER", help="logon name for that mailbox: DOMAIN\\user or user@domain")
     parser.add_argument("--password-env", metavar="VAR", help="environment variable holding the password (default: ask at a prompt)")
     parser.add_argument("--auth", choices=("basic", "ntlm", "both"), default="both", help="authentication to test (default both)")
+    parser.add_argument("--exchange-server", metavar="NAME", help="the Exchange server's internal name for the RPC checks when Autodiscover cannot give it (manual endpoint settings)")
     parser.add_argument("--json", type=Path, metavar="FILE", help=f"write the report as JSON ({SCHEMA}, see docs/preflight-schema.md)")
     parser.add_argument("--html", type=Path, metavar="FILE", help="write a self-contained HTML report for the customer")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="S", help=f"seconds per network step (default {DEFAULT_TIMEOUT:g})")
@@ -58,6 +60,13 @@ def settings_from_args(args: argparse.Namespace, read_password: Callable[[str], 
         raise PreflightUsageError("--expect-ip and --bridge-addr describe the bridge: give its name with --fqdn too.")
     settings.ca_bundle = ca_bundle_flag(args.ca_bundle)
     settings.auth = args.auth
+    if args.exchange_server:
+        if not args.email:
+            raise PreflightUsageError("--exchange-server is used by the logon checks: give --email and --username too.")
+        name = args.exchange_server.strip().rstrip(".")
+        if not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?", name):
+            raise PreflightUsageError(f"--exchange-server {args.exchange_server!r} is not a host name; give the Exchange server's internal name, e.g. --exchange-server exch01.corp.local.")
+        settings.exchange_server = name
     if not args.timeout > 0:
         raise PreflightUsageError(f"--timeout must be a positive number of seconds, not {args.timeout:g}.")
     if args.hold < 0:

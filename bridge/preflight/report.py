@@ -106,15 +106,21 @@ def next_steps(report: Report) -> list[str]:
     email = credentials.email if credentials else "<mailbox e-mail address>"
     username = credentials.username if credentials else "<DOMAIN\\migration-admin>"
     fqdn = settings.fqdn or "<bridge FQDN>"
-    server = facts.get("exchange_server") or "<Exchange server name from Autodiscover>"
+    server = facts.get("exchange_server") or "<Exchange server name from Autodiscover, or --exchange-server>"
     authentication = facts.get("authentication") or "<Basic|NTLM>"
     lines = []
     if report.verdict == "fail":
         lines.append("# Fix the failed checks first; these commands will fail until then.")
+    lines.append(f"$credentials = Get-Credential -UserName '{username}' -Message 'Migration administrator'")
+    autodiscovered = any(check.id.endswith(".autodiscover") and check.details.get("exchange_server") for check in report.checks)
+    if autodiscovered or not credentials:
+        lines += [
+            f"Test-MigrationServerAvailability -ExchangeOutlookAnywhere -Autodiscover -EmailAddress {email} -Credentials $credentials",
+            "# or, with the settings found here:",
+        ]
+    else:
+        lines.append("# Autodiscover did not answer: create the endpoint with manual settings.")
     lines += [
-        f"$credentials = Get-Credential -UserName '{username}' -Message 'Migration administrator'",
-        f"Test-MigrationServerAvailability -ExchangeOutlookAnywhere -Autodiscover -EmailAddress {email} -Credentials $credentials",
-        "# or, with the settings found here:",
         f"Test-MigrationServerAvailability -ExchangeOutlookAnywhere -RpcProxyServer {fqdn} -ExchangeServer {server} -Authentication {authentication} -EmailAddress {email} -Credentials $credentials",
         f"New-MigrationEndpoint -ExchangeOutlookAnywhere -Name 'Exchange 2007 via bridge' -RpcProxyServer {fqdn} -ExchangeServer {server} -Authentication {authentication} -EmailAddress {email} -Credentials $credentials",
     ]
