@@ -16,7 +16,7 @@ from bridge.certs.renewal import ratio_renewal_time, renewal_plan
 from bridge.config import BridgeConfig, build_config, load_toml, merge
 from bridge.errors import AcmeError, StartupError
 from bridge.proxy.relay import HttpRedirector
-from bridge.runtime.app import _listen
+from bridge.runtime.app import _listen, setup_logging
 from bridge.runtime.up import add_acme_arguments
 
 
