@@ -321,13 +321,18 @@ class AcmeSession:
             return self.client.new_order(csr_pem)
 
     def _order_replacing(self, csr_pem: bytes, replaces: str) -> messages.OrderResource:
-        """ClientV2.new_order plus ``replaces`` (the library does not send it)."""
+        """ClientV2.new_order plus ``replaces``: acme (5.9) has no public way to send it, so this posts the
+        order itself, with the public ClientNetwork.post and message classes only."""
         csr = x509.load_pem_x509_csr(csr_pem)
         names = [str(n) for n in csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)]
         identifiers = [messages.Identifier(typ=messages.IDENTIFIER_FQDN, value=name) for name in names]
-        response = self.client._post(self.client.directory["newOrder"], _NewOrderReplacing(identifiers=identifiers, replaces=replaces))
+        new_nonce_url = self.client.directory["newNonce"]
+        response = self.net.post(self.client.directory["newOrder"], _NewOrderReplacing(identifiers=identifiers, replaces=replaces), new_nonce_url=new_nonce_url)
         body = messages.Order.from_json(response.json())
-        authorizations = [self.client._authzr_from_response(self.client._post_as_get(url), uri=url) for url in body.authorizations]
+        authorizations = []
+        for url in body.authorizations:
+            answer = self.net.post(url, None, new_nonce_url=new_nonce_url)  # POST-as-GET
+            authorizations.append(messages.AuthorizationResource(body=messages.Authorization.from_json(answer.json()), uri=answer.headers.get("Location", url)))
         return messages.OrderResource(body=body, uri=response.headers.get("Location"), authorizations=authorizations, csr_pem=csr_pem)
 
     def finish(self, pending: PendingOrder) -> str:
