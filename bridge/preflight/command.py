@@ -129,10 +129,10 @@ def prompt_password(username: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
-    report = report.run_with_progress(settings)
-    report.print_report(report)
+    outcome = report.run_with_progress(settings)
+    report.print_report(outcome)
     if args.json:
-        report.write_json(report, args.json)
+        report.write_json(outcome, args.json)
     if args.html:
-        report.write_html(report, args.html)
-    return 1 if report.verdict == "fail" else 0
+        report.write_html(outcome, args.html)
+    return 1 if outcome.verdict == "fail" else 0
