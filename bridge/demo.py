@@ -17,18 +17,18 @@ import signal
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import spnego
 from rich.console import Console
 from rich.table import Table
 
-from bridge.runtime.app import setup_logging, start_bridge
 from bridge.certs.keys import LocalCA, cert_pem, new_private_key, write_pair
 from bridge.config import BridgeConfig, LegacyServer, default_state_dir
 from bridge.lab.server import DEFAULT_USERS, Lab, LabOptions, payload_sha256, start_lab
+from bridge.runtime.app import setup_logging, start_bridge
 
 DEMO_FQDN = "clientowa.lab.test"
 RPC_TARGET = "EXCH2007.lab.local:6001"

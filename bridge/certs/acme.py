@@ -13,7 +13,6 @@ Every failure a user can cause becomes an ``AcmeError`` whose message is one sen
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import binascii
@@ -24,9 +23,10 @@ import os
 import shutil
 import socket
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import josepy as jose
@@ -37,10 +37,10 @@ from acme import crypto_util, errors, messages
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from bridge.errors import AcmeError
 from bridge import __version__
 from bridge.certs.keys import atomic_write, cert_pem, inspect_certificate, key_pem, new_private_key
 from bridge.config import BridgeConfig
+from bridge.errors import AcmeError
 
 log = logging.getLogger("bridge.acme")
 
@@ -367,7 +367,7 @@ class AcmeSession:
 
     # -- errors
 
-    def translated(self, stage: str) -> "_Translate":
+    def translated(self, stage: str) -> _Translate:
         return _Translate(self, stage)
 
 
@@ -456,7 +456,7 @@ def _when(retry_after: str | None) -> str:
     if not retry_after:
         return "the time the CA names (see its rate-limit page)"
     try:
-        moment = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=int(retry_after))
+        moment = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=int(retry_after))
     except ValueError:
         from email.utils import parsedate_to_datetime
 
@@ -464,7 +464,7 @@ def _when(retry_after: str | None) -> str:
             moment = parsedate_to_datetime(retry_after)
         except (TypeError, ValueError):
             return retry_after
-    return moment.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def _network_reason(exc: BaseException) -> str:
@@ -529,7 +529,7 @@ async def obtain(config: BridgeConfig, challenges: dict[str, str], *, reason: st
         "account": session.net.account.uri if session.net.account else None,
         "order": pending.order.uri,
         "key_type": config.key_type,
-        "issued": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "issued": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "replaces": replaces_id,
     }
     lineage = Lineage(config.state_dir, config.fqdn)
@@ -545,7 +545,7 @@ def reuse_refusal(stored: StoredCertificate | None, config: BridgeConfig, url: s
     """Why the stored certificate cannot be served as it is (None: it can)."""
     if stored is None:
         return "no certificate stored yet"
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or dt.datetime.now(dt.UTC)
     info = inspect_certificate(stored.leaf)
     if info.not_after <= now:
         return f"the stored certificate expired on {info.not_after:%Y-%m-%d}"

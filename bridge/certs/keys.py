@@ -86,7 +86,7 @@ def _server_certificate(
     names: list[str], subject: x509.Name, issuer: x509.Name, key: PrivateKey, days: int, not_before: dt.datetime | None
 ) -> x509.CertificateBuilder:
     """A TLS server certificate for names, valid for days from not_before (default: 5 minutes ago)."""
-    start = not_before or dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
+    start = not_before or dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
     return (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -108,9 +108,9 @@ class LocalCA:
     cert: x509.Certificate
 
     @classmethod
-    def create(cls, name: str = "exchange-bridge local test CA") -> "LocalCA":
+    def create(cls, name: str = "exchange-bridge local test CA") -> LocalCA:
         key = new_private_key("ecdsa-p256")
-        now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
+        now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
         cert = (
             x509.CertificateBuilder()
             .subject_name(_name(name))
@@ -152,7 +152,7 @@ class CertificateInfo:
 
     @property
     def days_left(self) -> float:
-        return (self.not_after - dt.datetime.now(dt.timezone.utc)).total_seconds() / 86400
+        return (self.not_after - dt.datetime.now(dt.UTC)).total_seconds() / 86400
 
 
 def describe_key(public_key: object) -> str:
@@ -206,7 +206,7 @@ def legacy_self_signed(directory: Path, names: list[str], *, days: int = 365, ex
     if expired:
         # OpenSSL 3.0's req cannot back-date; an expired certificate need not be SHA-1 as well.
         private = new_private_key("rsa-2048")
-        start = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=400)
+        start = dt.datetime.now(dt.UTC) - dt.timedelta(days=400)
         atomic_write(key, key_pem(private), mode=0o600)
         atomic_write(cert, cert_pem(self_signed(names, private, days=399, not_before=start)))
         return cert, key

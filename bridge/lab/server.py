@@ -38,11 +38,11 @@ from aiohttp.web_request import BaseRequest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from bridge.errors import StartupError
-from bridge.protocol.auth import NTLM_SIGNATURE, starts_new_handshake
 from bridge.certs.keys import legacy_self_signed
+from bridge.errors import StartupError
 from bridge.net.aio_server import bound_port, connection_state, start_site
 from bridge.net.tls import fingerprint, pin_flag
+from bridge.protocol.auth import NTLM_SIGNATURE, starts_new_handshake
 
 DEFAULT_HOSTNAME = "exch2007.lab.test"
 DEFAULT_INTERNAL_SERVER = "EXCH2007.lab.local"
@@ -245,7 +245,7 @@ def _certificate_fits(cert_path: Path, key_path: Path, hostname: str, expired: b
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
     except ValueError:
         return False
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     is_expired = cert.not_valid_after_utc < now
     has_name = cert.subject.rfc4514_string() == f"CN={hostname}"
     return has_name and is_expired == expired and (expired or cert.not_valid_after_utc - now > dt.timedelta(days=2))

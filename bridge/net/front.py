@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from bridge.net.aio_server import MAX_FIELD_SIZE, MAX_HEADERS, MAX_LINE_SIZE, ConnectionState
 from bridge.net.channel import Channel
 from bridge.net.gate import (
     MAX_HEAD_BYTES,
@@ -35,7 +36,6 @@ from bridge.net.gate import (
     simple_response,
     valid_host,
 )
-from bridge.net.aio_server import MAX_FIELD_SIZE, MAX_HEADERS, MAX_LINE_SIZE, ConnectionState
 from bridge.net.upstream import HOP_BY_HOP_BYTES, MIN_LINE, connection_tokens, header_values
 
 log = logging.getLogger("bridge.front")
@@ -290,10 +290,10 @@ PENDING = b"pending"  # read_request_head(): an exchange the fast path handed ba
 class FastPath(Protocol):
     """What the connection asks of the proxy's callback-driven path (bridge.proxy.Proxy)."""
 
-    def start_fast(self, client: "ClientConnection") -> bool: ...
-    def fast_expired(self, client: "ClientConnection") -> None: ...
-    def fast_abandoned(self, client: "ClientConnection") -> None: ...
-    async def resume(self, client: "ClientConnection") -> bool: ...
+    def start_fast(self, client: ClientConnection) -> bool: ...
+    def fast_expired(self, client: ClientConnection) -> None: ...
+    def fast_abandoned(self, client: ClientConnection) -> None: ...
+    async def resume(self, client: ClientConnection) -> bool: ...
 
 
 class ClientConnection(Channel):
@@ -305,7 +305,7 @@ class ClientConnection(Channel):
     without waking the connection's task; anything unusual hands it back to the task (``pending``).
     """
 
-    def __init__(self, server: "FrontServer") -> None:
+    def __init__(self, server: FrontServer) -> None:
         super().__init__()
         self.server = server
         self.guard = server.guard

@@ -86,10 +86,10 @@ class ConnectionGuard:
             self.public_origin = public_origin
 
     # Factories for http_server.start_site(guard=...)
-    def server(self, handler: Any, **kwargs: Any) -> "GuardedServer":
+    def server(self, handler: Any, **kwargs: Any) -> GuardedServer:
         return GuardedServer(handler, guard=self, **kwargs)
 
-    def site(self, runner: web.BaseRunner, **kwargs: Any) -> "GatedSite":
+    def site(self, runner: web.BaseRunner, **kwargs: Any) -> GatedSite:
         return GatedSite(runner, guard=self, **kwargs)
 
 
@@ -299,7 +299,7 @@ class Handshaking(asyncio.Protocol):
             self.lost = True
 
 
-def give_first_bytes(transport: asyncio.Transport, gate: "Gate", data: bytes) -> None:
+def give_first_bytes(transport: asyncio.Transport, gate: Gate, data: bytes) -> None:
     """Feed the bytes the Gate read to the TLS protocol start_tls has just installed."""
     protocol = transport.get_protocol()
     if protocol is gate:  # start_tls never ran (the connection went away first)
@@ -451,7 +451,7 @@ class GuardedRequestHandler(AnyMethodRequestHandler):
             self._handler_waiter = finished
             try:
                 await asyncio.wait_for(asyncio.shield(finished), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             finally:
                 self._handler_waiter = None

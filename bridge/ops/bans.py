@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import binascii
 import ipaddress
 import json
 import logging
@@ -24,9 +22,10 @@ import os
 import shlex
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from bridge.certs.keys import atomic_write
 from bridge.errors import ConfigError
@@ -286,7 +285,7 @@ async def _run_command(argv: list[str]) -> None:
         return
     try:
         _, stderr = await asyncio.wait_for(process.communicate(), HOOK_TIMEOUT)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         process.kill()
         log.error("--ban-command %s did not finish within %g s and was killed", " ".join(argv), HOOK_TIMEOUT)
         return

@@ -11,15 +11,11 @@ The network probes live in bridge.preflight.probe; rendering (console table, JSO
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import datetime as dt
-import getpass
-import os
 import secrets
 import socket
 import ssl
-import sys
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -29,9 +25,10 @@ from typing import Any
 
 from cryptography import x509
 
-from bridge.errors import PreflightUsageError
 from bridge.certs.keys import inspect_certificate
-from bridge.config import LegacyServer, is_ip_address, load_toml, merge, parse_fingerprint, parse_legacy, validate_fqdn
+from bridge.config import LegacyServer, is_ip_address
+from bridge.net.tls import fingerprint, pin_flag
+from bridge.net.upstream import probe_obsolete_suites
 from bridge.preflight.probe import (
     USER_AGENT,
     Credentials,
@@ -55,8 +52,6 @@ from bridge.preflight.probe import (
     unverified_modern_context,
 )
 from bridge.proxy.relay import ACME_PREFIX, SECURITY_HEADERS
-from bridge.net.tls import fingerprint, pin_flag
-from bridge.net.upstream import probe_obsolete_suites
 
 SCHEMA = "exchange-bridge-preflight/1"
 STATUSES = ("pass", "warn", "fail", "skip")
@@ -299,7 +294,7 @@ class Preflight:
                 self.record(Check(check_id, side, "skip", reason))
 
     async def run(self) -> Report:
-        started = dt.datetime.now(dt.timezone.utc)
+        started = dt.datetime.now(dt.UTC)
         clock = time.monotonic()
         await asyncio.gather(self.legacy_side(), self.bridge_side())
         self.compare_through_bridge()
@@ -398,8 +393,8 @@ class Preflight:
     async def legacy_tls_versions(self, address: str, sni: str, gate: Handshake) -> None:
         port, timeout = self.settings.legacy.port, self.settings.timeout
         results = await asyncio.gather(*(accepted_suites(address, port, sni, version, timeout) for _, version in TLS_VERSIONS))
-        accepted = {label: suites for (label, _), suites in zip(TLS_VERSIONS, results) if suites}
-        refused = [label for (label, _), suites in zip(TLS_VERSIONS, results) if not suites]
+        accepted = {label: suites for (label, _), suites in zip(TLS_VERSIONS, results, strict=True) if suites}
+        refused = [label for (label, _), suites in zip(TLS_VERSIONS, results, strict=True) if not suites]
         listing = "; ".join(f"{label} ({', '.join(suites)})" for label, suites in accepted.items())
         details = {"accepted": accepted, "refused": refused, "negotiated": f"{VERSION_NAMES.get(gate.version, gate.version)} {gate.cipher}"}
         if "TLS 1.2" in accepted or "TLS 1.3" in accepted:
@@ -436,7 +431,7 @@ class Preflight:
             "signature_algorithm": info.signature_algorithm, "sha256": observed, "pin_flag": pin_flag(observed),
             "self_signed": info.subject == info.issuer,
         }
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         notes = []
         if details["self_signed"]:
             notes.append("self-signed")
@@ -680,7 +675,7 @@ class Preflight:
                 return (False, reason) if refused_handshake(exc) else (None, reason)
             return True, handshake.cipher
 
-        results = dict(zip([label for label, _ in TLS_VERSIONS], await asyncio.gather(*(accepts(version) for _, version in TLS_VERSIONS))))
+        results = dict(zip([label for label, _ in TLS_VERSIONS], await asyncio.gather(*(accepts(version) for _, version in TLS_VERSIONS)), strict=True))
         details = {label: ("accepted: " + note if ok else ("refused: " + note if ok is False else "unknown: " + note)) for label, (ok, note) in results.items()}
         modern_ok = [label for label in ("TLS 1.2", "TLS 1.3") if results[label][0]]
         if results["TLS 1.2"][0] and results["TLS 1.3"][0]:
@@ -721,7 +716,8 @@ class Preflight:
                 self.record(Check("bridge.certificate", "bridge", "fail", f"the certificate does not cover {fqdn} (it names {', '.join(info.sans) or info.subject})", details,
                                   f"Obtain a certificate for {fqdn} (bridge cert) or run the bridge with --fqdn {fqdn}."))
             elif info.days_left < 0:
-                self.record(Check("bridge.certificate", "bridge", "fail", f"the certificate expired on {info.not_after:%Y-%m-%d}", details, "Renew it: bridge cert renew, then restart or SIGHUP the bridge."))
+                self.record(Check("bridge.certificate", "bridge", "fail", f"the certificate expired on {info.not_after:%Y-%m-%d}", details,
+                                  "Renew it: bridge cert renew, then restart or SIGHUP the bridge."))
             else:
                 self.record(Check("bridge.certificate", "bridge", "fail", f"the certificate chain is not trusted ({message}); issuer {info.issuer}", details,
                                   "Serve the full chain (fullchain.pem) from a publicly trusted CA; for a staging or private CA pass it with --ca-bundle."))

@@ -11,9 +11,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bridge.preflight import report
 from bridge.config import is_ip_address, load_toml, merge, parse_fingerprint, parse_legacy, validate_fqdn
 from bridge.errors import PreflightUsageError
+from bridge.preflight import report
 from bridge.preflight.checks import DEFAULT_HOLD, DEFAULT_TIMEOUT, SCHEMA, Settings
 from bridge.preflight.probe import Credentials
 

@@ -185,7 +185,7 @@ class HttpConnection:
         self.writer = writer
 
     @classmethod
-    async def open(cls, target: HttpTarget) -> "HttpConnection":
+    async def open(cls, target: HttpTarget) -> HttpConnection:
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(
@@ -194,7 +194,7 @@ class HttpConnection:
                 ),
                 target.timeout,
             )
-        except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
+        except (TimeoutError, OSError, ssl.SSLError) as exc:
             raise ProbeError(f"cannot connect ({reason_of(exc)})") from None
         return cls(target, reader, writer)
 
@@ -209,7 +209,7 @@ class HttpConnection:
         try:
             self.writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
             return await asyncio.wait_for(self._read_answer(method), self.target.timeout)
-        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
+        except (TimeoutError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
             raise ProbeError(f"no HTTP answer to {method} {path.split('?')[0]} ({reason_of(exc)})") from None
 
     async def _read_answer(self, method: str) -> HttpAnswer:

@@ -116,7 +116,8 @@ def next_steps(report: Report) -> list[str]:
         f"Test-MigrationServerAvailability -ExchangeOutlookAnywhere -Autodiscover -EmailAddress {email} -Credentials $credentials",
         "# or, with the settings found here:",
         f"Test-MigrationServerAvailability -ExchangeOutlookAnywhere -RpcProxyServer {fqdn} -ExchangeServer {server} -Authentication {authentication} -EmailAddress {email} -Credentials $credentials",
-        f"New-MigrationEndpoint -ExchangeOutlookAnywhere -Name 'Exchange 2007 via bridge' -RpcProxyServer {fqdn} -ExchangeServer {server} -Authentication {authentication} -EmailAddress {email} -Credentials $credentials",
+        f"New-MigrationEndpoint -ExchangeOutlookAnywhere -Name 'Exchange 2007 via bridge' -RpcProxyServer {fqdn} -ExchangeServer {server} "
+        f"-Authentication {authentication} -EmailAddress {email} -Credentials $credentials",
     ]
     return lines
 

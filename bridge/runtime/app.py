@@ -2,27 +2,27 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import errno
 import gc
 import logging
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
-from bridge.errors import ConfigError, StartupError
 from bridge.config import BridgeConfig
-from bridge.net.front import FrontServer
+from bridge.errors import ConfigError, StartupError
 from bridge.net.aio_server import bound_port, start_site
-from bridge.proxy.relay import HttpRedirector, Proxy
-from bridge.ops.status import attach_operations, connection_guard, redirect_guard, reload_settings
+from bridge.net.front import FrontServer
 from bridge.net.tls import front_context, legacy_context, load_front_certificate
 from bridge.net.upstream import LegacyPool
+from bridge.ops.status import attach_operations, connection_guard, redirect_guard, reload_settings
+from bridge.proxy.relay import HttpRedirector, Proxy
 
 log = logging.getLogger("bridge")
 

@@ -33,9 +33,10 @@ import struct
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from bridge.config import BridgeConfig
 
@@ -403,12 +404,12 @@ def bind_https(config: BridgeConfig, backlog: int = 1024) -> list[socket.socket]
 
 async def serve_with_workers(config: BridgeConfig, reload_config: Callable[[], BridgeConfig] | None = None) -> int:
     """`bridge up` with --workers N > 1; returns the exit code."""
-    from bridge.runtime.app import _certificate, _listen, ready_line
     from bridge.net.aio_server import bound_port
-    from bridge.proxy.relay import HttpRedirector
-    from bridge.ops.status import redirect_guard, start_status_listener
     from bridge.net.tls import front_context, legacy_context
     from bridge.net.upstream import LegacyPool
+    from bridge.ops.status import redirect_guard, start_status_listener
+    from bridge.proxy.relay import HttpRedirector
+    from bridge.runtime.app import _certificate, _listen, ready_line
 
     challenges: dict[str, str] = {}
     redirector = HttpRedirector(config.fqdn, config.https_port, challenges)
@@ -512,13 +513,13 @@ def worker_report(bridge: Any) -> dict[str, Any]:
 
 
 async def serve_worker(index: int, control_fd: int, listen_fds: list[int]) -> int:
-    from bridge.runtime.app import RunningBridge, settle_garbage_collector, setup_logging
-    from bridge.ops.bans import policy_from_config
     from bridge.net.front import FrontServer
-    from bridge.proxy.relay import Proxy
-    from bridge.ops.status import BridgeStats, connection_guard, reload_settings
     from bridge.net.tls import front_context, legacy_context
     from bridge.net.upstream import LegacyPool
+    from bridge.ops.bans import policy_from_config
+    from bridge.ops.status import BridgeStats, connection_guard, reload_settings
+    from bridge.proxy.relay import Proxy
+    from bridge.runtime.app import RunningBridge, settle_garbage_collector, setup_logging
 
     control = socket.socket(fileno=control_fd)
     reader, writer = await asyncio.open_unix_connection(sock=control)
