@@ -26,7 +26,7 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import josepy as jose
@@ -155,7 +155,7 @@ class AccountStore:
     def key(self) -> jose.JWK:
         """The stored account key, or a new P-256 key stored now (before any registration uses it)."""
         if self.key_file.exists():
-            return jose.JWK.from_json(json.loads(self.key_file.read_text()))
+            return jose.JWK.from_json(json.loads(self.key_file.read_text()))  # type: ignore[return-value]  # josepy types from_json by its base class
         key = jose.JWKEC(key=ec.generate_private_key(ec.SECP256R1()))
         _private_dir(self.dir)
         atomic_write(self.key_file, key.json_dumps().encode(), mode=0o600)
@@ -268,7 +268,8 @@ class AcmeSession:
         binding = None
         if config.acme_eab_kid and config.acme_eab_hmac_key:
             try:
-                binding = messages.ExternalAccountBinding.from_data(self.net.key.public_key(), config.acme_eab_kid, config.acme_eab_hmac_key, self.client.directory)
+                binding = messages.ExternalAccountBinding.from_data(self.net.key.public_key(),  # type: ignore[union-attr]  # the key is set in __init__
+                                                                   config.acme_eab_kid, config.acme_eab_hmac_key, self.client.directory)
             except (binascii.Error, ValueError):
                 raise AcmeError("--acme-eab-hmac-key is not base64url text; copy the HMAC key exactly as the CA shows it.") from None
         registration = messages.NewRegistration.from_data(email=config.acme_email, terms_of_service_agreed=True, external_account_binding=binding)
@@ -381,7 +382,7 @@ class _Translate:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> Literal[False]:
         if exc is None or isinstance(exc, AcmeError) or not isinstance(exc, Exception):
             return False
         fqdn = self.session.config.fqdn

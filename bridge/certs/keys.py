@@ -6,6 +6,7 @@ import datetime as dt
 import ipaddress
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,7 +80,7 @@ def self_signed(
     """A self-signed server certificate, like the one Exchange 2007 setup makes."""
     subject = _name(names[0], organisation)
     builder = _server_certificate(names, subject, subject, key, days, not_before)
-    return builder.sign(key, hash_algorithm or hashes.SHA256())
+    return builder.sign(key, hash_algorithm or hashes.SHA256())  # type: ignore[arg-type]  # cryptography's stubs list only its SHA-2/SHA-3 classes
 
 
 def _server_certificate(
@@ -129,7 +130,7 @@ class LocalCA:
         return _server_certificate(names, _name(names[0]), self.cert.subject, key, days, not_before).sign(self.key, hashes.SHA256())
 
 
-def write_pair(directory: Path, cert: x509.Certificate, key: PrivateKey, *, chain: list[x509.Certificate] = ()) -> tuple[Path, Path]:
+def write_pair(directory: Path, cert: x509.Certificate, key: PrivateKey, *, chain: Sequence[x509.Certificate] = ()) -> tuple[Path, Path]:
     """Write fullchain.pem (leaf + chain) and privkey.pem (0600) into directory."""
     fullchain = directory / "fullchain.pem"
     privkey = directory / "privkey.pem"

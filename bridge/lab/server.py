@@ -801,7 +801,7 @@ async def _listen(handler: Any, options: LabOptions, context: ssl.SSLContext) ->
     except OSError as exc:
         raise StartupError(_bind_failure(options, exc)) from None
     # Closing is a simulated outage: don't wait a minute for streaming handlers to finish.
-    runner._shutdown_timeout = 0.5  # type: ignore[attr-defined]
+    runner._shutdown_timeout = 0.5
     return runner
 
 
@@ -819,6 +819,7 @@ def _bind_failure(options: LabOptions, exc: OSError) -> str:
 def _count_connections(runner: web.ServerRunner, counters: LabCounters) -> None:
     """Count connections as the server accepts them (after the TLS handshake)."""
     server = runner.server
+    assert server is not None, "count connections after runner.setup()"
     accept = server.connection_made
 
     def connection_made(handler: Any, transport: Any) -> None:
@@ -827,7 +828,7 @@ def _count_connections(runner: web.ServerRunner, counters: LabCounters) -> None:
         handler.state.on_close(_decrement_open(counters))
         accept(handler, transport)
 
-    server.connection_made = connection_made  # type: ignore[method-assign]
+    server.connection_made = connection_made  # type: ignore[method-assign]  # a per-runner hook on the one server object
 
 
 def _decrement_open(counters: LabCounters) -> Any:

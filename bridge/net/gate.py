@@ -142,7 +142,7 @@ class Gate(asyncio.Protocol):
         self.busy = False
         self.timer: asyncio.TimerHandle | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # a stream server hands a Transport
         guard = self.guard
         peer = peer_address(transport)
         if not guard.allows(peer):
@@ -294,7 +294,7 @@ class Handshaking(asyncio.Protocol):
     def connection_lost(self, exc: BaseException | None) -> None:
         # asyncio schedules connection_lost with the protocol of the moment: forward it if it was us.
         if self.app is not None:
-            self.app.connection_lost(exc)
+            self.app.connection_lost(exc)  # type: ignore[arg-type]  # typeshed says Exception; asyncio's own protocols take any BaseException
         else:
             self.lost = True
 
@@ -305,14 +305,14 @@ def give_first_bytes(transport: asyncio.Transport, gate: Gate, data: bytes) -> N
     if protocol is gate:  # start_tls never ran (the connection went away first)
         transport.abort()
         return
-    feed_buffered(protocol, data)  # type: ignore[arg-type]
+    feed_buffered(protocol, data)  # type: ignore[arg-type]  # start_tls installs an SSL protocol, a BufferedProtocol (asyncio's and uvloop's)
 
 
 def feed_buffered(protocol: asyncio.BufferedProtocol, data: bytes) -> None:
     """Give bytes already read to a buffered protocol, as the transport would have."""
     view = memoryview(data)
     while view:
-        buffer = protocol.get_buffer(len(view))
+        buffer = memoryview(protocol.get_buffer(len(view)))
         count = min(len(buffer), len(view))
         buffer[:count] = view[:count]
         protocol.buffer_updated(count)
@@ -340,7 +340,7 @@ class BusyResponder(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.timer: asyncio.TimerHandle | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # a stream server hands a Transport
         self.transport = transport
         self.timer = asyncio.get_running_loop().call_later(self.guard.header_timeout, self.answer)
 

@@ -243,7 +243,7 @@ def pox_settings(body: bytes) -> dict[str, Any]:
     found: dict[str, Any] = {"legacy_dn": response.findtext(f"{POX_NS}User/{POX_NS}LegacyDN")}
     account = response.find(f"{POX_NS}Account")
     action = account.findtext(f"{POX_NS}Action") if account is not None else None
-    if action and action != "settings":
+    if account is not None and action and action != "settings":
         found["action"] = action
         found["redirect"] = account.findtext(f"{POX_NS}RedirectAddr") or account.findtext(f"{POX_NS}RedirectUrl")
     for protocol in response.iter(f"{POX_NS}Protocol"):
@@ -610,7 +610,7 @@ class Preflight:
 
     def bridge_host_header(self) -> str:
         port = self.settings.https_port
-        return self.settings.fqdn if port == 443 else f"{self.settings.fqdn}:{port}"  # type: ignore[return-value]
+        return self.settings.fqdn if port == 443 else f"{self.settings.fqdn}:{port}"  # type: ignore[return-value]  # bridge checks run only with --fqdn
 
     def bridge_dns_check(self, addresses: list[str], error: str) -> Check:
         settings = self.settings
@@ -634,7 +634,7 @@ class Preflight:
         port = settings.http_port
         host = settings.fqdn if port == 80 else f"{settings.fqdn}:{port}"
         try:
-            _, headers, status = await plain_http_get(address, port, host, "/", settings.timeout)
+            _, headers, status = await plain_http_get(address, port, host, "/", settings.timeout)  # type: ignore[arg-type]  # bridge checks run only with --fqdn
         except Exception as exc:  # noqa: BLE001
             reason = reason_of(exc)
             fix = f"Open port {port} to the bridge: Let's Encrypt renews over HTTP-01 on it (ignore if the certificate is managed elsewhere)."
@@ -650,7 +650,7 @@ class Preflight:
                               "Let the bridge itself listen on port 80 (it redirects and answers ACME challenges)."))
         token = "preflight-" + secrets.token_urlsafe(12)
         try:
-            _, headers, status = await plain_http_get(address, port, host, ACME_PREFIX + token, settings.timeout)
+            _, headers, status = await plain_http_get(address, port, host, ACME_PREFIX + token, settings.timeout)  # type: ignore[arg-type]  # bridge checks run only with --fqdn
         except Exception as exc:  # noqa: BLE001
             self.record(Check("bridge.port80.acme", "bridge", "warn", f"the ACME challenge path got no answer ({reason_of(exc)})", {"port": port}, ""))
             return

@@ -470,7 +470,7 @@ class Proxy:
         if upstream is not None and upstream.usable:
             return upstream
         replacing = upstream is not None
-        if replacing:
+        if upstream is not None:
             upstream.close()
         upstream = await self.pool.connect()
         if replacing:

@@ -139,9 +139,10 @@ async def _certificate(config: BridgeConfig, challenges: dict[str, str], source:
         return config.cert, config.key
     if source is None:
         try:
-            from bridge.certs.acme import certificate_for_bridge as source  # type: ignore[no-redef]
+            from bridge.certs.acme import certificate_for_bridge
         except ImportError:
             raise ConfigError("No certificate given: pass --cert and --key (e.g. certbot's fullchain.pem and privkey.pem).") from None
+        source = certificate_for_bridge
     return await source(config, challenges)
 
 

@@ -451,7 +451,7 @@ async def serve_with_workers(config: BridgeConfig, reload_config: Callable[[], B
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, supervisor.stopping.set)
     loop.add_signal_handler(signal.SIGHUP, supervisor.on_hup, reload_config)
-    log.info(ready_line(supervisor) + f"; {config.workers} worker processes")  # after the handlers: a signal sent on this line is handled
+    log.info(ready_line(supervisor) + f"; {config.workers} worker processes")  # type: ignore[arg-type]  # it has the config and ports ready_line reads; after the handlers: a signal sent on this line is handled
     await supervisor.stopping.wait()
     log.info("stopping: no new connections; open requests get up to %g s to finish (--drain-timeout)", config.drain_timeout)
     await supervisor.stop()
@@ -531,7 +531,7 @@ async def serve_worker(index: int, control_fd: int, listen_fds: list[int]) -> in
     setup_logging(config.log_level)
     for handler in logging.getLogger().handlers:
         handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s %(name)s[worker {index}]: %(message)s"))
-    ssl_context = front_context(config.cert, config.key)
+    ssl_context = front_context(config.cert, config.key)  # type: ignore[arg-type]  # the supervisor gives workers a config with the certificate files
     pool = LegacyPool(servers=config.legacy, tls_context=legacy_context(config.legacy_ca), connect_timeout=config.connect_timeout,
                       pinned_fingerprint=config.legacy_fingerprint, verified_by_ca=config.legacy_ca is not None)
     proxy = Proxy(config, pool)
