@@ -10,6 +10,7 @@ import argparse
 import importlib
 import logging
 import sys
+from typing import NoReturn
 
 from rich.console import Console
 
@@ -31,7 +32,7 @@ SUBCOMMANDS = {
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line naming --help instead of the whole usage block."""
 
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {message}; see `{self.prog} --help`.\n")
 
 

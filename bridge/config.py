@@ -229,7 +229,7 @@ def build_config(values: dict[str, Any], *, require_fqdn: bool = True, require_l
     cert, key = values.get("cert"), values.get("key")
     if bool(cert) != bool(key):
         raise ConfigError("--cert and --key go together; give both (the certificate chain and its private key) or neither.")
-    if cert:
+    if cert and key:
         config.cert, config.key = Path(cert), Path(key)
     if values.get("state_dir"):
         config.state_dir = Path(values["state_dir"])

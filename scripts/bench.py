@@ -34,9 +34,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -174,7 +175,7 @@ class RssSampler:
         while not self._stop.wait(self.interval):
             self.peak = max(self.peak, rss_bytes(self.pid))
 
-    def __enter__(self) -> "RssSampler":
+    def __enter__(self) -> RssSampler:
         self._thread.start()
         return self
 
@@ -576,7 +577,7 @@ async def _open_idle(port: int, ca_file: Path, count: int) -> tuple[list[asyncio
                 if not head.startswith(b"HTTP/1.1 200"):
                     failures += 1
                 writers.append(writer)
-            except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ssl.SSLError, AttributeError):
+            except (TimeoutError, OSError, asyncio.IncompleteReadError, ssl.SSLError, AttributeError):
                 failures += 1
 
     await asyncio.gather(*(one() for _ in range(count)))

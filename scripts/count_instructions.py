@@ -320,7 +320,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "valgrind": bench.command_version(["valgrind", "--version"], r"valgrind-(\S+)"),
         "hash_seed": args.hash_seed,
         "warmup": args.warmup,
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
 
 

@@ -7,7 +7,9 @@
 # What it does, each step only when needed (so it can be run again at any time):
 #   - a system user and group `exchange-bridge` (no login, no home of its own);
 #   - a virtual environment /opt/exchange-bridge/venv with the bridge installed by pip from SPEC
-#     (a released version, `exchange-bridge @ git+https://...`, a wheel URL or a local checkout);
+#     (a released version, `exchange-bridge @ git+https://...`, a wheel URL or a local checkout),
+#     its dependencies at the exact versions of constraints.txt (beside this script, as cloud-init
+#     writes it, or at the root of the checkout this script is in);
 #   - /usr/local/bin/bridge, a link to the venv's `bridge`;
 #   - /etc/exchange-bridge/bridge.toml (0640 root:exchange-bridge), written only when it does not exist
 #     yet or with --overwrite-config;
@@ -24,6 +26,7 @@ UNIT_NAME=exchange-bridge.service
 
 PREFIX=/
 PACKAGE=
+CONSTRAINTS=
 PYTHON=python3
 PYTHON_GIVEN=no
 FQDN=
@@ -57,6 +60,8 @@ Installation:
                               'exchange-bridge @ git+https://host/org/exchange-bridge@v0.1.0',
                               a wheel URL or a local directory
                               (default: the checkout this script is in, if it is in one)
+  --constraints FILE          pip constraints: the exact dependency versions to install, or 'none'
+                              (default: constraints.txt beside this script or in its checkout)
   --python PATH               Python 3.11 or newer for the venv (default: python3)
   --prefix DIR                install below DIR instead of / (a throwaway root, for tests);
                               implies --no-systemd
@@ -80,6 +85,7 @@ while [ "$#" -gt 0 ]; do
         --acme-directory) need_value "$@"; ACME_DIRECTORY=$2; shift 2 ;;
         --overwrite-config) OVERWRITE_CONFIG=yes; shift ;;
         --package) need_value "$@"; PACKAGE=$2; shift 2 ;;
+        --constraints) need_value "$@"; CONSTRAINTS=$2; shift 2 ;;
         --python) need_value "$@"; PYTHON=$2; PYTHON_GIVEN=yes; shift 2 ;;
         --prefix) need_value "$@"; PREFIX=$2; shift 2 ;;
         --no-systemd) USE_SYSTEMD=no; shift ;;
@@ -115,6 +121,18 @@ if [ -z "$PACKAGE" ]; then
         die "no --package given and this script is not in an exchange-bridge checkout; pass e.g. --package 'exchange-bridge==0.1.0'."
     fi
 fi
+
+# The dependency versions the release was tested with (constraints.txt at the repository's root).
+if [ -z "$CONSTRAINTS" ]; then
+    for candidate in "$SCRIPT_DIR/constraints.txt" "$SCRIPT_DIR/../constraints.txt"; do
+        if [ -f "$candidate" ]; then CONSTRAINTS=$(cd "$(dirname "$candidate")" && pwd)/constraints.txt; break; fi
+    done
+fi
+pip_constraints=()
+case "$CONSTRAINTS" in
+    "" | none) ;;
+    *) [ -f "$CONSTRAINTS" ] || die "--constraints $CONSTRAINTS: no such file."; pip_constraints=(--constraint "$CONSTRAINTS") ;;
+esac
 
 # ---------------------------------------------------------------- validate the settings
 FQDN_RE='^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]([a-z0-9-]{0,61}[a-z0-9])?$'
@@ -202,8 +220,8 @@ else
     say "creating the venv $VENV"
     "$PYTHON" -m venv --clear "$VENV" || die "could not create a venv with $PYTHON; on Debian/Ubuntu install python3-venv."
 fi
-say "installing $PACKAGE"
-"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input --upgrade "$PACKAGE"
+say "installing $PACKAGE${pip_constraints[*]:+ with the versions of $CONSTRAINTS}"
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input --upgrade ${pip_constraints[@]+"${pip_constraints[@]}"} "$PACKAGE"
 [ -x "$VENV/bin/bridge" ] || die "$PACKAGE installed no 'bridge' command into $VENV; is it exchange-bridge?"
 say "installed $("$VENV/bin/bridge" --version)"
 

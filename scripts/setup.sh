@@ -52,11 +52,12 @@ if [ ! -x .venv/bin/python ]; then
 fi
 quietly .venv/bin/pip install --upgrade pip
 if [ "$want_tests" = 1 ]; then
-  quietly .venv/bin/pip install -e '.[test]'
+  # Runtime dependencies at the versions of constraints.txt; the test extras are not pinned there.
+  quietly .venv/bin/pip install -c constraints.txt -e '.[test]'
   if [ ! -x .venv-checkov/bin/checkov ]; then
     "$python" -m venv .venv-checkov
     quietly .venv-checkov/bin/pip install checkov
   fi
 else
-  quietly .venv/bin/pip install -e .
+  quietly .venv/bin/pip install -c constraints.txt -e .
 fi

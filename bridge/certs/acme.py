@@ -23,9 +23,10 @@ import os
 import shutil
 import socket
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import josepy as jose
@@ -36,10 +37,10 @@ from acme import crypto_util, errors, messages
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from bridge.errors import AcmeError
 from bridge import __version__
 from bridge.certs.keys import atomic_write, cert_pem, inspect_certificate, key_pem, new_private_key
 from bridge.config import BridgeConfig
+from bridge.errors import AcmeError
 
 log = logging.getLogger("bridge.acme")
 
@@ -154,7 +155,7 @@ class AccountStore:
     def key(self) -> jose.JWK:
         """The stored account key, or a new P-256 key stored now (before any registration uses it)."""
         if self.key_file.exists():
-            return jose.JWK.from_json(json.loads(self.key_file.read_text()))
+            return jose.JWK.from_json(json.loads(self.key_file.read_text()))  # type: ignore[return-value]  # josepy types from_json by its base class
         key = jose.JWKEC(key=ec.generate_private_key(ec.SECP256R1()))
         _private_dir(self.dir)
         atomic_write(self.key_file, key.json_dumps().encode(), mode=0o600)
@@ -267,7 +268,8 @@ class AcmeSession:
         binding = None
         if config.acme_eab_kid and config.acme_eab_hmac_key:
             try:
-                binding = messages.ExternalAccountBinding.from_data(self.net.key.public_key(), config.acme_eab_kid, config.acme_eab_hmac_key, self.client.directory)
+                binding = messages.ExternalAccountBinding.from_data(self.net.key.public_key(),  # type: ignore[union-attr]  # the key is set in __init__
+                                                                   config.acme_eab_kid, config.acme_eab_hmac_key, self.client.directory)
             except (binascii.Error, ValueError):
                 raise AcmeError("--acme-eab-hmac-key is not base64url text; copy the HMAC key exactly as the CA shows it.") from None
         registration = messages.NewRegistration.from_data(email=config.acme_email, terms_of_service_agreed=True, external_account_binding=binding)
@@ -320,13 +322,18 @@ class AcmeSession:
             return self.client.new_order(csr_pem)
 
     def _order_replacing(self, csr_pem: bytes, replaces: str) -> messages.OrderResource:
-        """ClientV2.new_order plus ``replaces`` (the library does not send it)."""
+        """ClientV2.new_order plus ``replaces``: acme (5.9) has no public way to send it, so this posts the
+        order itself, with the public ClientNetwork.post and message classes only."""
         csr = x509.load_pem_x509_csr(csr_pem)
         names = [str(n) for n in csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)]
         identifiers = [messages.Identifier(typ=messages.IDENTIFIER_FQDN, value=name) for name in names]
-        response = self.client._post(self.client.directory["newOrder"], _NewOrderReplacing(identifiers=identifiers, replaces=replaces))
+        new_nonce_url = self.client.directory["newNonce"]
+        response = self.net.post(self.client.directory["newOrder"], _NewOrderReplacing(identifiers=identifiers, replaces=replaces), new_nonce_url=new_nonce_url)
         body = messages.Order.from_json(response.json())
-        authorizations = [self.client._authzr_from_response(self.client._post_as_get(url), uri=url) for url in body.authorizations]
+        authorizations = []
+        for url in body.authorizations:
+            answer = self.net.post(url, None, new_nonce_url=new_nonce_url)  # POST-as-GET
+            authorizations.append(messages.AuthorizationResource(body=messages.Authorization.from_json(answer.json()), uri=answer.headers.get("Location", url)))
         return messages.OrderResource(body=body, uri=response.headers.get("Location"), authorizations=authorizations, csr_pem=csr_pem)
 
     def finish(self, pending: PendingOrder) -> str:
@@ -361,7 +368,7 @@ class AcmeSession:
 
     # -- errors
 
-    def translated(self, stage: str) -> "_Translate":
+    def translated(self, stage: str) -> _Translate:
         return _Translate(self, stage)
 
 
@@ -375,7 +382,7 @@ class _Translate:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> Literal[False]:
         if exc is None or isinstance(exc, AcmeError) or not isinstance(exc, Exception):
             return False
         fqdn = self.session.config.fqdn
@@ -450,7 +457,7 @@ def _when(retry_after: str | None) -> str:
     if not retry_after:
         return "the time the CA names (see its rate-limit page)"
     try:
-        moment = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=int(retry_after))
+        moment = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=int(retry_after))
     except ValueError:
         from email.utils import parsedate_to_datetime
 
@@ -458,7 +465,7 @@ def _when(retry_after: str | None) -> str:
             moment = parsedate_to_datetime(retry_after)
         except (TypeError, ValueError):
             return retry_after
-    return moment.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def _network_reason(exc: BaseException) -> str:
@@ -523,7 +530,7 @@ async def obtain(config: BridgeConfig, challenges: dict[str, str], *, reason: st
         "account": session.net.account.uri if session.net.account else None,
         "order": pending.order.uri,
         "key_type": config.key_type,
-        "issued": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "issued": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "replaces": replaces_id,
     }
     lineage = Lineage(config.state_dir, config.fqdn)
@@ -539,7 +546,7 @@ def reuse_refusal(stored: StoredCertificate | None, config: BridgeConfig, url: s
     """Why the stored certificate cannot be served as it is (None: it can)."""
     if stored is None:
         return "no certificate stored yet"
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or dt.datetime.now(dt.UTC)
     info = inspect_certificate(stored.leaf)
     if info.not_after <= now:
         return f"the stored certificate expired on {info.not_after:%Y-%m-%d}"

@@ -6,6 +6,7 @@ import datetime as dt
 import ipaddress
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,14 +80,14 @@ def self_signed(
     """A self-signed server certificate, like the one Exchange 2007 setup makes."""
     subject = _name(names[0], organisation)
     builder = _server_certificate(names, subject, subject, key, days, not_before)
-    return builder.sign(key, hash_algorithm or hashes.SHA256())
+    return builder.sign(key, hash_algorithm or hashes.SHA256())  # type: ignore[arg-type]  # cryptography's stubs list only its SHA-2/SHA-3 classes
 
 
 def _server_certificate(
     names: list[str], subject: x509.Name, issuer: x509.Name, key: PrivateKey, days: int, not_before: dt.datetime | None
 ) -> x509.CertificateBuilder:
     """A TLS server certificate for names, valid for days from not_before (default: 5 minutes ago)."""
-    start = not_before or dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
+    start = not_before or dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
     return (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -108,9 +109,9 @@ class LocalCA:
     cert: x509.Certificate
 
     @classmethod
-    def create(cls, name: str = "exchange-bridge local test CA") -> "LocalCA":
+    def create(cls, name: str = "exchange-bridge local test CA") -> LocalCA:
         key = new_private_key("ecdsa-p256")
-        now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
+        now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
         cert = (
             x509.CertificateBuilder()
             .subject_name(_name(name))
@@ -129,7 +130,7 @@ class LocalCA:
         return _server_certificate(names, _name(names[0]), self.cert.subject, key, days, not_before).sign(self.key, hashes.SHA256())
 
 
-def write_pair(directory: Path, cert: x509.Certificate, key: PrivateKey, *, chain: list[x509.Certificate] = ()) -> tuple[Path, Path]:
+def write_pair(directory: Path, cert: x509.Certificate, key: PrivateKey, *, chain: Sequence[x509.Certificate] = ()) -> tuple[Path, Path]:
     """Write fullchain.pem (leaf + chain) and privkey.pem (0600) into directory."""
     fullchain = directory / "fullchain.pem"
     privkey = directory / "privkey.pem"
@@ -152,7 +153,7 @@ class CertificateInfo:
 
     @property
     def days_left(self) -> float:
-        return (self.not_after - dt.datetime.now(dt.timezone.utc)).total_seconds() / 86400
+        return (self.not_after - dt.datetime.now(dt.UTC)).total_seconds() / 86400
 
 
 def describe_key(public_key: object) -> str:
@@ -206,7 +207,7 @@ def legacy_self_signed(directory: Path, names: list[str], *, days: int = 365, ex
     if expired:
         # OpenSSL 3.0's req cannot back-date; an expired certificate need not be SHA-1 as well.
         private = new_private_key("rsa-2048")
-        start = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=400)
+        start = dt.datetime.now(dt.UTC) - dt.timedelta(days=400)
         atomic_write(key, key_pem(private), mode=0o600)
         atomic_write(cert, cert_pem(self_signed(names, private, days=399, not_before=start)))
         return cert, key

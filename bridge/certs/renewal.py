@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from bridge.errors import AcmeError, CertificateError
 from bridge.certs.acme import AcmeSession, Lineage, StoredCertificate, obtain, open_session
 from bridge.certs.keys import inspect_certificate
 from bridge.config import BridgeConfig
+from bridge.errors import AcmeError, CertificateError
 from bridge.net.tls import fingerprint, load_front_certificate
 
 log = logging.getLogger("bridge.renewal")
@@ -48,7 +48,7 @@ class RenewalPlan:
 
 async def renewal_plan(session: AcmeSession | None, cert: x509.Certificate, now: dt.datetime | None = None) -> RenewalPlan:
     """When to renew cert: a random moment in the CA's ARI window if it offers one, else by lifetime."""
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or dt.datetime.now(dt.UTC)
     ratio_due = ratio_renewal_time(cert.not_valid_before_utc, cert.not_valid_after_utc)
     fallback = RenewalPlan(ratio_due, "a third of the lifetime left", CHECK_INTERVAL)
     if session is None:
@@ -74,7 +74,7 @@ def retry_delay(failures: int) -> float:
 
 def expiry_warning(cert: x509.Certificate, now: dt.datetime | None = None) -> str | None:
     info = inspect_certificate(cert)
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or dt.datetime.now(dt.UTC)
     days = (info.not_after - now).total_seconds() / 86400
     if days > EXPIRY_WARNING_DAYS:
         return None
@@ -138,7 +138,7 @@ class Renewer:
         warning = expiry_warning(stored.leaf)
         if warning:
             log.warning(warning)
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         if plan.due <= now:
             since = None if self.last_renewal is None else asyncio.get_running_loop().time() - self.last_renewal
             if since is not None and since < MIN_RENEWAL_INTERVAL:

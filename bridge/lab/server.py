@@ -38,11 +38,11 @@ from aiohttp.web_request import BaseRequest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from bridge.errors import StartupError
-from bridge.protocol.auth import NTLM_SIGNATURE, starts_new_handshake
 from bridge.certs.keys import legacy_self_signed
+from bridge.errors import StartupError
 from bridge.net.aio_server import bound_port, connection_state, start_site
 from bridge.net.tls import fingerprint, pin_flag
+from bridge.protocol.auth import NTLM_SIGNATURE, starts_new_handshake
 
 DEFAULT_HOSTNAME = "exch2007.lab.test"
 DEFAULT_INTERNAL_SERVER = "EXCH2007.lab.local"
@@ -253,7 +253,7 @@ def _certificate_fits(cert_path: Path, key_path: Path, hostname: str, expired: b
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
     except ValueError:
         return False
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     is_expired = cert.not_valid_after_utc < now
     has_name = cert.subject.rfc4514_string() == f"CN={hostname}"
     return has_name and is_expired == expired and (expired or cert.not_valid_after_utc - now > dt.timedelta(days=2))
@@ -829,7 +829,7 @@ async def _listen(handler: Any, options: LabOptions, context: ssl.SSLContext) ->
     except OSError as exc:
         raise StartupError(_bind_failure(options, exc)) from None
     # Closing is a simulated outage: don't wait a minute for streaming handlers to finish.
-    runner._shutdown_timeout = 0.5  # type: ignore[attr-defined]
+    runner._shutdown_timeout = 0.5
     return runner
 
 
@@ -847,6 +847,7 @@ def _bind_failure(options: LabOptions, exc: OSError) -> str:
 def _count_connections(runner: web.ServerRunner, counters: LabCounters) -> None:
     """Count connections as the server accepts them (after the TLS handshake)."""
     server = runner.server
+    assert server is not None, "count connections after runner.setup()"
     accept = server.connection_made
 
     def connection_made(handler: Any, transport: Any) -> None:
@@ -855,7 +856,7 @@ def _count_connections(runner: web.ServerRunner, counters: LabCounters) -> None:
         handler.state.on_close(_decrement_open(counters))
         accept(handler, transport)
 
-    server.connection_made = connection_made  # type: ignore[method-assign]
+    server.connection_made = connection_made  # type: ignore[method-assign]  # a per-runner hook on the one server object
 
 
 def _decrement_open(counters: LabCounters) -> Any:

@@ -92,7 +92,7 @@ class AnyMethodServer(web.Server):
 
 
 def connection_state(request: BaseRequest) -> ConnectionState:
-    return request.protocol.state  # type: ignore[attr-defined]
+    return request.protocol.state  # type: ignore[attr-defined]  # AnyMethodRequestHandler, the protocol here, adds .state
 
 
 async def start_site(
@@ -138,7 +138,7 @@ async def start_site(
 def bound_port(runner: web.ServerRunner) -> int:
     """The port a runner actually listens on (useful with port 0)."""
     for site in runner.sites:
-        server = site._server  # type: ignore[attr-defined]
+        server: Any = site._server  # typed AbstractServer; asyncio's and uvloop's servers both have .sockets
         if server is not None and server.sockets:
             return server.sockets[0].getsockname()[1]
     raise RuntimeError("runner has no listening socket")

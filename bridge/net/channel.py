@@ -40,8 +40,8 @@ class Channel(asyncio.Protocol):
 
     # ---- transport callbacks ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        transport.set_write_buffer_limits(high=WRITE_HIGH)  # type: ignore[attr-defined]
+        self.transport = transport  # type: ignore[assignment]  # a stream connection's transport is a Transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH)  # type: ignore[attr-defined]  # as above
 
     def data_received(self, data: bytes) -> None:
         if not self.keep(data):

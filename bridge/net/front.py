@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from bridge.net.aio_server import MAX_FIELD_SIZE, MAX_HEADERS, MAX_LINE_SIZE, ConnectionState
 from bridge.net.channel import Channel
 from bridge.net.gate import (
     MAX_HEAD_BYTES,
@@ -35,7 +36,6 @@ from bridge.net.gate import (
     simple_response,
     valid_host,
 )
-from bridge.net.aio_server import MAX_FIELD_SIZE, MAX_HEADERS, MAX_LINE_SIZE, ConnectionState
 from bridge.net.upstream import HOP_BY_HOP_BYTES, MIN_LINE, connection_tokens, header_values
 
 log = logging.getLogger("bridge.front")
@@ -109,7 +109,7 @@ HEADER_BLOCK = re.compile(rb"(?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]++:[^\r]*+)*+")
 # fields, and those the upstream head leaves out or replaces (hop-by-hop, X-Forwarded-*, Host).
 # Group 1: the name; group 2: the value, lower-case, not stripped.
 REQUEST_FIELD_NAMES = HOP_BY_HOP_BYTES | {b"content-length", b"host", b"expect", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-port"}
-REQUEST_FIELDS = re.compile(rb"\r\n(" + b"|".join(sorted(REQUEST_FIELD_NAMES, key=len, reverse=True)) + rb"):([^\r]*)")
+REQUEST_FIELDS = re.compile(rb"\r\n(" + b"|".join(sorted(REQUEST_FIELD_NAMES, key=len, reverse=True)) + rb"):([^\r]*)")  # type: ignore[arg-type]  # mypy takes sorted's type from join's Iterable[Buffer]
 
 
 def remember_valid_host(host: bytes) -> bool:
@@ -290,10 +290,10 @@ PENDING = b"pending"  # read_request_head(): an exchange the fast path handed ba
 class FastPath(Protocol):
     """What the connection asks of the proxy's callback-driven path (bridge.proxy.Proxy)."""
 
-    def start_fast(self, client: "ClientConnection") -> bool: ...
-    def fast_expired(self, client: "ClientConnection") -> None: ...
-    def fast_abandoned(self, client: "ClientConnection") -> None: ...
-    async def resume(self, client: "ClientConnection") -> bool: ...
+    def start_fast(self, client: ClientConnection) -> bool: ...
+    def fast_expired(self, client: ClientConnection) -> None: ...
+    def fast_abandoned(self, client: ClientConnection) -> None: ...
+    async def resume(self, client: ClientConnection) -> bool: ...
 
 
 class ClientConnection(Channel):
@@ -305,7 +305,7 @@ class ClientConnection(Channel):
     without waking the connection's task; anything unusual hands it back to the task (``pending``).
     """
 
-    def __init__(self, server: "FrontServer") -> None:
+    def __init__(self, server: FrontServer) -> None:
         super().__init__()
         self.server = server
         self.guard = server.guard
@@ -360,7 +360,7 @@ class ClientConnection(Channel):
         super().connection_lost(exc)
         self.server.connections.discard(self)
         if self.fast is not None or self.pending is not None:
-            self.server.fast.fast_abandoned(self)
+            self.server.fast.fast_abandoned(self)  # type: ignore[union-attr]  # a connection has fast/pending state only when the server has a fast path
         self.state.run_close_callbacks()  # the pinned upstream connection goes with its client
         if self.in_request and self.task is not None and not self.task.done():
             self.task.cancel()
@@ -376,7 +376,7 @@ class ClientConnection(Channel):
                     return
                 self.in_request = True
                 if head is PENDING:
-                    keep = await server.fast.resume(self)
+                    keep = await server.fast.resume(self)  # type: ignore[union-attr]  # a connection has fast/pending state only when the server has a fast path
                 else:
                     keep = await handler(self.parsed(head), self)
                 self.in_request = False
@@ -395,7 +395,7 @@ class ClientConnection(Channel):
             self.finished = True
             self.idle_limit = 0.0
             if self.fast is not None or self.pending is not None:
-                self.server.fast.fast_abandoned(self)
+                self.server.fast.fast_abandoned(self)  # type: ignore[union-attr]  # a connection has fast/pending state only when the server has a fast path
             self.state.run_close_callbacks()
             self.close()
 
@@ -404,7 +404,7 @@ class ClientConnection(Channel):
         self.guard.reject(problem.reason)
         log.info("%d for %s: %s", problem.status, self.peer, problem.message)
         if not self.closing:
-            self.transport.write(refusal_bytes(problem.status, problem.message))  # type: ignore[union-attr]
+            self.transport.write(refusal_bytes(problem.status, problem.message))  # type: ignore[union-attr]  # not closing: the transport is there
 
     async def read_request_head(self) -> bytes | None:
         """The next request head (PENDING for a handed-back exchange), or None when the connection
@@ -433,7 +433,7 @@ class ClientConnection(Channel):
                         self.guard.reject("header-timeout")
                         log.info("408 for %s: request head not complete within %g s", self.peer, self.guard.header_timeout)
                         if not self.closing:
-                            self.transport.write(simple_response(408, "Request Timeout", "The request head did not arrive in time."))  # type: ignore[union-attr]
+                            self.transport.write(simple_response(408, "Request Timeout", "The request head did not arrive in time."))  # type: ignore[union-attr]  # not closing: the transport is there
                         return None
                     if not data:
                         return None  # an idle keep-alive connection
@@ -471,7 +471,7 @@ class ClientConnection(Channel):
         if not keep or self.server.draining:
             self.finished = True
             self.wake()
-        elif self.chunks and (self.writing_paused or not self.server.fast.start_fast(self)):
+        elif self.chunks and (self.writing_paused or not self.server.fast.start_fast(self)):  # type: ignore[union-attr]  # a connection has fast/pending state only when the server has a fast path
             self.wake()  # the task takes the next request (after the client has read the answers so far)
 
     def fast_fallback(self, exchange: Any) -> None:
@@ -501,7 +501,7 @@ class ClientConnection(Channel):
                 self.idle_limit = 0.0
                 self.idle_expired = True
                 if self.fast is not None:
-                    self.server.fast.fast_expired(self)
+                    self.server.fast.fast_expired(self)  # type: ignore[union-attr]  # a connection has fast/pending state only when the server has a fast path
                 elif self.task is not None and not self.task.done():
                     self.task.cancel()
         elif self.waiting and self.fast is None:
@@ -532,7 +532,7 @@ class FrontServer:
         self.keepalive_timeout = keepalive_timeout
         self.drain_timeout = drain_timeout
         self.connections: set[ClientConnection] = set()
-        self.listeners: list[asyncio.AbstractServer] = []
+        self.listeners: list[asyncio.Server] = []
         self.draining = False
         self.sweeper: asyncio.Task | None = None
 

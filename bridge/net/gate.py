@@ -86,10 +86,10 @@ class ConnectionGuard:
             self.public_origin = public_origin
 
     # Factories for http_server.start_site(guard=...)
-    def server(self, handler: Any, **kwargs: Any) -> "GuardedServer":
+    def server(self, handler: Any, **kwargs: Any) -> GuardedServer:
         return GuardedServer(handler, guard=self, **kwargs)
 
-    def site(self, runner: web.BaseRunner, **kwargs: Any) -> "GatedSite":
+    def site(self, runner: web.BaseRunner, **kwargs: Any) -> GatedSite:
         return GatedSite(runner, guard=self, **kwargs)
 
 
@@ -142,7 +142,7 @@ class Gate(asyncio.Protocol):
         self.busy = False
         self.timer: asyncio.TimerHandle | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # a stream server hands a Transport
         guard = self.guard
         peer = peer_address(transport)
         if not guard.allows(peer):
@@ -294,25 +294,25 @@ class Handshaking(asyncio.Protocol):
     def connection_lost(self, exc: BaseException | None) -> None:
         # asyncio schedules connection_lost with the protocol of the moment: forward it if it was us.
         if self.app is not None:
-            self.app.connection_lost(exc)
+            self.app.connection_lost(exc)  # type: ignore[arg-type]  # typeshed says Exception; asyncio's own protocols take any BaseException
         else:
             self.lost = True
 
 
-def give_first_bytes(transport: asyncio.Transport, gate: "Gate", data: bytes) -> None:
+def give_first_bytes(transport: asyncio.Transport, gate: Gate, data: bytes) -> None:
     """Feed the bytes the Gate read to the TLS protocol start_tls has just installed."""
     protocol = transport.get_protocol()
     if protocol is gate:  # start_tls never ran (the connection went away first)
         transport.abort()
         return
-    feed_buffered(protocol, data)  # type: ignore[arg-type]
+    feed_buffered(protocol, data)  # type: ignore[arg-type]  # start_tls installs an SSL protocol, a BufferedProtocol (asyncio's and uvloop's)
 
 
 def feed_buffered(protocol: asyncio.BufferedProtocol, data: bytes) -> None:
     """Give bytes already read to a buffered protocol, as the transport would have."""
     view = memoryview(data)
     while view:
-        buffer = protocol.get_buffer(len(view))
+        buffer = memoryview(protocol.get_buffer(len(view)))
         count = min(len(buffer), len(view))
         buffer[:count] = view[:count]
         protocol.buffer_updated(count)
@@ -340,7 +340,7 @@ class BusyResponder(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.timer: asyncio.TimerHandle | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # a stream server hands a Transport
         self.transport = transport
         self.timer = asyncio.get_running_loop().call_later(self.guard.header_timeout, self.answer)
 
@@ -451,7 +451,7 @@ class GuardedRequestHandler(AnyMethodRequestHandler):
             self._handler_waiter = finished
             try:
                 await asyncio.wait_for(asyncio.shield(finished), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             finally:
                 self._handler_waiter = None

@@ -18,12 +18,13 @@ import struct
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from bridge.net.channel import Channel, ChannelClosed, LimitExceeded
 from bridge.config import LegacyServer, is_ip_address
+from bridge.net.channel import Channel, ChannelClosed, LimitExceeded
 from bridge.net.tls import describe_ssl_error, fingerprint, pin_flag
 
 log = logging.getLogger("bridge.upstream")
@@ -84,7 +85,7 @@ class UpstreamConnection:
         self.reusable = False
         self.channel.close()
 
-    def get_extra_info(self, name: str) -> object:
+    def get_extra_info(self, name: str) -> Any:
         transport = self.channel.transport
         return transport.get_extra_info(name) if transport is not None else None
 
@@ -210,7 +211,7 @@ HOP_BY_HOP_BYTES = frozenset(
 )
 REWRITTEN_RESPONSE = (b"location", b"content-location", b"x-frame-options", b"x-content-type-options")
 RESPONSE_FIELDS = re.compile(
-    rb"\r\n(" + b"|".join(sorted((*HOP_BY_HOP_BYTES, b"content-length", *REWRITTEN_RESPONSE), key=len, reverse=True)) + rb"):([^\r]*)"
+    rb"\r\n(" + b"|".join(sorted((*HOP_BY_HOP_BYTES, b"content-length", *REWRITTEN_RESPONSE), key=len, reverse=True)) + rb"):([^\r]*)"  # type: ignore[arg-type]  # mypy takes sorted's type from join's Iterable[Buffer]
 )
 
 
@@ -342,7 +343,7 @@ class LegacyPool:
                 ),
                 timeout=self.connect_timeout,
             )
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise UpstreamError(f"the legacy server {server} did not complete a connection within {self.connect_timeout:g} s") from None
         except ssl.SSLError as exc:
             explanation = await self._explain_handshake_failure(server, exc)
@@ -448,7 +449,7 @@ async def probe_obsolete_suites(host: str, port: int, timeout: float) -> list[st
 async def _server_choice(host: str, port: int, suites: list[int], timeout: float) -> int | None:
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-    except (OSError, asyncio.TimeoutError):
+    except (TimeoutError, OSError):
         return None
     try:
         writer.write(_client_hello(host, suites))
@@ -461,7 +462,7 @@ async def _server_choice(host: str, port: int, suites: list[int], timeout: float
             return None
         session_id_length = body[38]
         return struct.unpack("!H", body[39 + session_id_length : 41 + session_id_length])[0]
-    except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, IndexError, struct.error):
+    except (TimeoutError, OSError, asyncio.IncompleteReadError, IndexError, struct.error):
         return None
     finally:
         writer.close()

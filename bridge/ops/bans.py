@@ -22,9 +22,10 @@ import os
 import shlex
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from bridge.certs.keys import atomic_write
 from bridge.errors import ConfigError
@@ -284,7 +285,7 @@ async def _run_command(argv: list[str]) -> None:
         return
     try:
         _, stderr = await asyncio.wait_for(process.communicate(), HOOK_TIMEOUT)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         process.kill()
         log.error("--ban-command %s did not finish within %g s and was killed", " ".join(argv), HOOK_TIMEOUT)
         return

@@ -27,6 +27,8 @@ from cryptography import x509
 
 from bridge.certs.keys import inspect_certificate
 from bridge.config import LegacyServer, is_ip_address
+from bridge.net.tls import fingerprint, pin_flag
+from bridge.net.upstream import probe_obsolete_suites
 from bridge.preflight.probe import (
     USER_AGENT,
     Credentials,
@@ -50,8 +52,6 @@ from bridge.preflight.probe import (
     unverified_modern_context,
 )
 from bridge.proxy.relay import ACME_PREFIX, SECURITY_HEADERS
-from bridge.net.tls import fingerprint, pin_flag
-from bridge.net.upstream import probe_obsolete_suites
 
 SCHEMA = "exchange-bridge-preflight/1"
 STATUSES = ("pass", "warn", "fail", "skip")
@@ -249,10 +249,8 @@ def certificate_names_host(sans: list[str], subject: str, host: str) -> bool:
     """Whether a certificate's names (SANs, else the subject's CN) cover ``host``, wildcards included."""
     names = [name.lower() for name in sans] or [part[3:].lower() for part in subject.split(",") if part.strip().upper().startswith("CN=")]
     host = host.lower().rstrip(".")
-    for name in names:
-        if name == host or (name.startswith("*.") and "." in host and host.split(".", 1)[1] == name[2:]):
-            return True
-    return False
+    parent = host.split(".", 1)[1] if "." in host else None
+    return any(name == host or (name.startswith("*.") and parent == name[2:]) for name in names)
 
 
 def is_timeout(error: str | None) -> bool:
@@ -277,7 +275,7 @@ def pox_settings(body: bytes) -> dict[str, Any]:
     found: dict[str, Any] = {"legacy_dn": response.findtext(f"{POX_NS}User/{POX_NS}LegacyDN")}
     account = response.find(f"{POX_NS}Account")
     action = account.findtext(f"{POX_NS}Action") if account is not None else None
-    if action and action != "settings":
+    if account is not None and action and action != "settings":
         found["action"] = action
         found["redirect"] = account.findtext(f"{POX_NS}RedirectAddr") or account.findtext(f"{POX_NS}RedirectUrl")
     for protocol in response.iter(f"{POX_NS}Protocol"):
@@ -329,7 +327,7 @@ class Preflight:
                 self.record(Check(check_id, side, "skip", reason))
 
     async def run(self) -> Report:
-        started = dt.datetime.now(dt.timezone.utc)
+        started = dt.datetime.now(dt.UTC)
         clock = time.monotonic()
         await asyncio.gather(self.legacy_side(), self.bridge_side())
         self.compare_through_bridge()
@@ -439,8 +437,8 @@ class Preflight:
     async def legacy_tls_versions(self, address: str, sni: str, gate: Handshake) -> None:
         port, timeout = self.settings.legacy.port, self.settings.timeout
         results = await asyncio.gather(*(accepted_suites(address, port, sni, version, timeout) for _, version in TLS_VERSIONS))
-        accepted = {label: suites for (label, _), suites in zip(TLS_VERSIONS, results) if suites}
-        refused = [label for (label, _), suites in zip(TLS_VERSIONS, results) if not suites]
+        accepted = {label: suites for (label, _), suites in zip(TLS_VERSIONS, results, strict=True) if suites}
+        refused = [label for (label, _), suites in zip(TLS_VERSIONS, results, strict=True) if not suites]
         listing = "; ".join(f"{label} ({', '.join(suites)})" for label, suites in accepted.items())
         details = {"accepted": accepted, "refused": refused, "negotiated": f"{VERSION_NAMES.get(gate.version, gate.version)} {gate.cipher}"}
         if "TLS 1.2" in accepted or "TLS 1.3" in accepted:
@@ -477,7 +475,7 @@ class Preflight:
             "signature_algorithm": info.signature_algorithm, "sha256": observed, "pin_flag": pin_flag(observed),
             "self_signed": info.subject == info.issuer,
         }
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         notes = []
         if details["self_signed"]:
             notes.append("self-signed")
@@ -503,7 +501,8 @@ class Preflight:
             # The legacy leg crosses the Internet with RSA key exchange and no forward secrecy: a key
             # this small can be factored, exposing every recorded session's credentials and mail.
             self.record(Check("legacy.certificate", "legacy", "fail", f"{described}: a {bits}-bit RSA key can be factored, which exposes recorded logons and mail on the legacy leg", details,
-                              "Replace the certificate with one of a 2048-bit key (New-ExchangeCertificate -KeySize 2048, then Enable-ExchangeCertificate -Services IIS), then pin the new one on the bridge."))
+                              "Replace the certificate with one of a 2048-bit key (New-ExchangeCertificate -KeySize 2048, then Enable-ExchangeCertificate -Services IIS), "
+                              "then pin the new one on the bridge."))
         elif info.not_before > now:
             self.record(Check("legacy.certificate", "legacy", "fail", f"{described}: not valid before {info.not_before:%Y-%m-%d}", details,
                               "Fix the legacy server's clock or certificate."))
@@ -666,7 +665,7 @@ class Preflight:
         path = f"/rpc/rpcproxy.dll?{server}:{port}"
         methods = ("RPC_IN_DATA", "RPC_OUT_DATA")
         answers = await asyncio.gather(*(self.exchange(target, method, path, credentials=credentials, scheme=scheme) for method in methods))
-        outcomes = dict(zip(methods, answers))
+        outcomes = dict(zip(methods, answers, strict=True))
         details = {"path": path, "rpc_in_data": rpc_outcome(*outcomes["RPC_IN_DATA"]), "rpc_out_data": rpc_outcome(*outcomes["RPC_OUT_DATA"]), "scheme": scheme}
         statuses = [answer.status if answer else None for answer, _ in outcomes.values()]
         if statuses == [200, 200]:
@@ -702,7 +701,7 @@ class Preflight:
 
     def bridge_host_header(self) -> str:
         port = self.settings.https_port
-        return self.settings.fqdn if port == 443 else f"{self.settings.fqdn}:{port}"  # type: ignore[return-value]
+        return self.settings.fqdn if port == 443 else f"{self.settings.fqdn}:{port}"  # type: ignore[return-value]  # bridge checks run only with --fqdn
 
     def bridge_dns_check(self, addresses: list[str], error: str) -> Check:
         settings = self.settings
@@ -726,7 +725,7 @@ class Preflight:
         port = settings.http_port
         host = settings.fqdn if port == 80 else f"{settings.fqdn}:{port}"
         try:
-            _, headers, status = await plain_http_get(address, port, host, "/", settings.timeout)
+            _, headers, status = await plain_http_get(address, port, host, "/", settings.timeout)  # type: ignore[arg-type]  # bridge checks run only with --fqdn
         except Exception as exc:  # noqa: BLE001
             reason = reason_of(exc)
             fix = f"Open port {port} to the bridge: Let's Encrypt renews over HTTP-01 on it (ignore if the certificate is managed elsewhere)."
@@ -742,7 +741,7 @@ class Preflight:
                               "Let the bridge itself listen on port 80 (it redirects and answers ACME challenges)."))
         token = "preflight-" + secrets.token_urlsafe(12)
         try:
-            _, headers, status = await plain_http_get(address, port, host, ACME_PREFIX + token, settings.timeout)
+            _, headers, status = await plain_http_get(address, port, host, ACME_PREFIX + token, settings.timeout)  # type: ignore[arg-type]  # bridge checks run only with --fqdn
         except Exception as exc:  # noqa: BLE001
             self.record(Check("bridge.port80.acme", "bridge", "warn", f"the ACME challenge path got no answer ({reason_of(exc)})", {"port": port}, ""))
             return
@@ -767,7 +766,7 @@ class Preflight:
                 return (False, reason) if refused_handshake(exc) else (None, reason)
             return True, handshake.cipher
 
-        results = dict(zip([label for label, _ in TLS_VERSIONS], await asyncio.gather(*(accepts(version) for _, version in TLS_VERSIONS))))
+        results = dict(zip([label for label, _ in TLS_VERSIONS], await asyncio.gather(*(accepts(version) for _, version in TLS_VERSIONS)), strict=True))
         details = {label: ("accepted: " + note if ok else ("refused: " + note if ok is False else "unknown: " + note)) for label, (ok, note) in results.items()}
         modern_ok = [label for label in ("TLS 1.2", "TLS 1.3") if results[label][0]]
         if results["TLS 1.2"][0] and results["TLS 1.3"][0]:
@@ -808,7 +807,8 @@ class Preflight:
                 self.record(Check("bridge.certificate", "bridge", "fail", f"the certificate does not cover {fqdn} (it names {', '.join(info.sans) or info.subject})", details,
                                   f"Obtain a certificate for {fqdn} (bridge cert) or run the bridge with --fqdn {fqdn}."))
             elif info.days_left < 0:
-                self.record(Check("bridge.certificate", "bridge", "fail", f"the certificate expired on {info.not_after:%Y-%m-%d}", details, "Renew it: bridge cert renew, then restart or SIGHUP the bridge."))
+                self.record(Check("bridge.certificate", "bridge", "fail", f"the certificate expired on {info.not_after:%Y-%m-%d}", details,
+                                  "Renew it: bridge cert renew, then restart or SIGHUP the bridge."))
             else:
                 self.record(Check("bridge.certificate", "bridge", "fail", f"the certificate chain is not trusted ({message}); issuer {info.issuer}", details,
                                   "Serve the full chain (fullchain.pem) from a publicly trusted CA; for a staging or private CA pass it with --ca-bundle."))

@@ -12,11 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bridge.preflight.report import print_report, run_with_progress, write_html, write_json
 from bridge.config import is_ip_address, load_toml, merge, parse_fingerprint, parse_legacy, validate_fqdn
 from bridge.errors import PreflightUsageError
 from bridge.preflight.checks import DEFAULT_HOLD, DEFAULT_TIMEOUT, SCHEMA, Settings
 from bridge.preflight.probe import Credentials
+from bridge.preflight.report import print_report, run_with_progress, write_html, write_json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

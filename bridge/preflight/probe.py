@@ -107,7 +107,7 @@ async def resolve(host: str, port: int, timeout: float) -> list[str]:
     infos = await asyncio.wait_for(loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout)
     addresses: list[str] = []
     for info in infos:
-        address = info[4][0]
+        address = str(info[4][0])
         if address not in addresses:
             addresses.append(address)
     return addresses
@@ -185,7 +185,7 @@ class HttpConnection:
         self.writer = writer
 
     @classmethod
-    async def open(cls, target: HttpTarget) -> "HttpConnection":
+    async def open(cls, target: HttpTarget) -> HttpConnection:
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(
@@ -194,7 +194,7 @@ class HttpConnection:
                 ),
                 target.timeout,
             )
-        except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
+        except (TimeoutError, OSError, ssl.SSLError) as exc:
             raise ProbeError(f"cannot connect ({reason_of(exc)})") from None
         return cls(target, reader, writer)
 
@@ -209,7 +209,7 @@ class HttpConnection:
         try:
             self.writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
             return await asyncio.wait_for(self._read_answer(method), self.target.timeout)
-        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
+        except (TimeoutError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
             raise ProbeError(f"no HTTP answer to {method} {path.split('?')[0]} ({reason_of(exc)})") from None
 
     async def _read_answer(self, method: str) -> HttpAnswer:
@@ -224,7 +224,7 @@ class HttpConnection:
     async def _read_body(self, method: str, status: int, headers: list[tuple[str, str]]) -> bytes:
         values = {key.lower(): value for key, value in headers}
         if "chunked" in values.get("transfer-encoding", "").lower():
-            chunks = []
+            chunks: list[bytes] = []
             while True:
                 size = int((await self.reader.readuntil(b"\r\n")).split(b";")[0].strip(), 16)
                 if size == 0:
@@ -290,7 +290,7 @@ async def ntlm_request(connection: HttpConnection, method: str, path: str, heade
     token = client.step()
     word = "NTLM"
     for _ in range(3):
-        answer = await connection.request(method, path, headers | {"Authorization": f"{word} {base64.b64encode(token).decode()}"}, body)
+        answer = await connection.request(method, path, headers | {"Authorization": f"{word} {base64.b64encode(token).decode()}"}, body)  # type: ignore[arg-type]  # an NTLM client's steps always return a token
         challenge = ntlm_challenge(answer)
         if answer.status != 401 or challenge is None:
             return answer

@@ -122,7 +122,8 @@ def next_steps(report: Report) -> list[str]:
         lines.append("# Autodiscover did not answer: create the endpoint with manual settings.")
     lines += [
         f"Test-MigrationServerAvailability -ExchangeOutlookAnywhere -RpcProxyServer {fqdn} -ExchangeServer {server} -Authentication {authentication} -EmailAddress {email} -Credentials $credentials",
-        f"New-MigrationEndpoint -ExchangeOutlookAnywhere -Name 'Exchange 2007 via bridge' -RpcProxyServer {fqdn} -ExchangeServer {server} -Authentication {authentication} -EmailAddress {email} -Credentials $credentials",
+        f"New-MigrationEndpoint -ExchangeOutlookAnywhere -Name 'Exchange 2007 via bridge' -RpcProxyServer {fqdn} -ExchangeServer {server} "
+        f"-Authentication {authentication} -EmailAddress {email} -Credentials $credentials",
     ]
     return lines
 

@@ -20,16 +20,15 @@ from urllib.parse import unquote
 from aiohttp import web
 from aiohttp.web_request import BaseRequest
 
-from bridge.protocol.auth import carries_final_credentials
-from bridge.net.channel import ChannelClosed, LimitExceeded
 from bridge.config import BridgeConfig
-from bridge.net.front import ClientConnection, HeadRefused, RequestHead, cached_by_path, parse_request_head
 from bridge.net.aio_server import ConnectionState
+from bridge.net.channel import ChannelClosed, LimitExceeded
+from bridge.net.front import ClientConnection, HeadRefused, RequestHead, cached_by_path, parse_request_head
 from bridge.net.upstream import (
     HOP_BY_HOP_BYTES,
-    REWRITTEN_RESPONSE,
     MAX_HEAD,
     READ_SIZE,
+    REWRITTEN_RESPONSE,
     LegacyPool,
     ResponseHead,
     UpstreamConnection,
@@ -38,6 +37,7 @@ from bridge.net.upstream import (
     response_has_body,
     response_keeps_connection,
 )
+from bridge.protocol.auth import carries_final_credentials
 
 log = logging.getLogger("bridge.proxy")
 access_log = logging.getLogger("bridge.access")
@@ -470,7 +470,7 @@ class Proxy:
         if upstream is not None and upstream.usable:
             return upstream
         replacing = upstream is not None
-        if replacing:
+        if upstream is not None:
             upstream.close()
         upstream = await self.pool.connect()
         if replacing:

@@ -8,20 +8,21 @@ import gc
 import logging
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
-from bridge.errors import ConfigError, StartupError
 from bridge.config import BridgeConfig
-from bridge.net.front import FrontServer
+from bridge.errors import ConfigError, StartupError
 from bridge.net.aio_server import bound_port, start_site
-from bridge.proxy.relay import HttpRedirector, Proxy
-from bridge.ops.status import attach_operations, connection_guard, redirect_guard, reload_settings
+from bridge.net.front import FrontServer
 from bridge.net.tls import front_context, legacy_context, load_front_certificate
 from bridge.net.upstream import LegacyPool
+from bridge.ops.status import attach_operations, connection_guard, redirect_guard, reload_settings
+from bridge.proxy.relay import HttpRedirector, Proxy
 
 log = logging.getLogger("bridge")
 
@@ -138,9 +139,10 @@ async def _certificate(config: BridgeConfig, challenges: dict[str, str], source:
         return config.cert, config.key
     if source is None:
         try:
-            from bridge.certs.acme import certificate_for_bridge as source  # type: ignore[no-redef]
+            from bridge.certs.acme import certificate_for_bridge
         except ImportError:
             raise ConfigError("No certificate given: pass --cert and --key (e.g. certbot's fullchain.pem and privkey.pem).") from None
+        source = certificate_for_bridge
     return await source(config, challenges)
 
 

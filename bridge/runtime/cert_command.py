@@ -19,7 +19,6 @@ from bridge.proxy.relay import HttpRedirector
 from bridge.runtime.app import _listen, setup_logging
 from bridge.runtime.up import add_acme_arguments
 
-
 _CONFIG_KEYS = ("fqdn", "bind", "http_port", "state_dir", "acme_directory", "acme_email", "acme_eab_kid", "acme_eab_hmac_key", "acme_ca_bundle", "key_type", "log_level")
 
 
@@ -77,7 +76,7 @@ async def _obtain_or_renew(config: BridgeConfig, action: str, *, force: bool) ->
         assert stored is not None
         session = await open_session(config)
         plan = await renewal_plan(session, stored.leaf)
-        if plan.due > dt.datetime.now(dt.timezone.utc):
+        if plan.due > dt.datetime.now(dt.UTC):
             console.print(f"The certificate for {config.fqdn} is not due for renewal until {plan.due:%Y-%m-%d %H:%M} UTC ({plan.basis}); use --force to renew now.")
             return 0
         reason = f"due: {plan.basis}"
@@ -104,7 +103,8 @@ class _challenge_listener:
         except StartupError as exc:
             if "already in use" in str(exc):
                 raise AcmeError(
-                    f"Port {self.config.http_port} is already in use, most likely by the running bridge, which obtains and renews its certificate by itself; stop it first (systemctl stop exchange-bridge) to run this by hand."
+                    f"Port {self.config.http_port} is already in use, most likely by the running bridge, which obtains and renews its certificate by itself; "
+                    "stop it first (systemctl stop exchange-bridge) to run this by hand."
                 ) from None
             raise
         return self.challenges

@@ -33,9 +33,10 @@ import struct
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from bridge.config import BridgeConfig
 
@@ -403,12 +404,12 @@ def bind_https(config: BridgeConfig, backlog: int = 1024) -> list[socket.socket]
 
 async def serve_with_workers(config: BridgeConfig, reload_config: Callable[[], BridgeConfig] | None = None) -> int:
     """`bridge up` with --workers N > 1; returns the exit code."""
-    from bridge.runtime.app import _certificate, _listen, ready_line
     from bridge.net.aio_server import bound_port
-    from bridge.proxy.relay import HttpRedirector
-    from bridge.ops.status import redirect_guard, start_status_listener
     from bridge.net.tls import front_context, legacy_context
     from bridge.net.upstream import LegacyPool
+    from bridge.ops.status import redirect_guard, start_status_listener
+    from bridge.proxy.relay import HttpRedirector
+    from bridge.runtime.app import _certificate, _listen, ready_line
 
     challenges: dict[str, str] = {}
     redirector = HttpRedirector(config.fqdn, config.https_port, challenges)
@@ -450,7 +451,7 @@ async def serve_with_workers(config: BridgeConfig, reload_config: Callable[[], B
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, supervisor.stopping.set)
     loop.add_signal_handler(signal.SIGHUP, supervisor.on_hup, reload_config)
-    log.info(ready_line(supervisor) + f"; {config.workers} worker processes")  # after the handlers: a signal sent on this line is handled
+    log.info(ready_line(supervisor) + f"; {config.workers} worker processes")  # type: ignore[arg-type]  # it has the config and ports ready_line reads; after the handlers: a signal sent on this line is handled
     await supervisor.stopping.wait()
     log.info("stopping: no new connections; open requests get up to %g s to finish (--drain-timeout)", config.drain_timeout)
     await supervisor.stop()
@@ -512,13 +513,13 @@ def worker_report(bridge: Any) -> dict[str, Any]:
 
 
 async def serve_worker(index: int, control_fd: int, listen_fds: list[int]) -> int:
-    from bridge.runtime.app import RunningBridge, settle_garbage_collector, setup_logging
-    from bridge.ops.bans import policy_from_config
     from bridge.net.front import FrontServer
-    from bridge.proxy.relay import Proxy
-    from bridge.ops.status import BridgeStats, connection_guard, reload_settings
     from bridge.net.tls import front_context, legacy_context
     from bridge.net.upstream import LegacyPool
+    from bridge.ops.bans import policy_from_config
+    from bridge.ops.status import BridgeStats, connection_guard, reload_settings
+    from bridge.proxy.relay import Proxy
+    from bridge.runtime.app import RunningBridge, settle_garbage_collector, setup_logging
 
     control = socket.socket(fileno=control_fd)
     reader, writer = await asyncio.open_unix_connection(sock=control)
@@ -530,7 +531,7 @@ async def serve_worker(index: int, control_fd: int, listen_fds: list[int]) -> in
     setup_logging(config.log_level)
     for handler in logging.getLogger().handlers:
         handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s %(name)s[worker {index}]: %(message)s"))
-    ssl_context = front_context(config.cert, config.key)
+    ssl_context = front_context(config.cert, config.key)  # type: ignore[arg-type]  # the supervisor gives workers a config with the certificate files
     pool = LegacyPool(servers=config.legacy, tls_context=legacy_context(config.legacy_ca), connect_timeout=config.connect_timeout,
                       pinned_fingerprint=config.legacy_fingerprint, verified_by_ca=config.legacy_ca is not None)
     proxy = Proxy(config, pool)
