@@ -317,11 +317,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace) -> tuple[Path, float]:
-    from bridge.config import DEFAULT_BAN_DURATION, default_state_dir, load_toml
+    from bridge.config import load_settings
 
-    values = load_toml(args.config) if args.config else {}
-    state_dir = args.state_dir or (Path(values["state_dir"]) if values.get("state_dir") else default_state_dir())
-    duration = args.duration if args.duration is not None else float(values.get("ban_duration", DEFAULT_BAN_DURATION))
+    settings = load_settings(args.config)
+    state_dir = args.state_dir or settings.state_dir
+    duration = args.duration if args.duration is not None else settings.ban_duration
     if duration <= 0:
         raise ConfigError(f"--duration {duration:g} is not a positive number of seconds; give e.g. --duration 3600.")
     return state_dir, duration

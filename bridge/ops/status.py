@@ -360,13 +360,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _client_settings(args: argparse.Namespace) -> tuple[str, Path]:
-    from bridge.config import DEFAULT_STATUS_BIND, default_state_dir, load_toml
+    from bridge.config import load_settings
 
-    values = load_toml(args.config) if args.config else {}
-    state_dir = args.state_dir or (Path(values["state_dir"]) if values.get("state_dir") else default_state_dir())
+    settings = load_settings(args.config)
+    state_dir = args.state_dir or settings.state_dir
     url = args.url
     if not url:
-        address = parse_status_bind(args.status_bind or values.get("status_bind") or DEFAULT_STATUS_BIND)
+        address = parse_status_bind(args.status_bind or settings.status_bind)
         if address is None:
             raise ConfigError("The status listener is off (--status-bind off); start the bridge with --status-bind 127.0.0.1:8404.")
         host, port = address
@@ -501,25 +501,18 @@ async def attach_operations(bridge: Any, guard: Any, https_runner: Any) -> None:
         bridge.runners.insert(0, runner)  # closed last, so the page shows the drain
 
 
-# Settings SIGHUP applies to a running bridge; the rest need a restart.
-RESTART_SETTINGS = ("fqdn", "legacy", "bind", "https_port", "http_port", "state_dir", "status_bind", "legacy_fingerprint", "legacy_ca", "workers")
-
-
 def reload_settings(bridge: Any, new: Any) -> None:
     """Apply a re-read configuration (SIGHUP) without dropping connections."""
+    from bridge.config import apply_reload
     from bridge.ops.bans import policy_from_config
 
-    old = bridge.config
-    changed = [name for name in RESTART_SETTINGS if getattr(old, name) != getattr(new, name)]
+    changed = apply_reload(bridge.config, new)
     if changed:
         log.warning("SIGHUP: %s changed; restart the bridge to apply %s", ", ".join(changed), "them" if len(changed) > 1 else "it")
     if bridge.guard is not None:
         bridge.guard.apply(new.allow, new.max_connections, new.header_timeout)
     if bridge.bans is not None:
         bridge.bans.policy = policy_from_config(new)
-    for name in ("cert", "key", "allow", "never_ban", "max_connections", "header_timeout", "drain_timeout", "ban_threshold",
-                 "ban_window", "ban_duration", "ban_command", "idle_timeout", "connect_timeout", "log_level"):
-        setattr(old, name, getattr(new, name))
     bridge.proxy.pool.connect_timeout = new.connect_timeout
     for runner in bridge.runners:
         if hasattr(runner, "drain_timeout"):  # the HTTPS front end (bridge.front.FrontServer)

@@ -355,17 +355,13 @@ def _exit_reason(code: int) -> str:
 
 def apply_to_parent(supervisor: Supervisor, new: BridgeConfig) -> None:
     """SIGHUP: the parent's part of bridge.status.reload_settings (the workers get the rest)."""
+    from bridge.config import apply_reload
     from bridge.ops.bans import policy_from_config
-    from bridge.ops.status import RESTART_SETTINGS
 
-    old = supervisor.config
-    changed = [name for name in RESTART_SETTINGS if getattr(old, name) != getattr(new, name)]
+    changed = apply_reload(supervisor.config, new)
     if changed:
         log.warning("SIGHUP: %s changed; restart the bridge to apply %s", ", ".join(changed), "them" if len(changed) > 1 else "it")
     supervisor.bans.policy = policy_from_config(new)
-    for name in ("cert", "key", "allow", "never_ban", "max_connections", "header_timeout", "drain_timeout", "ban_threshold",
-                 "ban_window", "ban_duration", "ban_command", "idle_timeout", "connect_timeout", "log_level"):
-        setattr(old, name, getattr(new, name))
     supervisor.totals.max_connections = new.max_connections
     for runner in supervisor.runners:
         guard = getattr(runner.server, "guard", None)
