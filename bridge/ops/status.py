@@ -461,23 +461,11 @@ def run(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- wiring into a running bridge
 
 
-def connection_guard(config: Any) -> Any:
-    """The HTTPS listener's ConnectionGuard from the configuration (before the listener starts)."""
-    from bridge.net.gate import ConnectionGuard
-
-    port = "" if config.https_port in (0, 443) else f":{config.https_port}"
-    return ConnectionGuard(
-        allow=tuple(config.allow), max_connections=config.max_connections, header_timeout=config.header_timeout,
-        public_origin=f"https://{config.fqdn}{port}",
-    )
-
-
-def redirect_guard(config: Any) -> Any:
-    """Port 80's ConnectionGuard: header timeout and connection limit, no allow-list (ACME HTTP-01
-    validation comes from addresses Let's Encrypt does not publish)."""
-    from bridge.net.gate import ConnectionGuard
-
-    return ConnectionGuard(max_connections=config.max_connections, header_timeout=config.header_timeout)
+def attach_counters(bridge: Any, guard: Any, bans: Any) -> None:
+    """The HTTPS front end's guard, the bans (a BanGuard, or a worker's view of the parent's) and new
+    counters, on the bridge and its proxy (which updates them per request)."""
+    bridge.guard, bridge.bans, bridge.stats = guard, bans, BridgeStats(bridge.config.forward_paths)
+    bridge.proxy.bans, bridge.proxy.stats, bridge.proxy.guard = bridge.bans, bridge.stats, guard
 
 
 async def attach_operations(bridge: Any, guard: Any, https_runner: Any) -> None:
@@ -485,11 +473,7 @@ async def attach_operations(bridge: Any, guard: Any, https_runner: Any) -> None:
     from bridge.ops.bans import BanGuard, policy_from_config
 
     config = bridge.config
-    guard.public_origin = bridge.proxy.public_origin
-    bridge.guard = guard
-    bridge.bans = BanGuard(config.state_dir, policy_from_config(config))
-    bridge.stats = BridgeStats(config.forward_paths)
-    bridge.proxy.bans, bridge.proxy.stats, bridge.proxy.guard = bridge.bans, bridge.stats, guard
+    attach_counters(bridge, guard, BanGuard(config.state_dir, policy_from_config(config)))
     https_runner.drain_timeout = config.drain_timeout
     if config.allow:
         log.info("only %s may connect (--allow)", ", ".join(str(network) for network in config.allow))
@@ -502,7 +486,8 @@ async def attach_operations(bridge: Any, guard: Any, https_runner: Any) -> None:
 
 
 def reload_settings(bridge: Any, new: Any) -> None:
-    """Apply a re-read configuration (SIGHUP) without dropping connections."""
+    """Apply a re-read configuration (SIGHUP) without dropping connections: one process, the --workers
+    parent (whose ``guard`` is the workers' totals) and each worker alike."""
     from bridge.config import apply_reload
     from bridge.ops.bans import policy_from_config
 
@@ -515,10 +500,11 @@ def reload_settings(bridge: Any, new: Any) -> None:
         bridge.bans.policy = policy_from_config(new)
     bridge.proxy.pool.connect_timeout = new.connect_timeout
     for runner in bridge.runners:
-        if hasattr(runner, "drain_timeout"):  # the HTTPS front end (bridge.front.FrontServer)
+        if hasattr(runner, "drain_timeout"):  # the HTTPS front end (bridge.net.front.FrontServer)
             runner.drain_timeout = new.drain_timeout
+            runner.keepalive_timeout = new.idle_timeout
             continue
-        guard = getattr(runner.server, "guard", None)
+        guard = getattr(getattr(runner, "server", None), "guard", None)
         if guard is not None and guard is not bridge.guard:  # port 80
             guard.apply((), new.max_connections, new.header_timeout)
     logging.getLogger().setLevel(getattr(logging, new.log_level.upper(), logging.INFO))

@@ -15,8 +15,7 @@ from bridge.certs.renewal import ratio_renewal_time, renewal_plan
 from bridge.config import BridgeConfig, add_setting_arguments
 from bridge.config import config_from_args as settings_from_args
 from bridge.errors import AcmeError, StartupError
-from bridge.proxy.relay import HttpRedirector
-from bridge.runtime.app import _listen, setup_logging
+from bridge.runtime.app import setup_logging, start_redirector
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,9 +80,8 @@ class _challenge_listener:
         self.runner: Any = None
 
     async def __aenter__(self) -> dict[str, str]:
-        redirector = HttpRedirector(self.config.fqdn, self.config.https_port, self.challenges)
         try:
-            self.runner = await _listen(redirector.handle, self.config.bind, self.config.http_port, "--http-port")
+            _, self.runner = await start_redirector(self.config, self.challenges)
         except StartupError as exc:
             if "already in use" in str(exc):
                 raise AcmeError(
