@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from bridge.certs.keys import atomic_write
+from bridge.config import plain_address
 from bridge.errors import ConfigError
 
 log = logging.getLogger("bridge.bans")
@@ -90,15 +91,8 @@ def file_signature(path: Path) -> tuple[int, int, int] | None:
 
 
 def normalise_address(text: str) -> str:
-    address = ipaddress.ip_address(text.strip())
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return str(address)
-
-
-def _plain(address: str) -> str:
-    """An IPv4-mapped IPv6 peer (dual-stack listener) as the IPv4 address the ban file uses."""
-    return address[7:] if address.startswith("::ffff:") and "." in address else address
+    """A typed address as the ban file keeps it (ValueError when it is not one)."""
+    return str(ipaddress.ip_address(plain_address(text.strip())))
 
 
 # --------------------------------------------------------------------------- the live guard
@@ -106,9 +100,9 @@ def _plain(address: str) -> str:
 
 @dataclass
 class BanPolicy:
-    threshold: int = 10
-    window: float = 600.0
-    duration: float = 3600.0
+    threshold: int
+    window: float
+    duration: float
     command: str | None = None
     never_ban: tuple[Any, ...] = ()  # ip networks
 
@@ -137,7 +131,7 @@ class BanGuard:
 
     def is_banned(self, address: str) -> bool:
         self.refresh()
-        address = _plain(address)
+        address = plain_address(address)
         ban = self.bans.get(address)
         if ban is None or self.exempt(address):
             return False
@@ -157,7 +151,7 @@ class BanGuard:
     def record_failure(self, address: str) -> Ban | None:
         """Count one failed logon; returns the new Ban when this one crossed the threshold."""
         self.failures_total += 1
-        address = _plain(address)
+        address = plain_address(address)
         if not address or self.exempt(address) or address in self.bans:
             return None
         now = time.monotonic()
