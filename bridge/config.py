@@ -475,7 +475,8 @@ def load_toml(path: Path) -> dict[str, Any]:
     unknown = sorted(set(data) - set(TOML_KEYS))
     if unknown:
         named = " and ".join(f"{key}{_nearest(key)}" for key in unknown)
-        raise ConfigError(f"Config file {path} has the unknown setting{'s' if len(unknown) > 1 else ''} {named}; fix the name or remove it (the README lists them).")
+        what = "settings" if len(unknown) > 1 else "setting"
+        raise ConfigError(f"Config file {path} has the unknown {what} {named}; correct or remove {'them' if len(unknown) > 1 else 'it'} (the README lists the settings).")
     return data
 
 
