@@ -1,17 +1,25 @@
 """Bridge configuration: flags, an optional TOML file (flags win), and validation.
 
+Every setting is declared once, as a field of ``BridgeConfig`` with its flag, TOML key (the field's
+name), parser, default, help text, group and whether SIGHUP applies it (``SETTINGS`` is that table).
+The argparse arguments of `bridge up` and `bridge cert`, the TOML validation, the reload and restart
+lists and the README's options tables are all made from it.
+
 Every user mistake found here becomes a ``ConfigError`` whose message is one sentence saying what is
 wrong and what to do; the CLI prints it and exits 2.
 """
 
 from __future__ import annotations
 
+import argparse
+import difflib
 import ipaddress
 import os
 import re
 import shlex
 import tomllib
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -30,20 +38,9 @@ DEFAULT_FORWARD_PATHS = (
     "/UnifiedMessaging",
 )
 
-# Outlook Anywhere keeps channels open with a 900 s server-to-client keep-alive: stay well above it.
-DEFAULT_IDLE_TIMEOUT = 30 * 60.0
-DEFAULT_CONNECT_TIMEOUT = 10.0
-# Operations and security (issue 6).
-DEFAULT_STATUS_BIND = "127.0.0.1:8404"
-DEFAULT_BAN_THRESHOLD = 10
-DEFAULT_BAN_WINDOW = 600.0
-DEFAULT_BAN_DURATION = 3600.0
-DEFAULT_MAX_CONNECTIONS = 1000
-DEFAULT_HEADER_TIMEOUT = 15.0
-DEFAULT_DRAIN_TIMEOUT = 30.0
-
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 _FINGERPRINT = re.compile(r"^(?:sha256:)?([0-9A-Fa-f]{2}(?::?[0-9A-Fa-f]{2}){31})$")
+KEY_TYPES = ("ecdsa-p256", "rsa-2048", "rsa-3072")
 
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -59,53 +56,46 @@ class LegacyServer:
         return f"{host}:{self.port}"
 
 
-@dataclass
-class BridgeConfig:
-    fqdn: str = ""
-    legacy: list[LegacyServer] = field(default_factory=list)
-    bind: str | None = None
-    https_port: int = 443
-    http_port: int = 80
-    cert: Path | None = None
-    key: Path | None = None
-    state_dir: Path = field(default_factory=lambda: default_state_dir())
-    legacy_fingerprint: str | None = None  # normalised lower-case hex without colons
-    legacy_ca: Path | None = None
-    legacy_host_header: str | None = None
-    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
-    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
-    forward_paths: tuple[str, ...] = DEFAULT_FORWARD_PATHS
-    log_level: str = "info"
-    # ACME (used when no --cert/--key are given)
-    acme_directory: str = "letsencrypt"
-    acme_email: str | None = None
-    acme_eab_kid: str | None = None
-    acme_eab_hmac_key: str | None = None
-    acme_ca_bundle: Path | None = None
-    key_type: str = "ecdsa-p256"
-    # Operations and security
-    status_bind: str = DEFAULT_STATUS_BIND  # "off" disables the status listener
-    ban_threshold: int = DEFAULT_BAN_THRESHOLD
-    ban_window: float = DEFAULT_BAN_WINDOW
-    ban_duration: float = DEFAULT_BAN_DURATION
-    ban_command: str | None = None
-    never_ban: tuple[Network, ...] = ()
-    allow: tuple[Network, ...] = ()  # empty: every source may connect
-    max_connections: int = DEFAULT_MAX_CONNECTIONS
-    header_timeout: float = DEFAULT_HEADER_TIMEOUT
-    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
-    workers: int = 1  # HTTPS worker processes (bridge.workers); 1 serves in the main process
-
-    @property
-    def legacy_hostnames(self) -> set[str]:
-        return {server.host.lower() for server in self.legacy}
-
-
 def default_state_dir() -> Path:
     if os.geteuid() == 0:
         return Path("/var/lib/exchange-bridge")
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "exchange-bridge"
+
+
+# --------------------------------------------------------------------------- addresses and names
+
+
+def public_origin(fqdn: str, port: int) -> str:
+    """The bridge's public https origin: https://FQDN, with :PORT unless it is 443."""
+    return f"https://{fqdn}" + ("" if port == 443 else f":{port}")
+
+
+def plain_address(text: str) -> str:
+    """An address as the bridge compares and stores it: an IPv4-mapped IPv6 address (how a dual-stack
+    listener reports an IPv4 peer, ``::ffff:192.0.2.1``) becomes the IPv4 address; anything else is
+    returned unchanged."""
+    if text.startswith("::ffff:") and "." in text:  # the kernel's spelling: no parsing on the request path
+        return text[7:]
+    if ":" in text and "ffff" in text.lower():
+        try:
+            mapped = ipaddress.IPv6Address(text).ipv4_mapped
+        except ValueError:
+            return text
+        if mapped is not None:
+            return str(mapped)
+    return text
+
+
+def is_ip_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------- parsers (one value of one setting)
 
 
 def validate_fqdn(name: str) -> str:
@@ -163,179 +153,6 @@ def parse_fingerprint(text: str) -> str:
     return match.group(1).replace(":", "").lower()
 
 
-def is_ip_address(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _port(name: str, value: Any) -> int:
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a port number from 1 to 65535, not {value!r}.") from None
-    if not 0 <= number < 65536:  # 0 lets tests ask the kernel for a free port
-        raise ConfigError(f"{name} must be a port number from 1 to 65535, not {value!r}.")
-    return number
-
-
-def _seconds(name: str, value: Any) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a number of seconds, not {value!r}.") from None
-    if number <= 0:
-        raise ConfigError(f"{name} must be a positive number of seconds, not {value!r}.")
-    return number
-
-
-def load_toml(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as handle:
-            data = tomllib.load(handle)
-    except FileNotFoundError:
-        raise ConfigError(f"Config file {path} does not exist; check the --config path.") from None
-    except PermissionError:
-        raise ConfigError(f"Config file {path} is not readable by this user; fix its permissions.") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"Config file {path} is not valid TOML ({exc}); fix that line.") from None
-    known = {f.name for f in fields(BridgeConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"Config file {path} has unknown setting(s) {', '.join(unknown)}; see the README for the names.")
-    return data
-
-
-def build_config(values: dict[str, Any], *, require_fqdn: bool = True, require_legacy: bool = True) -> BridgeConfig:
-    """Validate merged settings (TOML overlaid by flags) into a BridgeConfig."""
-    config = BridgeConfig()
-    fqdn = values.get("fqdn")
-    if fqdn or require_fqdn:
-        config.fqdn = validate_fqdn(fqdn or "")
-    legacy = values.get("legacy") or []
-    if isinstance(legacy, str):
-        legacy = [legacy]
-    config.legacy = [parse_legacy(item) for item in legacy]
-    if require_legacy and not config.legacy:
-        raise ConfigError("No legacy server given: pass --legacy with the Exchange 2007 host, e.g. --legacy owa.customer.example.")
-    if values.get("bind"):
-        config.bind = str(values["bind"])
-    if values.get("https_port") is not None:
-        config.https_port = _port("--https-port", values["https_port"])
-    if values.get("http_port") is not None:
-        config.http_port = _port("--http-port", values["http_port"])
-    cert, key = values.get("cert"), values.get("key")
-    if bool(cert) != bool(key):
-        raise ConfigError("--cert and --key go together; give both (the certificate chain and its private key) or neither.")
-    if cert and key:
-        config.cert, config.key = Path(cert), Path(key)
-    if values.get("state_dir"):
-        config.state_dir = Path(values["state_dir"])
-    if values.get("legacy_fingerprint"):
-        config.legacy_fingerprint = parse_fingerprint(str(values["legacy_fingerprint"]))
-    if values.get("legacy_ca"):
-        config.legacy_ca = Path(values["legacy_ca"])
-        if not config.legacy_ca.is_file():
-            raise ConfigError(f"--legacy-ca {config.legacy_ca} does not exist; give the PEM file of the CA that signed the legacy certificate.")
-    if values.get("legacy_host_header"):
-        config.legacy_host_header = str(values["legacy_host_header"])
-    if values.get("idle_timeout") is not None:
-        config.idle_timeout = _seconds("--idle-timeout", values["idle_timeout"])
-    if values.get("connect_timeout") is not None:
-        config.connect_timeout = _seconds("--connect-timeout", values["connect_timeout"])
-    if values.get("forward_paths"):
-        config.forward_paths = tuple(_normalise_prefix(p) for p in values["forward_paths"])
-    if values.get("log_level"):
-        config.log_level = str(values["log_level"]).lower()
-    for name in ("acme_directory", "acme_email", "acme_eab_kid", "acme_eab_hmac_key", "key_type"):
-        if values.get(name):
-            setattr(config, name, str(values[name]))
-    if values.get("acme_ca_bundle"):
-        config.acme_ca_bundle = Path(values["acme_ca_bundle"])
-        if not config.acme_ca_bundle.is_file():
-            raise ConfigError(f"--acme-ca-bundle {config.acme_ca_bundle} does not exist; give the PEM file of the CA that signed the ACME server's certificate.")
-    if config.acme_directory.lower() not in ("letsencrypt", "letsencrypt-staging") and not config.acme_directory.startswith(("https://", "http://")):
-        raise ConfigError(f"--acme-directory {config.acme_directory!r} is not letsencrypt, letsencrypt-staging or a directory URL; give one of those.")
-    if bool(config.acme_eab_kid) != bool(config.acme_eab_hmac_key):
-        raise ConfigError("--acme-eab-kid and --acme-eab-hmac-key go together; give both as your CA shows them, or neither.")
-    if config.key_type not in ("ecdsa-p256", "rsa-2048", "rsa-3072"):
-        raise ConfigError(f"--key-type {config.key_type!r} is not supported; use ecdsa-p256, rsa-2048 or rsa-3072.")
-    _operations(config, values)
-    return config
-
-
-def _operations(config: BridgeConfig, values: dict[str, Any]) -> None:
-    """Status listener, bans, allow-list and connection limits."""
-    if values.get("status_bind"):
-        config.status_bind = str(values["status_bind"]).strip()
-        parse_status_bind(config.status_bind)
-    if values.get("ban_threshold") is not None:
-        config.ban_threshold = _count("--ban-threshold", values["ban_threshold"])
-    if values.get("ban_window") is not None:
-        config.ban_window = _seconds("--ban-window", values["ban_window"])
-    if values.get("ban_duration") is not None:
-        config.ban_duration = _seconds("--ban-duration", values["ban_duration"])
-    if values.get("ban_command"):
-        config.ban_command = str(values["ban_command"])
-        try:
-            shlex.split(config.ban_command)
-        except ValueError as exc:
-            raise ConfigError(f"--ban-command {config.ban_command!r} is not a command line ({exc}); check its quotes.") from None
-    config.never_ban = parse_networks(_as_list(values.get("never_ban")), "--never-ban")
-    config.allow = parse_networks(_as_list(values.get("allow")), "--allow")
-    if values.get("max_connections") is not None:
-        config.max_connections = _count("--max-connections", values["max_connections"])
-    if values.get("header_timeout") is not None:
-        config.header_timeout = _seconds("--header-timeout", values["header_timeout"])
-    if values.get("drain_timeout") is not None:
-        config.drain_timeout = _seconds("--drain-timeout", values["drain_timeout"])
-    if values.get("workers") is not None:
-        config.workers = parse_workers(values["workers"])
-
-
-def parse_workers(value: Any) -> int:
-    """--workers: a whole number from 1 to 64, or auto (one per CPU)."""
-    if str(value).strip().lower() == "auto":
-        return max(1, min(os.cpu_count() or 1, 64))
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        number = 0
-    if not 1 <= number <= 64:
-        raise ConfigError(f"--workers must be a whole number from 1 to 64 or auto, not {value!r}.")
-    return number
-
-
-def _as_list(value: Any) -> list[Any]:
-    if value is None:
-        return []
-    return [value] if isinstance(value, str) else list(value)
-
-
-def _count(name: str, value: Any) -> int:
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a whole number, not {value!r}.") from None
-    if number < 1:
-        raise ConfigError(f"{name} must be at least 1, not {value!r}.")
-    return number
-
-
-def parse_networks(values: list[Any], flag: str) -> tuple[Network, ...]:
-    """Addresses or CIDR ranges, e.g. 203.0.113.7 or 40.96.0.0/13."""
-    networks = []
-    for value in values:
-        text = str(value).strip()
-        try:
-            networks.append(ipaddress.ip_network(text, strict=False))
-        except ValueError:
-            raise ConfigError(f"{flag} {text!r} is not an address or CIDR range; write e.g. 203.0.113.7 or 40.96.0.0/13.") from None
-    return tuple(networks)
-
-
 def parse_status_bind(text: str) -> tuple[str, int] | None:
     """HOST:PORT, [IPv6]:PORT or PORT (on 127.0.0.1); None for "off"."""
     value = text.strip()
@@ -352,11 +169,349 @@ def parse_status_bind(text: str) -> tuple[str, int] | None:
     return host, int(port_text)
 
 
-def _normalise_prefix(prefix: str) -> str:
+def parse_workers(value: Any) -> int:
+    """--workers: a whole number from 1 to 64, or auto (one per CPU)."""
+    if str(value).strip().lower() == "auto":
+        return max(1, min(os.cpu_count() or 1, 64))
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = 0
+    if not 1 <= number <= 64:
+        raise ConfigError(f"--workers must be a whole number from 1 to 64 or auto, not {value!r}.")
+    return number
+
+
+# A setting's parser: (its flag, for the message; the value from a flag or the TOML file) -> the value kept.
+Parser = Callable[[str, Any], Any]
+
+
+def _text(flag: str, value: Any) -> str:
+    return str(value)
+
+
+def _path(flag: str, value: Any) -> Path:
+    return Path(value)
+
+
+def _lower(flag: str, value: Any) -> str:
+    return str(value).lower()
+
+
+def _port(flag: str, value: Any) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{flag} must be a port number from 1 to 65535, not {value!r}.") from None
+    if not 0 <= number < 65536:  # 0 lets tests ask the kernel for a free port
+        raise ConfigError(f"{flag} must be a port number from 1 to 65535, not {value!r}.")
+    return number
+
+
+def _seconds(flag: str, value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{flag} must be a number of seconds, not {value!r}.") from None
+    if number <= 0:
+        raise ConfigError(f"{flag} must be a positive number of seconds, not {value!r}.")
+    return number
+
+
+def _count(flag: str, value: Any) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{flag} must be a whole number, not {value!r}.") from None
+    if number < 1:
+        raise ConfigError(f"{flag} must be at least 1, not {value!r}.")
+    return number
+
+
+def _ca_file(signed: str) -> Parser:
+    def parse(flag: str, value: Any) -> Path:
+        path = Path(value)
+        if not path.is_file():
+            raise ConfigError(f"{flag} {path} does not exist; give the PEM file of the CA that signed {signed}.")
+        return path
+
+    return parse
+
+
+def _network(flag: str, value: Any) -> Network:
+    """An address or CIDR range, e.g. 203.0.113.7 or 40.96.0.0/13."""
+    text = str(value).strip()
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r} is not an address or CIDR range; write e.g. 203.0.113.7 or 40.96.0.0/13.") from None
+
+
+def _forward_path(flag: str, prefix: Any) -> str:
     text = "/" + str(prefix).strip().strip("/")
     if text == "/":
         raise ConfigError("forward_paths may not contain '/', which would forward everything; list the Exchange virtual directories instead.")
     return text
+
+
+def _acme_directory(flag: str, value: Any) -> str:
+    text = str(value)
+    if text.lower() not in ("letsencrypt", "letsencrypt-staging") and not text.startswith(("https://", "http://")):
+        raise ConfigError(f"{flag} {text!r} is not letsencrypt, letsencrypt-staging or a directory URL; give one of those.")
+    return text
+
+
+def _key_type(flag: str, value: Any) -> str:
+    text = str(value)
+    if text not in KEY_TYPES:
+        raise ConfigError(f"{flag} {text!r} is not supported; use ecdsa-p256, rsa-2048 or rsa-3072.")
+    return text
+
+
+def _status_bind(flag: str, value: Any) -> str:
+    text = str(value).strip()
+    parse_status_bind(text)
+    return text
+
+
+def _command_line(flag: str, value: Any) -> str:
+    text = str(value)
+    try:
+        shlex.split(text)
+    except ValueError as exc:
+        raise ConfigError(f"{flag} {text!r} is not a command line ({exc}); check its quotes.") from None
+    return text
+
+
+# --------------------------------------------------------------------------- the settings
+
+
+# Groups: the argparse group title (None: the command's own options) and the README table each goes in.
+GROUPS = {"up": None, "certificates": "certificates (ACME, when no --cert/--key)", "operations": "operations and security"}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting of `bridge up`: the BridgeConfig field and TOML key ``name``, its flag and the rest."""
+
+    name: str
+    flag: str
+    metavar: str
+    help: str  # Markdown (backticks); argparse shows it without them
+    parse: Parser
+    default: Any
+    shown_default: str  # the default as the help and the README state it
+    reload: bool  # SIGHUP applies it to the running bridge; otherwise it needs a restart
+    repeatable: bool
+    group: str
+    commands: tuple[str, ...]  # the commands taking the flag: "up", "cert"
+    toml: bool  # a key of the TOML file (--config itself is not)
+
+    def help_line(self) -> str:
+        default = "required" if self.shown_default == "required" else f"default: {self.shown_default}"
+        repeatable = "repeatable; " if self.repeatable else ""
+        return f"{self.help} ({repeatable}{default})".replace("`", "").replace("%", "%%")
+
+
+def _setting(
+    default: Any, flag: str, metavar: str, help: str, *, parse: Parser = _text, shown: str | None = None, reload: bool = False,
+    repeatable: bool = False, group: str = "up", commands: tuple[str, ...] = ("up",), toml: bool = True, factory: Callable[[], Any] | None = None,
+) -> Any:
+    """A BridgeConfig field carrying its row of the settings table (see SETTINGS)."""
+    row = dict(flag=flag, metavar=metavar, help=help, parse=parse, shown_default=shown, reload=reload, repeatable=repeatable,
+               group=group, commands=commands, toml=toml)
+    if factory is not None:
+        return field(default_factory=factory, metadata={"setting": row})
+    return field(default=default, metadata={"setting": row})
+
+
+_BOTH = ("up", "cert")
+
+
+@dataclass
+class BridgeConfig:
+    fqdn: str = _setting("", "--fqdn", "NAME", "public name of the bridge (Exchange Online's \"RPC proxy server\")",
+                         parse=lambda flag, value: validate_fqdn(str(value)), shown="required", commands=_BOTH)
+    legacy: list[LegacyServer] = _setting(
+        None, "--legacy", "HOST[:PORT]",
+        "Exchange 2007 CAS; several are used round robin per client connection, with failover on connect failure (never inside a request)",
+        parse=lambda flag, value: parse_legacy(str(value)), shown="required", repeatable=True, factory=list,
+    )
+    bind: str | None = _setting(None, "--bind", "ADDR", "listening address", shown="all addresses", commands=_BOTH)
+    https_port: int = _setting(443, "--https-port", "N", "HTTPS port", parse=_port)
+    http_port: int = _setting(80, "--http-port", "N", "HTTP port: redirects to https and answers ACME HTTP-01 challenges", parse=_port, commands=_BOTH)
+    cert: Path | None = _setting(None, "--cert", "FILE", "serve this certificate chain (e.g. certbot's fullchain.pem) instead of one from ACME; re-read on SIGHUP",
+                                 parse=_path, shown="ACME", reload=True)
+    key: Path | None = _setting(None, "--key", "FILE", "the private key of --cert (e.g. certbot's privkey.pem)", parse=_path, shown="ACME", reload=True)
+    state_dir: Path = _setting(None, "--state-dir", "DIR", "certificates and state", parse=_path, commands=_BOTH, factory=default_state_dir,
+                               shown="`/var/lib/exchange-bridge` (root), else `$XDG_STATE_HOME/exchange-bridge`")
+    legacy_fingerprint: str | None = _setting(  # normalised lower-case hex without colons
+        None, "--legacy-fingerprint", "sha256:HEX", "pin the legacy certificate (the startup warning prints the exact flag)",
+        parse=lambda flag, value: parse_fingerprint(str(value)),
+    )
+    legacy_ca: Path | None = _setting(None, "--legacy-ca", "FILE", "verify the legacy certificate against this CA instead", parse=_ca_file("the legacy certificate"))
+    legacy_host_header: str | None = _setting(None, "--legacy-host-header", "NAME", "Host header sent to the legacy server", shown="client's Host")
+    idle_timeout: float = _setting(
+        30 * 60.0, "--idle-timeout", "S",  # Outlook Anywhere keeps channels open with a 900 s keep-alive: stay well above it
+        "seconds without a byte moving, either way, before a connection closes (Outlook Anywhere's keep-alive is 900 s)", parse=_seconds, reload=True,
+    )
+    connect_timeout: float = _setting(10.0, "--connect-timeout", "S", "seconds to connect to the legacy server", parse=_seconds, reload=True)
+    forward_paths: tuple[str, ...] = _setting(
+        DEFAULT_FORWARD_PATHS, "--forward-path", "PREFIX", "replace the forwarded list (case-insensitive)", parse=_forward_path,
+        shown=f"the {len(DEFAULT_FORWARD_PATHS)} Exchange 2007 directories", repeatable=True,
+    )
+    config: Path | None = _setting(
+        None, "--config", "FILE", "TOML file with any of these settings (`https_port = 443`, `legacy = [\"a\", \"b\"]`, ...); flags win; re-read on SIGHUP",
+        parse=_path, commands=_BOTH, toml=False,
+    )
+    log_level: str = _setting("info", "--log-level", "LEVEL", "debug, info or warning", parse=_lower, reload=True, commands=_BOTH)
+    workers: int = _setting(1, "--workers", "N", "HTTPS worker processes sharing the one port (`auto`: one per CPU)", parse=lambda flag, value: parse_workers(value))
+    # ACME (used when no --cert/--key are given)
+    acme_directory: str = _setting("letsencrypt", "--acme-directory", "URL", "`letsencrypt`, `letsencrypt-staging` or any RFC 8555 directory URL",
+                                   parse=_acme_directory, group="certificates", commands=_BOTH)
+    acme_email: str | None = _setting(None, "--acme-email", "ADDR", "contact for the ACME account", group="certificates", commands=_BOTH)
+    acme_eab_kid: str | None = _setting(None, "--acme-eab-kid", "ID", "External Account Binding key id (ZeroSSL, enterprise CAs)", group="certificates", commands=_BOTH)
+    acme_eab_hmac_key: str | None = _setting(None, "--acme-eab-hmac-key", "KEY", "External Account Binding HMAC key, with --acme-eab-kid", group="certificates", commands=_BOTH)
+    acme_ca_bundle: Path | None = _setting(None, "--acme-ca-bundle", "FILE", "trust for a private ACME server", parse=_ca_file("the ACME server's certificate"),
+                                           shown="system store", group="certificates", commands=_BOTH)
+    key_type: str = _setting("ecdsa-p256", "--key-type", "TYPE", "the certificate's key: `ecdsa-p256`, `rsa-2048` or `rsa-3072`", parse=_key_type,
+                             group="certificates", commands=_BOTH)
+    # Operations and security
+    status_bind: str = _setting("127.0.0.1:8404", "--status-bind", "ADDR:PORT", "status page and /metrics listener (`off` disables it)", parse=_status_bind,
+                                group="operations")
+    allow: tuple[Network, ...] = _setting((), "--allow", "CIDR", "accept connections only from these sources (others are closed before TLS)", parse=_network,
+                                          shown="any source", reload=True, repeatable=True, group="operations")
+    max_connections: int = _setting(1000, "--max-connections", "N", "open client connections (all workers together) before new ones get 503", parse=_count,
+                                    reload=True, group="operations")
+    header_timeout: float = _setting(15.0, "--header-timeout", "S", "seconds a client has to send a request head (then 408)", parse=_seconds, reload=True,
+                                     group="operations")
+    drain_timeout: float = _setting(30.0, "--drain-timeout", "S", "on SIGTERM, seconds open requests get to finish", parse=_seconds, reload=True, group="operations")
+    ban_threshold: int = _setting(10, "--ban-threshold", "N", "failed logons from one address that trigger a ban", parse=_count, reload=True, group="operations")
+    ban_window: float = _setting(600.0, "--ban-window", "S", "seconds in which those failures must occur", parse=_seconds, reload=True, group="operations")
+    ban_duration: float = _setting(3600.0, "--ban-duration", "S", "seconds a ban lasts", parse=_seconds, reload=True, group="operations")
+    ban_command: str | None = _setting(None, "--ban-command", "CMD", "run `CMD ban IP SECONDS` and `CMD unban IP` on each ban and unban", parse=_command_line,
+                                       reload=True, group="operations")
+    never_ban: tuple[Network, ...] = _setting((), "--never-ban", "CIDR", "addresses never banned", parse=_network, reload=True, repeatable=True, group="operations")
+
+    @property
+    def legacy_hostnames(self) -> set[str]:
+        return {server.host.lower() for server in self.legacy}
+
+
+def _shown(value: Any) -> str:
+    if value is None or value == () or value == []:
+        return "none"
+    if isinstance(value, (int, float)):
+        return f"{value:g}"
+    return f"`{value}`"
+
+
+def _settings() -> tuple[Setting, ...]:
+    rows = []
+    for item in fields(BridgeConfig):
+        row = dict(item.metadata["setting"])
+        default = item.default_factory() if item.default is MISSING else item.default  # type: ignore[operator]  # a field without a default has a default_factory
+        row["shown_default"] = row["shown_default"] or _shown(default)
+        rows.append(Setting(name=item.name, default=default, **row))
+    return tuple(rows)
+
+
+SETTINGS: tuple[Setting, ...] = _settings()
+BY_NAME = {setting.name: setting for setting in SETTINGS}
+TOML_KEYS = tuple(setting.name for setting in SETTINGS if setting.toml)
+# SIGHUP applies these to a running bridge; the rest need a restart.
+RELOADED_SETTINGS = tuple(setting.name for setting in SETTINGS if setting.reload)
+RESTART_SETTINGS = tuple(setting.name for setting in SETTINGS if not setting.reload)
+
+
+def apply_reload(current: BridgeConfig, new: BridgeConfig) -> list[str]:
+    """SIGHUP: copy the settings a running bridge applies from ``new`` onto ``current``; returns the
+    names of the changed settings that need a restart (they keep their running values)."""
+    changed = [name for name in RESTART_SETTINGS if getattr(current, name) != getattr(new, name)]
+    for name in RELOADED_SETTINGS:
+        setattr(current, name, getattr(new, name))
+    return changed
+
+
+# --------------------------------------------------------------------------- flags, file, validation
+
+
+def add_setting_arguments(parser: argparse.ArgumentParser, command: str = "up") -> None:
+    """The flags of ``command`` ("up" or "cert"), grouped, each help line naming its real default."""
+    groups: dict[str, Any] = {}
+    for setting in SETTINGS:
+        if command not in setting.commands:
+            continue
+        if setting.group not in groups:
+            title = GROUPS[setting.group]
+            groups[setting.group] = parser if title is None else parser.add_argument_group(title)
+        groups[setting.group].add_argument(
+            setting.flag, dest=setting.name, metavar=setting.metavar, help=setting.help_line(), action="append" if setting.repeatable else "store",
+        )
+
+
+def config_from_args(args: argparse.Namespace, command: str = "up", **required: bool) -> BridgeConfig:
+    """The configuration from parsed flags over the --config file; ``required`` as for build_config."""
+    flags = {setting.name: getattr(args, setting.name, None) for setting in SETTINGS if command in setting.commands}
+    path = flags.get("config")
+    file_values = load_toml(Path(path)) if path else {}
+    return build_config(merge(file_values, flags), **required)
+
+
+def load_settings(path: Path | None) -> BridgeConfig:
+    """The bridge's settings from its TOML file alone (or the defaults), for commands beside it (status, ban)."""
+    return build_config(load_toml(path) if path else {}, require_fqdn=False, require_legacy=False)
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"Config file {path} does not exist; check the --config path.") from None
+    except PermissionError:
+        raise ConfigError(f"Config file {path} is not readable by this user; fix its permissions.") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"Config file {path} is not valid TOML ({exc}); fix that line.") from None
+    unknown = sorted(set(data) - set(TOML_KEYS))
+    if unknown:
+        named = " and ".join(f"{key}{_nearest(key)}" for key in unknown)
+        what = "settings" if len(unknown) > 1 else "setting"
+        raise ConfigError(f"Config file {path} has the unknown {what} {named}; correct or remove {'them' if len(unknown) > 1 else 'it'} (the README lists the settings).")
+    return data
+
+
+def _nearest(key: str) -> str:
+    candidates = difflib.get_close_matches(key.replace("-", "_").lower(), TOML_KEYS, n=1, cutoff=0.0)
+    return f" (did you mean {candidates[0]}?)" if candidates else ""
+
+
+def build_config(values: dict[str, Any], *, require_fqdn: bool = True, require_legacy: bool = True) -> BridgeConfig:
+    """Validate merged settings (TOML overlaid by flags) into a BridgeConfig."""
+    if require_fqdn and not values.get("fqdn"):
+        validate_fqdn("")  # the "No FQDN given" sentence
+    config = BridgeConfig()
+    for setting in SETTINGS:
+        value = values.get(setting.name)
+        if value is None or value == "":
+            continue
+        if setting.repeatable:
+            items = [setting.parse(setting.flag, item) for item in _as_list(value)]
+            if items:
+                setattr(config, setting.name, items if isinstance(setting.default, list) else tuple(items))
+        else:
+            setattr(config, setting.name, setting.parse(setting.flag, value))
+    if require_legacy and not config.legacy:
+        raise ConfigError("No legacy server given: pass --legacy with the Exchange 2007 host, e.g. --legacy owa.customer.example.")
+    if bool(config.cert) != bool(config.key):
+        raise ConfigError("--cert and --key go together; give both (the certificate chain and its private key) or neither.")
+    if bool(config.acme_eab_kid) != bool(config.acme_eab_hmac_key):
+        raise ConfigError("--acme-eab-kid and --acme-eab-hmac-key go together; give both as your CA shows them, or neither.")
+    return config
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def merge(file_values: dict[str, Any], flag_values: dict[str, Any]) -> dict[str, Any]:
@@ -367,3 +522,38 @@ def merge(file_values: dict[str, Any], flag_values: dict[str, Any]) -> dict[str,
             continue
         merged[key] = value
     return merged
+
+
+# --------------------------------------------------------------------------- the README's tables
+
+
+def options_table(group: str) -> str:
+    """The README's Markdown table of one group's settings (option, default, meaning), and which of them SIGHUP applies."""
+    rows = [setting for setting in SETTINGS if setting.group == group]
+    lines = ["| option | default | meaning |", "| --- | --- | --- |"]
+    for setting in rows:
+        repeatable = "; repeatable" if setting.repeatable else ""
+        lines.append(f"| `{setting.flag} {setting.metavar}` | {setting.shown_default} | {setting.help}{repeatable} |")
+    reloaded = [f"`{setting.flag}`" for setting in rows if setting.reload]
+    if not reloaded:
+        note = "Changing any of these needs a restart."
+    elif len(reloaded) == len(rows):
+        note = "`SIGHUP` applies all of these to the running bridge."
+    else:
+        note = f"`SIGHUP` applies {', '.join(reloaded[:-1])} and {reloaded[-1]} to the running bridge; the others need a restart."
+    return "\n".join(lines) + "\n\n" + note + "\n"
+
+
+_README_TABLE = re.compile(r"(<!-- options: (\w+) \(generated by bridge\.config\.options_table\) -->\n).*?(?=<!-- /options -->)", re.DOTALL)
+
+
+def render_readme(text: str) -> str:
+    """``text`` (the README) with every generated options table replaced by what options_table renders now."""
+    return _README_TABLE.sub(lambda match: match.group(1) + options_table(match.group(2)), text)
+
+
+if __name__ == "__main__":  # python -m bridge.config README.md: regenerate the README's options tables
+    import sys
+
+    readme = Path(sys.argv[1] if len(sys.argv) > 1 else "README.md")
+    readme.write_text(render_readme(readme.read_text()))

@@ -31,11 +31,11 @@ from aiohttp.http_parser import HttpRequestParserPy
 from aiohttp.web_protocol import RequestPayloadError
 from aiohttp.web_request import BaseRequest
 
+from bridge.config import Network, plain_address
 from bridge.net.aio_server import MAX_FIELD_SIZE, MAX_HEADERS, MAX_LINE_SIZE, AnyMethodRequestHandler, AnyMethodServer
 
 log = logging.getLogger("bridge.guard")
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 MAX_HEAD_BYTES = 32 * 1024  # all header fields together (IIS's default MaxRequestBytes is 16 KiB)
 MAX_METHOD_LENGTH = 32
@@ -67,11 +67,9 @@ class ConnectionGuard:
         if not self.allow:
             return True
         try:
-            address = ipaddress.ip_address(peer)
+            address = ipaddress.ip_address(plain_address(peer))
         except ValueError:
             return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
         return any(address in network for network in self.allow)
 
     def reject(self, reason: str) -> None:

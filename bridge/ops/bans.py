@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge.certs.keys import atomic_write
+from bridge.config import plain_address
 from bridge.errors import ConfigError
 
 log = logging.getLogger("bridge.bans")
@@ -89,15 +90,8 @@ def file_signature(path: Path) -> tuple[int, int, int] | None:
 
 
 def normalise_address(text: str) -> str:
-    address = ipaddress.ip_address(text.strip())
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return str(address)
-
-
-def _plain(address: str) -> str:
-    """An IPv4-mapped IPv6 peer (dual-stack listener) as the IPv4 address the ban file uses."""
-    return address[7:] if address.startswith("::ffff:") and "." in address else address
+    """A typed address as the ban file keeps it (ValueError when it is not one)."""
+    return str(ipaddress.ip_address(plain_address(text.strip())))
 
 
 # --------------------------------------------------------------------------- the live guard
@@ -105,9 +99,9 @@ def _plain(address: str) -> str:
 
 @dataclass
 class BanPolicy:
-    threshold: int = 10
-    window: float = 600.0
-    duration: float = 3600.0
+    threshold: int
+    window: float
+    duration: float
     command: str | None = None
     never_ban: tuple[Any, ...] = ()  # ip networks
 
@@ -136,7 +130,7 @@ class BanGuard:
 
     def is_banned(self, address: str) -> bool:
         self.refresh()
-        address = _plain(address)
+        address = plain_address(address)
         ban = self.bans.get(address)
         if ban is None or self.exempt(address):
             return False
@@ -156,7 +150,7 @@ class BanGuard:
     def record_failure(self, address: str) -> Ban | None:
         """Count one failed logon; returns the new Ban when this one crossed the threshold."""
         self.failures_total += 1
-        address = _plain(address)
+        address = plain_address(address)
         if not address or self.exempt(address) or address in self.bans:
             return None
         now = time.monotonic()
@@ -316,11 +310,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace) -> tuple[Path, float]:
-    from bridge.config import DEFAULT_BAN_DURATION, default_state_dir, load_toml
+    from bridge.config import load_settings
 
-    values = load_toml(args.config) if args.config else {}
-    state_dir = args.state_dir or (Path(values["state_dir"]) if values.get("state_dir") else default_state_dir())
-    duration = args.duration if args.duration is not None else float(values.get("ban_duration", DEFAULT_BAN_DURATION))
+    settings = load_settings(args.config)
+    state_dir = args.state_dir or settings.state_dir
+    duration = args.duration if args.duration is not None else settings.ban_duration
     if duration <= 0:
         raise ConfigError(f"--duration {duration:g} is not a positive number of seconds; give e.g. --duration 3600.")
     return state_dir, duration

@@ -360,13 +360,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _client_settings(args: argparse.Namespace) -> tuple[str, Path]:
-    from bridge.config import DEFAULT_STATUS_BIND, default_state_dir, load_toml
+    from bridge.config import load_settings
 
-    values = load_toml(args.config) if args.config else {}
-    state_dir = args.state_dir or (Path(values["state_dir"]) if values.get("state_dir") else default_state_dir())
+    settings = load_settings(args.config)
+    state_dir = args.state_dir or settings.state_dir
     url = args.url
     if not url:
-        address = parse_status_bind(args.status_bind or values.get("status_bind") or DEFAULT_STATUS_BIND)
+        address = parse_status_bind(args.status_bind or settings.status_bind)
         if address is None:
             raise ConfigError("The status listener is off (--status-bind off); start the bridge with --status-bind 127.0.0.1:8404.")
         host, port = address
@@ -461,23 +461,11 @@ def run(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- wiring into a running bridge
 
 
-def connection_guard(config: Any) -> Any:
-    """The HTTPS listener's ConnectionGuard from the configuration (before the listener starts)."""
-    from bridge.net.gate import ConnectionGuard
-
-    port = "" if config.https_port in (0, 443) else f":{config.https_port}"
-    return ConnectionGuard(
-        allow=tuple(config.allow), max_connections=config.max_connections, header_timeout=config.header_timeout,
-        public_origin=f"https://{config.fqdn}{port}",
-    )
-
-
-def redirect_guard(config: Any) -> Any:
-    """Port 80's ConnectionGuard: header timeout and connection limit, no allow-list (ACME HTTP-01
-    validation comes from addresses Let's Encrypt does not publish)."""
-    from bridge.net.gate import ConnectionGuard
-
-    return ConnectionGuard(max_connections=config.max_connections, header_timeout=config.header_timeout)
+def attach_counters(bridge: Any, guard: Any, bans: Any) -> None:
+    """The HTTPS front end's guard, the bans (a BanGuard, or a worker's view of the parent's) and new
+    counters, on the bridge and its proxy (which updates them per request)."""
+    bridge.guard, bridge.bans, bridge.stats = guard, bans, BridgeStats(bridge.config.forward_paths)
+    bridge.proxy.bans, bridge.proxy.stats, bridge.proxy.guard = bridge.bans, bridge.stats, guard
 
 
 async def attach_operations(bridge: Any, guard: Any, https_runner: Any) -> None:
@@ -485,11 +473,7 @@ async def attach_operations(bridge: Any, guard: Any, https_runner: Any) -> None:
     from bridge.ops.bans import BanGuard, policy_from_config
 
     config = bridge.config
-    guard.public_origin = bridge.proxy.public_origin
-    bridge.guard = guard
-    bridge.bans = BanGuard(config.state_dir, policy_from_config(config))
-    bridge.stats = BridgeStats(config.forward_paths)
-    bridge.proxy.bans, bridge.proxy.stats, bridge.proxy.guard = bridge.bans, bridge.stats, guard
+    attach_counters(bridge, guard, BanGuard(config.state_dir, policy_from_config(config)))
     https_runner.drain_timeout = config.drain_timeout
     if config.allow:
         log.info("only %s may connect (--allow)", ", ".join(str(network) for network in config.allow))
@@ -501,31 +485,26 @@ async def attach_operations(bridge: Any, guard: Any, https_runner: Any) -> None:
         bridge.runners.insert(0, runner)  # closed last, so the page shows the drain
 
 
-# Settings SIGHUP applies to a running bridge; the rest need a restart.
-RESTART_SETTINGS = ("fqdn", "legacy", "bind", "https_port", "http_port", "state_dir", "status_bind", "legacy_fingerprint", "legacy_ca", "workers")
-
-
 def reload_settings(bridge: Any, new: Any) -> None:
-    """Apply a re-read configuration (SIGHUP) without dropping connections."""
+    """Apply a re-read configuration (SIGHUP) without dropping connections: one process, the --workers
+    parent (whose ``guard`` is the workers' totals) and each worker alike."""
+    from bridge.config import apply_reload
     from bridge.ops.bans import policy_from_config
 
-    old = bridge.config
-    changed = [name for name in RESTART_SETTINGS if getattr(old, name) != getattr(new, name)]
+    changed = apply_reload(bridge.config, new)
     if changed:
         log.warning("SIGHUP: %s changed; restart the bridge to apply %s", ", ".join(changed), "them" if len(changed) > 1 else "it")
     if bridge.guard is not None:
         bridge.guard.apply(new.allow, new.max_connections, new.header_timeout)
     if bridge.bans is not None:
         bridge.bans.policy = policy_from_config(new)
-    for name in ("cert", "key", "allow", "never_ban", "max_connections", "header_timeout", "drain_timeout", "ban_threshold",
-                 "ban_window", "ban_duration", "ban_command", "idle_timeout", "connect_timeout", "log_level"):
-        setattr(old, name, getattr(new, name))
     bridge.proxy.pool.connect_timeout = new.connect_timeout
     for runner in bridge.runners:
-        if hasattr(runner, "drain_timeout"):  # the HTTPS front end (bridge.front.FrontServer)
+        if hasattr(runner, "drain_timeout"):  # the HTTPS front end (bridge.net.front.FrontServer)
             runner.drain_timeout = new.drain_timeout
+            runner.keepalive_timeout = new.idle_timeout
             continue
-        guard = getattr(runner.server, "guard", None)
+        guard = getattr(getattr(runner, "server", None), "guard", None)
         if guard is not None and guard is not bridge.guard:  # port 80
             guard.apply((), new.max_connections, new.header_timeout)
     logging.getLogger().setLevel(getattr(logging, new.log_level.upper(), logging.INFO))

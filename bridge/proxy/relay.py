@@ -20,7 +20,7 @@ from urllib.parse import unquote
 from aiohttp import web
 from aiohttp.web_request import BaseRequest
 
-from bridge.config import BridgeConfig
+from bridge.config import BridgeConfig, public_origin
 from bridge.net.aio_server import ConnectionState
 from bridge.net.channel import ChannelClosed, LimitExceeded
 from bridge.net.front import ClientConnection, HeadRefused, RequestHead, cached_by_path, parse_request_head
@@ -141,7 +141,7 @@ class Proxy:
     def set_public_port(self, port: int) -> None:
         self.https_port = str(port)
         self.forwarded_lines = b"\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Port: " + self.https_port.encode()
-        self.public_origin = f"https://{self.config.fqdn}" + ("" if port == 443 else f":{port}")
+        self.public_origin = public_origin(self.config.fqdn, port)
 
     @property
     def location_pattern(self) -> re.Pattern[str] | None:
@@ -745,7 +745,7 @@ class HttpRedirector:
         self.set_https_port(https_port)
 
     def set_https_port(self, port: int) -> None:
-        self.origin = f"https://{self.fqdn}" + ("" if port == 443 else f":{port}")
+        self.origin = public_origin(self.fqdn, port)
 
     async def handle(self, request: BaseRequest) -> web.StreamResponse:
         path = request.raw_path

@@ -15,13 +15,14 @@ from typing import Any
 
 from aiohttp import web
 
-from bridge.config import BridgeConfig
+from bridge.config import BridgeConfig, public_origin
 from bridge.errors import ConfigError, StartupError
 from bridge.net.aio_server import bound_port, start_site
 from bridge.net.front import FrontServer
+from bridge.net.gate import ConnectionGuard
 from bridge.net.tls import front_context, legacy_context, load_front_certificate
 from bridge.net.upstream import LegacyPool
-from bridge.ops.status import attach_operations, connection_guard, redirect_guard, reload_settings
+from bridge.ops.status import attach_operations, reload_settings
 from bridge.proxy.relay import HttpRedirector, Proxy
 
 log = logging.getLogger("bridge")
@@ -64,6 +65,7 @@ class RunningBridge:
     stats: Any = None
     status_port: int = 0
     certificate_path: Path | None = None
+    key_path: Path | None = None
 
     async def close(self) -> None:
         for task in self.background:
@@ -73,11 +75,21 @@ class RunningBridge:
             await runner.cleanup()
 
     def reload_certificate(self) -> None:
-        if self.config.cert and self.config.key:
-            load_front_certificate(self.ssl_context, self.config.cert, self.config.key)
-            log.info("certificate reloaded from %s", self.config.cert)
-        elif self.renewal is not None:
-            self.renewal.reload()
+        reload_front_certificate(self)
+
+
+def reload_front_certificate(bridge: Any) -> bool:
+    """Re-read the front certificate into ``bridge.ssl_context`` (new handshakes get it): the --cert/--key
+    files, else ACME's live files through the Renewer. True when it was --cert/--key."""
+    config = bridge.config
+    if config.cert and config.key:
+        load_front_certificate(bridge.ssl_context, config.cert, config.key)
+        bridge.certificate_path, bridge.key_path = config.cert, config.key
+        log.info("certificate reloaded from %s", config.cert)
+        return True
+    if bridge.renewal is not None:
+        bridge.renewal.reload()
+    return False
 
 
 CertificateSource = Callable[[BridgeConfig, dict[str, str]], Awaitable[tuple[Path, Path]]]
@@ -86,43 +98,29 @@ CertificateSource = Callable[[BridgeConfig, dict[str, str]], Awaitable[tuple[Pat
 async def start_bridge(config: BridgeConfig, certificate_source: CertificateSource | None = None) -> RunningBridge:
     """Start port 80, get a certificate, start 443. Raises StartupError/ConfigError/CertificateError."""
     challenges: dict[str, str] = {}
-    redirector = HttpRedirector(config.fqdn, config.https_port, challenges)
     runners: list[Any] = []
     try:
-        http_runner = await _listen(redirector.handle, config.bind, config.http_port, "--http-port", guard=redirect_guard(config))
+        redirector, http_runner = await start_redirector(config, challenges)
         runners.append(http_runner)
-        cert, key = await _certificate(config, challenges, certificate_source)
+        cert, key = await obtain_certificate(config, challenges, certificate_source)
         ssl_context = front_context(cert, key)
-        pool = LegacyPool(
-            servers=config.legacy,
-            tls_context=legacy_context(config.legacy_ca),
-            connect_timeout=config.connect_timeout,
-            pinned_fingerprint=config.legacy_fingerprint,
-            verified_by_ca=config.legacy_ca is not None,
-        )
-        for server, result in (await pool.check_all()).items():
-            if result.startswith("ok"):
-                log.info("legacy %s reachable: %s", server, result[3:])
-            else:
-                log.warning("legacy %s: %s; the bridge answers 502 until it is fixed", server, result)
+        pool = build_upstream(config)
+        await check_upstream(pool)
         proxy = Proxy(config, pool)
-        guard = connection_guard(config)
-        https_runner = FrontServer(proxy.handle, guard, ssl_context, keepalive_timeout=config.idle_timeout, drain_timeout=config.drain_timeout, fast=proxy)
-        runners.append(https_runner)
+        front = build_front(config, proxy, ssl_context)
+        runners.append(front)
         try:
-            await https_runner.listen(config.bind, config.https_port)
+            await front.listen(config.bind, config.https_port)
         except OSError as exc:
             raise listen_error(exc, config.bind, config.https_port, "--https-port") from None
     except BaseException:
         for runner in reversed(runners):
             await runner.cleanup()
         raise
-    bridge = RunningBridge(config, proxy, https_runner.port, bound_port(http_runner), ssl_context, runners)
-    proxy.set_public_port(bridge.https_port)
-    redirector.set_https_port(bridge.https_port)
-    bridge.certificate_path = cert
+    bridge = RunningBridge(config, proxy, front.port, bound_port(http_runner), ssl_context, runners, certificate_path=cert, key_path=key)
+    publish_https_port(bridge.https_port, proxy, front, redirector)
     try:
-        await attach_operations(bridge, guard, https_runner)
+        await attach_operations(bridge, front.guard, front)
     except BaseException:
         await bridge.close()
         raise
@@ -134,7 +132,25 @@ async def start_bridge(config: BridgeConfig, certificate_source: CertificateSour
     return bridge
 
 
-async def _certificate(config: BridgeConfig, challenges: dict[str, str], source: CertificateSource | None) -> tuple[Path, Path]:
+# ---- the pieces, composed the same way by one process, the --workers parent and its workers, and `bridge cert`
+
+
+async def start_redirector(config: BridgeConfig, challenges: dict[str, str]) -> tuple[HttpRedirector, web.ServerRunner]:
+    """Port 80: ACME HTTP-01 answers from ``challenges`` and redirects to https; StartupError when it cannot listen.
+
+    Its ConnectionGuard has the header timeout and the connection limit but no allow-list (ACME
+    HTTP-01 validation comes from addresses Let's Encrypt does not publish)."""
+    redirector = HttpRedirector(config.fqdn, config.https_port, challenges)
+    guard = ConnectionGuard(max_connections=config.max_connections, header_timeout=config.header_timeout)
+    try:
+        runner = await start_site(redirector.handle, config.bind, config.http_port, guard=guard)
+    except OSError as exc:
+        raise listen_error(exc, config.bind, config.http_port, "--http-port") from None
+    return redirector, runner
+
+
+async def obtain_certificate(config: BridgeConfig, challenges: dict[str, str], source: CertificateSource | None = None) -> tuple[Path, Path]:
+    """The front certificate and key files: --cert/--key, else from ``source`` (default: ACME over port 80's ``challenges``)."""
     if config.cert and config.key:
         return config.cert, config.key
     if source is None:
@@ -146,11 +162,41 @@ async def _certificate(config: BridgeConfig, challenges: dict[str, str], source:
     return await source(config, challenges)
 
 
-async def _listen(handler: Any, bind: str | None, port: int, flag: str, **kwargs: Any) -> web.ServerRunner:
-    try:
-        return await start_site(handler, bind, port, **kwargs)
-    except OSError as exc:
-        raise listen_error(exc, bind, port, flag) from None
+def build_upstream(config: BridgeConfig) -> LegacyPool:
+    """The legacy servers' connection pool (TLS 1.0 client side, pinning or CA as configured)."""
+    return LegacyPool(
+        servers=config.legacy,
+        tls_context=legacy_context(config.legacy_ca),
+        connect_timeout=config.connect_timeout,
+        pinned_fingerprint=config.legacy_fingerprint,
+        verified_by_ca=config.legacy_ca is not None,
+    )
+
+
+async def check_upstream(pool: LegacyPool) -> None:
+    """Try each legacy server once at start and log what was found (the bridge starts either way)."""
+    for server, result in (await pool.check_all()).items():
+        if result.startswith("ok"):
+            log.info("legacy %s reachable: %s", server, result[3:])
+        else:
+            log.warning("legacy %s: %s; the bridge answers 502 until it is fixed", server, result)
+
+
+def build_front(config: BridgeConfig, proxy: Proxy, ssl_context: Any) -> FrontServer:
+    """The HTTPS front end for ``proxy`` (not yet listening), with its ConnectionGuard from the configuration."""
+    guard = ConnectionGuard(
+        allow=tuple(config.allow), max_connections=config.max_connections, header_timeout=config.header_timeout, public_origin=proxy.public_origin,
+    )
+    return FrontServer(proxy.handle, guard, ssl_context, keepalive_timeout=config.idle_timeout, drain_timeout=config.drain_timeout, fast=proxy)
+
+
+def publish_https_port(port: int, proxy: Proxy, front: FrontServer, redirector: HttpRedirector | None = None) -> None:
+    """The HTTPS port is known (a kernel-chosen one too): the public origin the proxy, the front end's
+    plain-HTTP answer and port 80's redirects name follows it."""
+    proxy.set_public_port(port)
+    front.guard.public_origin = proxy.public_origin
+    if redirector is not None:
+        redirector.set_https_port(port)
 
 
 def listen_error(exc: OSError, bind: str | None, port: int, flag: str) -> StartupError:
@@ -178,8 +224,7 @@ def settle_garbage_collector() -> None:
 
 def ready_line(bridge: RunningBridge) -> str:
     config = bridge.config
-    port = "" if bridge.https_port == 443 else f":{bridge.https_port}"
-    base = f"https://{config.fqdn}{port}"
+    base = public_origin(config.fqdn, bridge.https_port)
     legacy = ", ".join(str(s) for s in config.legacy)
     return (
         f"bridge ready: {base}/rpc/rpcproxy.dll, {base}/EWS/Exchange.asmx, {base}/Autodiscover/Autodiscover.xml, "
@@ -187,30 +232,43 @@ def ready_line(bridge: RunningBridge) -> str:
     )
 
 
+def on_sighup(bridge: Any, reload_config: Callable[[], BridgeConfig] | None) -> None:
+    """SIGHUP, the same for one process, the --workers parent and each worker (told by the parent):
+    re-read the configuration (settings that need a restart are logged and kept), then the certificate.
+    ``bridge`` has ``config`` and ``reload_certificate()`` and what bridge.ops.status.reload_settings reads."""
+    if reload_config is not None:
+        try:
+            reload_settings(bridge, reload_config())
+        except Exception as exc:  # a bad file on reload must not stop the service
+            log.error("configuration not reloaded, keeping the current one: %s", exc)
+    try:
+        bridge.reload_certificate()
+    except Exception as exc:  # a bad file on reload must not stop the service
+        log.error("reload failed, keeping the current certificate: %s", exc)
+
+
+def handle_signals(stop: asyncio.Event, on_hup: Callable[[], None], stop_signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
+    """``stop_signals`` set ``stop``; SIGHUP calls ``on_hup``."""
+    loop = asyncio.get_running_loop()
+    for sig in stop_signals:
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+
+
 async def serve_until_signalled(config: BridgeConfig, reload_config: Callable[[], BridgeConfig] | None = None) -> int:
     bridge = await start_bridge(config)
-    loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-
-    def on_hup() -> None:
-        if reload_config is not None:
-            try:
-                reload_settings(bridge, reload_config())
-            except Exception as exc:  # a bad file on reload must not stop the service
-                log.error("configuration not reloaded, keeping the current one: %s", exc)
-        try:
-            bridge.reload_certificate()
-        except Exception as exc:  # a bad file on reload must not stop the service
-            log.error("reload failed, keeping the current certificate: %s", exc)
-
-    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    handle_signals(stop, lambda: on_sighup(bridge, reload_config))
     settle_garbage_collector()
     log.info(ready_line(bridge))  # after the handlers: a signal sent on seeing this line is handled
+    return await serve_until(stop, bridge.config, bridge.close)
+
+
+async def serve_until(stop: asyncio.Event, config: BridgeConfig, close: Callable[[], Awaitable[None]]) -> int:
+    """Serve until ``stop`` is set, then ``close`` (which drains for --drain-timeout); the exit code."""
     try:
         await stop.wait()
-        log.info("stopping: no new connections; open requests get up to %g s to finish (--drain-timeout)", bridge.config.drain_timeout)
+        log.info("stopping: no new connections; open requests get up to %g s to finish (--drain-timeout)", config.drain_timeout)
     finally:
-        await bridge.close()
+        await close()
     return 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -13,13 +12,10 @@ from rich.console import Console
 from bridge.certs.acme import AccountStore, Lineage, directory_url, obtain, open_session, reuse_refusal
 from bridge.certs.keys import inspect_certificate
 from bridge.certs.renewal import ratio_renewal_time, renewal_plan
-from bridge.config import BridgeConfig, build_config, load_toml, merge
+from bridge.config import BridgeConfig, add_setting_arguments
+from bridge.config import config_from_args as settings_from_args
 from bridge.errors import AcmeError, StartupError
-from bridge.proxy.relay import HttpRedirector
-from bridge.runtime.app import _listen, setup_logging
-from bridge.runtime.up import add_acme_arguments
-
-_CONFIG_KEYS = ("fqdn", "bind", "http_port", "state_dir", "acme_directory", "acme_email", "acme_eab_kid", "acme_eab_hmac_key", "acme_ca_bundle", "key_type", "log_level")
+from bridge.runtime.app import setup_logging, start_redirector
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,26 +26,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         ("show", "print the stored certificate: subject, names, issuer, serial, expiry, key, files"),
     ):
         action = actions.add_parser(name, help=help_text, description=help_text)
-        _common_arguments(action)
+        add_setting_arguments(action, "cert")
         if name == "renew":
             action.add_argument("--force", action="store_true", help="renew even when the certificate is not due")
 
 
-def _common_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="the bridge's TOML file (flags win)")
-    parser.add_argument("--fqdn", help="public name of the bridge")
-    parser.add_argument("--state-dir", help="where certificates and state are kept")
-    parser.add_argument("--bind", help="address for the HTTP-01 listener (default: all)")
-    parser.add_argument("--http-port", help="port the CA's HTTP-01 validation reaches (default 80)")
-    add_acme_arguments(parser)
-    parser.add_argument("--log-level", help="debug | info | warning")
-
-
 def config_from_args(args: argparse.Namespace) -> BridgeConfig:
-    flags = {key: getattr(args, key, None) for key in _CONFIG_KEYS}
-    file_values = load_toml(args.config) if args.config else {}
-    values = merge(file_values, flags)
-    return build_config(values, require_fqdn=args.action != "show", require_legacy=False)
+    return settings_from_args(args, "cert", require_fqdn=args.action != "show", require_legacy=False)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -97,9 +80,8 @@ class _challenge_listener:
         self.runner: Any = None
 
     async def __aenter__(self) -> dict[str, str]:
-        redirector = HttpRedirector(self.config.fqdn, self.config.https_port, self.challenges)
         try:
-            self.runner = await _listen(redirector.handle, self.config.bind, self.config.http_port, "--http-port")
+            _, self.runner = await start_redirector(self.config, self.challenges)
         except StartupError as exc:
             if "already in use" in str(exc):
                 raise AcmeError(

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from bridge.config import BridgeConfig
+from bridge.config import BridgeConfig, plain_address
 
 log = logging.getLogger("bridge.workers")
 
@@ -94,6 +94,10 @@ class WorkerTotals:
 
     def update(self, index: int, report: dict[str, Any]) -> None:
         self.current[index] = report
+
+    def apply(self, allow: Any, max_connections: int, header_timeout: float) -> None:
+        """SIGHUP (bridge.ops.status.reload_settings): the limit the status page shows; the workers apply the rest."""
+        self.max_connections = max_connections
 
     def retire(self, index: int) -> None:
         report = self.current.pop(index, None)
@@ -295,25 +299,13 @@ class Supervisor:
             send(worker.writer, ("reload", self.worker_config(worker.index)))
 
     # ---- signals ---------------------------------------------------------------------------------
-    def on_hup(self, reload_config: Callable[[], BridgeConfig] | None) -> None:
-        from bridge.net.tls import load_front_certificate
+    def reload_certificate(self) -> None:
+        """SIGHUP's second half (bridge.runtime.app.on_sighup): the parent validates the files, then tells the workers."""
+        from bridge.runtime.app import reload_front_certificate
 
-        if reload_config is not None:
-            try:
-                apply_to_parent(self, reload_config())
-            except Exception as exc:  # a bad file on reload must not stop the service
-                log.error("configuration not reloaded, keeping the current one: %s", exc)
-        try:
-            if self.config.cert and self.config.key:
-                load_front_certificate(self.ssl_context, self.config.cert, self.config.key)
-                self.certificate_path, self.key_path = self.config.cert, self.config.key
-            elif self.renewal is not None:
-                self.renewal.reload()  # its swap tells the workers
-                return
-        except Exception as exc:  # a bad file on reload must not stop the service
-            log.error("reload failed, keeping the current certificate: %s", exc)
-            return
-        self.reload_workers()
+        if reload_front_certificate(self):
+            self.reload_workers()
+        # else the Renewer's swap has told them (notifying_renewer)
 
     async def stop(self) -> None:
         self.stopping.set()
@@ -354,27 +346,6 @@ def _exit_reason(code: int) -> str:
     return f"exit code {code}"
 
 
-def apply_to_parent(supervisor: Supervisor, new: BridgeConfig) -> None:
-    """SIGHUP: the parent's part of bridge.status.reload_settings (the workers get the rest)."""
-    from bridge.ops.bans import policy_from_config
-    from bridge.ops.status import RESTART_SETTINGS
-
-    old = supervisor.config
-    changed = [name for name in RESTART_SETTINGS if getattr(old, name) != getattr(new, name)]
-    if changed:
-        log.warning("SIGHUP: %s changed; restart the bridge to apply %s", ", ".join(changed), "them" if len(changed) > 1 else "it")
-    supervisor.bans.policy = policy_from_config(new)
-    for name in ("cert", "key", "allow", "never_ban", "max_connections", "header_timeout", "drain_timeout", "ban_threshold",
-                 "ban_window", "ban_duration", "ban_command", "idle_timeout", "connect_timeout", "log_level"):
-        setattr(old, name, getattr(new, name))
-    supervisor.totals.max_connections = new.max_connections
-    for runner in supervisor.runners:
-        guard = getattr(runner.server, "guard", None)
-        if guard is not None:  # port 80
-            guard.apply((), new.max_connections, new.header_timeout)
-    logging.getLogger().setLevel(getattr(logging, new.log_level.upper(), logging.INFO))
-
-
 def bind_https(config: BridgeConfig, backlog: int = 1024) -> list[socket.socket]:
     """The HTTPS listening socket(s), bound and listening in the parent; StartupError when that fails."""
     from bridge.runtime.app import listen_error
@@ -405,31 +376,22 @@ def bind_https(config: BridgeConfig, backlog: int = 1024) -> list[socket.socket]
 async def serve_with_workers(config: BridgeConfig, reload_config: Callable[[], BridgeConfig] | None = None) -> int:
     """`bridge up` with --workers N > 1; returns the exit code."""
     from bridge.net.aio_server import bound_port
-    from bridge.net.tls import front_context, legacy_context
-    from bridge.net.upstream import LegacyPool
-    from bridge.ops.status import redirect_guard, start_status_listener
-    from bridge.proxy.relay import HttpRedirector
-    from bridge.runtime.app import _certificate, _listen, ready_line
+    from bridge.net.tls import front_context
+    from bridge.ops.status import start_status_listener
+    from bridge.runtime.app import build_upstream, check_upstream, handle_signals, obtain_certificate, on_sighup, ready_line, serve_until, start_redirector
 
     challenges: dict[str, str] = {}
-    redirector = HttpRedirector(config.fqdn, config.https_port, challenges)
-    http_runner = await _listen(redirector.handle, config.bind, config.http_port, "--http-port", guard=redirect_guard(config))
+    redirector, http_runner = await start_redirector(config, challenges)
     supervisor: Supervisor | None = None
     try:
-        cert, key = await _certificate(config, challenges, None)
+        cert, key = await obtain_certificate(config, challenges)
         ssl_context = front_context(cert, key)
         sockets = bind_https(config)
         supervisor = Supervisor(config, sockets, cert, key, ssl_context)
         supervisor.runners.append(http_runner)
         supervisor.http_port = bound_port(http_runner)
         redirector.set_https_port(supervisor.https_port)
-        pool = LegacyPool(servers=config.legacy, tls_context=legacy_context(config.legacy_ca), connect_timeout=config.connect_timeout,
-                          pinned_fingerprint=config.legacy_fingerprint, verified_by_ca=config.legacy_ca is not None)
-        for server, result in (await pool.check_all()).items():
-            if result.startswith("ok"):
-                log.info("legacy %s reachable: %s", server, result[3:])
-            else:
-                log.warning("legacy %s: %s; the bridge answers 502 until it is fixed", server, result)
+        await check_upstream(build_upstream(config))
         supervisor.bans.restore_hooks()
         supervisor.background.append(asyncio.create_task(supervisor.bans.run_forever(), name="ban-housekeeping"))
         supervisor.background.append(asyncio.create_task(supervisor.keep_bans_in_step(), name="ban-push"))
@@ -447,15 +409,9 @@ async def serve_with_workers(config: BridgeConfig, reload_config: Callable[[], B
         else:
             await http_runner.cleanup()
         raise
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, supervisor.stopping.set)
-    loop.add_signal_handler(signal.SIGHUP, supervisor.on_hup, reload_config)
+    handle_signals(supervisor.stopping, lambda: on_sighup(supervisor, reload_config))
     log.info(ready_line(supervisor) + f"; {config.workers} worker processes")  # type: ignore[arg-type]  # it has the config and ports ready_line reads; after the handlers: a signal sent on this line is handled
-    await supervisor.stopping.wait()
-    log.info("stopping: no new connections; open requests get up to %g s to finish (--drain-timeout)", config.drain_timeout)
-    await supervisor.stop()
-    return 0
+    return await serve_until(supervisor.stopping, config, supervisor.stop)
 
 
 def notifying_renewer(config: BridgeConfig, challenges: dict[str, str], ssl_context: Any, notify: Callable[[], None]) -> Any:
@@ -486,9 +442,7 @@ class WorkerBans:
         return bool(self.bans)
 
     def is_banned(self, address: str) -> bool:
-        from bridge.ops.bans import _plain
-
-        until = self.bans.get(_plain(address))
+        until = self.bans.get(plain_address(address))
         if until is None or until <= time.time():
             return False
         self.refused_total += 1
@@ -513,13 +467,11 @@ def worker_report(bridge: Any) -> dict[str, Any]:
 
 
 async def serve_worker(index: int, control_fd: int, listen_fds: list[int]) -> int:
-    from bridge.net.front import FrontServer
-    from bridge.net.tls import front_context, legacy_context
-    from bridge.net.upstream import LegacyPool
+    from bridge.net.tls import front_context
     from bridge.ops.bans import policy_from_config
-    from bridge.ops.status import BridgeStats, connection_guard, reload_settings
+    from bridge.ops.status import attach_counters
     from bridge.proxy.relay import Proxy
-    from bridge.runtime.app import RunningBridge, settle_garbage_collector, setup_logging
+    from bridge.runtime.app import RunningBridge, build_front, build_upstream, handle_signals, on_sighup, publish_https_port, settle_garbage_collector, setup_logging
 
     control = socket.socket(fileno=control_fd)
     reader, writer = await asyncio.open_unix_connection(sock=control)
@@ -532,36 +484,23 @@ async def serve_worker(index: int, control_fd: int, listen_fds: list[int]) -> in
     for handler in logging.getLogger().handlers:
         handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s %(name)s[worker {index}]: %(message)s"))
     ssl_context = front_context(config.cert, config.key)  # type: ignore[arg-type]  # the supervisor gives workers a config with the certificate files
-    pool = LegacyPool(servers=config.legacy, tls_context=legacy_context(config.legacy_ca), connect_timeout=config.connect_timeout,
-                      pinned_fingerprint=config.legacy_fingerprint, verified_by_ca=config.legacy_ca is not None)
-    proxy = Proxy(config, pool)
-    proxy.set_public_port(settings["public_port"])
-    guard = connection_guard(config)
-    guard.public_origin = proxy.public_origin
-    sockets = [socket.socket(fileno=fd) for fd in listen_fds]
-    runner = FrontServer(proxy.handle, guard, ssl_context, keepalive_timeout=config.idle_timeout, drain_timeout=config.drain_timeout, fast=proxy)
-    for sock in sockets:
+    proxy = Proxy(config, build_upstream(config))
+    runner = build_front(config, proxy, ssl_context)
+    publish_https_port(settings["public_port"], proxy, runner)
+    for sock in (socket.socket(fileno=fd) for fd in listen_fds):
         await runner.listen(None, 0, sock=sock)
-    bridge = RunningBridge(config, proxy, settings["public_port"], 0, ssl_context, [runner], guard=guard)
-    bridge.bans = WorkerBans(writer, settings["bans"], policy_from_config(config))
-    bridge.stats = BridgeStats(config.forward_paths)
-    proxy.bans, proxy.stats, proxy.guard = bridge.bans, bridge.stats, guard
+    bridge = RunningBridge(config, proxy, settings["public_port"], 0, ssl_context, [runner])
+    attach_counters(bridge, runner.guard, WorkerBans(writer, settings["bans"], policy_from_config(config)))
 
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, bridge.reload_certificate)
+    handle_signals(stop, lambda: on_sighup(bridge, None), stop_signals=(signal.SIGTERM,))
 
     async def obey_parent() -> None:
         while (message := await receive(reader)) is not None:
             if message[0] == "bans":
                 bridge.bans.bans = message[1]
             elif message[0] == "reload":
-                try:
-                    reload_settings(bridge, message[1])
-                    bridge.reload_certificate()
-                except Exception as exc:  # a bad file on reload must not stop the service
-                    log.error("reload failed, keeping the current certificate: %s", exc)
+                on_sighup(bridge, lambda: message[1])
         stop.set()  # the parent is gone: nobody would restart or stop this worker
 
     async def report() -> None:
