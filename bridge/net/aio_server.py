@@ -6,8 +6,9 @@ method token, so each connection's handler swaps the parser for the Python one. 
 ``web.Server`` (no ``Application``) also never answers ``Expect: 100-continue`` on its own, which
 lets the proxy relay the origin's decision instead.
 
-Each connection carries a ``ConnectionState`` (reachable as ``request.protocol.state``) whose
-close callbacks run when the client goes away: the proxy hangs the pinned upstream connection on it.
+It serves the lab (a simulated IIS); the bridge's own ports run bridge.net.front. Each connection
+carries a ``ConnectionState`` (reachable as ``request.protocol.state``) whose close callbacks run when
+the client goes away: the lab keeps its NTLM state there, bound to the connection as IIS does.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from aiohttp.http_parser import HttpRequestParserPy
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from aiohttp.web_request import BaseRequest
 
+from bridge.net.channel import ConnectionState
+
 log = logging.getLogger("bridge.http")
 
 Handler = Callable[[BaseRequest], Awaitable[web.StreamResponse]]
@@ -29,30 +32,6 @@ Handler = Callable[[BaseRequest], Awaitable[web.StreamResponse]]
 MAX_LINE_SIZE = 8190
 MAX_FIELD_SIZE = 8190
 MAX_HEADERS = 128
-
-
-class ConnectionState:
-    """Per-client-connection data that must never leak to another connection."""
-
-    __slots__ = ("peer", "data", "_on_close", "closed")
-
-    def __init__(self, peer: str) -> None:
-        self.peer = peer
-        self.data: dict[str, Any] = {}
-        self._on_close: list[Callable[[], None]] = []
-        self.closed = False
-
-    def on_close(self, callback: Callable[[], None]) -> None:
-        self._on_close.append(callback)
-
-    def run_close_callbacks(self) -> None:
-        self.closed = True
-        callbacks, self._on_close = self._on_close, []
-        for callback in callbacks:
-            try:
-                callback()
-            except Exception:  # a failing cleanup must not stop the others
-                log.exception("connection cleanup failed")
 
 
 class AnyMethodRequestHandler(RequestHandler):
@@ -103,16 +82,9 @@ async def start_site(
     ssl_context: Any = None,
     keepalive_timeout: float = 75.0,
     backlog: int = 1024,
-    guard: Any = None,
-    sock: Any = None,
 ) -> web.ServerRunner:
-    """Start serving ``handler`` on host:port; raises OSError when the port cannot be bound.
-
-    ``guard`` (a bridge.guard.ConnectionGuard) puts its connection gate under TLS and its request
-    handler in place of the plain one. ``sock`` (with a guard only): serve this already listening
-    socket instead of binding host:port (a worker process, bridge.workers).
-    """
-    server = (guard.server if guard is not None else AnyMethodServer)(
+    """Start serving ``handler`` on host:port (the lab); raises OSError when the port cannot be bound."""
+    server = AnyMethodServer(
         handler,
         keepalive_timeout=keepalive_timeout,
         access_log=None,
@@ -123,10 +95,7 @@ async def start_site(
     )
     runner = web.ServerRunner(server, handle_signals=False, access_log=None)
     await runner.setup()
-    extra = {"sock": sock} if sock is not None else {}
-    site = (guard.site if guard is not None else web.TCPSite)(
-        runner, host=host, port=port, ssl_context=ssl_context, backlog=backlog, reuse_address=True, **extra
-    )
+    site = web.TCPSite(runner, host=host, port=port, ssl_context=ssl_context, backlog=backlog, reuse_address=True)
     try:
         await site.start()
     except BaseException:
@@ -137,8 +106,6 @@ async def start_site(
 
 def bound_port(runner: web.ServerRunner) -> int:
     """The port a runner actually listens on (useful with port 0)."""
-    for site in runner.sites:
-        server: Any = site._server  # typed AbstractServer; asyncio's and uvloop's servers both have .sockets
-        if server is not None and server.sockets:
-            return server.sockets[0].getsockname()[1]
+    for address in runner.addresses:
+        return int(address[1])
     raise RuntimeError("runner has no listening socket")

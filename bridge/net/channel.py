@@ -9,7 +9,11 @@ deliberately small: the HTTP framing lives in bridge.front (client leg) and brid
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger("bridge.http")
 
 READ_HIGH = 256 * 1024  # buffered received bytes before the transport stops reading
 WRITE_HIGH = 256 * 1024  # queued bytes before a writer waits in drain()
@@ -190,3 +194,27 @@ class Channel(asyncio.Protocol):
     @property
     def closing(self) -> bool:
         return self.lost or self.transport is None or self.transport.is_closing()
+
+
+class ConnectionState:
+    """Per-client-connection data that must never leak to another connection."""
+
+    __slots__ = ("peer", "data", "_on_close", "closed")
+
+    def __init__(self, peer: str) -> None:
+        self.peer = peer
+        self.data: dict[str, Any] = {}
+        self._on_close: list[Callable[[], None]] = []
+        self.closed = False
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        self._on_close.append(callback)
+
+    def run_close_callbacks(self) -> None:
+        self.closed = True
+        callbacks, self._on_close = self._on_close, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:  # a failing cleanup must not stop the others
+                log.exception("connection cleanup failed")

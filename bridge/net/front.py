@@ -23,8 +23,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from bridge.net.aio_server import MAX_FIELD_SIZE, MAX_HEADERS, MAX_LINE_SIZE, ConnectionState
-from bridge.net.channel import Channel
+from bridge.net.aio_server import MAX_FIELD_SIZE, MAX_HEADERS, MAX_LINE_SIZE
+from bridge.net.channel import Channel, ConnectionState
 from bridge.net.gate import (
     MAX_HEAD_BYTES,
     MAX_METHOD_LENGTH,

@@ -7,11 +7,9 @@ clear-text 400 saying so; bytes that are neither TLS nor HTTP close the connecti
 the running loop's own implementation (``loop.start_tls``: uvloop's C ``SSLProtocol`` under
 ``bridge up``, asyncio's otherwise), in front of the request handler.
 
-On port 443 the connection then belongs to bridge.front, which parses and checks request heads
-itself. Port 80 (ACME challenges and redirects) stays on aiohttp: its request handler
-(``GuardedRequestHandler``) adds a header-read deadline (slowloris), answers an oversized request
-line with 414 and oversized headers with 431, and keeps reading the body of the request being
-finished while the bridge drains. ``HeadProblem`` and the limits below are shared by both.
+The connection then belongs to bridge.net.front, which parses and checks request heads with the
+sans-IO core (bridge.protocol.http1). Port 80 (ACME challenges and redirects) passes the same gate,
+without TLS and without an allow-list.
 """
 
 from __future__ import annotations
@@ -25,24 +23,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import web
-from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
-from aiohttp.http_parser import HttpRequestParserPy
-from aiohttp.web_protocol import RequestPayloadError
-from aiohttp.web_request import BaseRequest
-
 from bridge.config import Network, plain_address
-from bridge.net.aio_server import MAX_FIELD_SIZE, MAX_HEADERS, MAX_LINE_SIZE, AnyMethodRequestHandler, AnyMethodServer
 
 log = logging.getLogger("bridge.guard")
 
 
 MAX_HEAD_BYTES = 32 * 1024  # all header fields together (IIS's default MaxRequestBytes is 16 KiB)
 MAX_METHOD_LENGTH = 32
-METHOD_TOKEN = re.compile(r"[A-Z][A-Z0-9_-]*")
 REFUSED_METHODS = frozenset({"CONNECT", "TRACE", "TRACK"})
 HOST_VALUE = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
-SUPPORTED_VERSIONS = ((1, 1), (1, 0))
 TLS_HANDSHAKE_RECORD = 0x16
 BUSY_RETRY_AFTER = 10  # seconds a client is asked to wait when --max-connections is reached
 BUSY_HEAD_LIMIT = 16 * 1024
@@ -83,13 +72,6 @@ class ConnectionGuard:
         if public_origin is not None:
             self.public_origin = public_origin
 
-    # Factories for http_server.start_site(guard=...)
-    def server(self, handler: Any, **kwargs: Any) -> GuardedServer:
-        return GuardedServer(handler, guard=self, **kwargs)
-
-    def site(self, runner: web.BaseRunner, **kwargs: Any) -> GatedSite:
-        return GatedSite(runner, guard=self, **kwargs)
-
 
 def peer_address(transport: asyncio.BaseTransport) -> str:
     peer = transport.get_extra_info("peername")
@@ -97,35 +79,6 @@ def peer_address(transport: asyncio.BaseTransport) -> str:
 
 
 # --------------------------------------------------------------------------- the gate under TLS
-
-
-class GatedSite(web.TCPSite):
-    """A TCPSite whose connections pass the Gate first (TLS starts only after it)."""
-
-    def __init__(self, runner: web.BaseRunner, *, guard: ConnectionGuard, sock: Any = None, **kwargs: Any) -> None:
-        super().__init__(runner, **kwargs)
-        self.guard = guard
-        self.sock = sock  # an inherited listening socket (worker process) instead of host/port
-
-    async def start(self) -> None:
-        await web.BaseSite.start(self)
-        loop = asyncio.get_running_loop()
-        server = self._runner.server
-        assert server is not None
-        ssl_context = self._ssl_context
-        guard = self.guard
-        if self.sock is not None:
-            self._server = await loop.create_server(lambda: Gate(guard, server, ssl_context), sock=self.sock, backlog=self._backlog)
-        else:
-            self._server = await loop.create_server(
-                lambda: Gate(guard, server, ssl_context),
-                self._host,
-                self._port,
-                backlog=self._backlog,
-                reuse_address=self._reuse_address,
-                reuse_port=self._reuse_port,
-            )
-        self._bound_port = self._server.sockets[0].getsockname()[1] if self._server.sockets else self._port
 
 
 class Gate(asyncio.Protocol):
@@ -187,7 +140,7 @@ class Gate(asyncio.Protocol):
         on_close = self.release
         app = BusyResponder(self.guard, on_close) if self.busy else self.app_factory()
         self.transport = None  # the Gate is done; the counted slot is released by the new protocol
-        state = getattr(app, "state", None)  # a request handler (bridge.front or port 80's aiohttp one)
+        state = getattr(app, "state", None)  # a client connection (bridge.net.front)
         if state is not None:
             state.on_close(on_close)
         if self.ssl_context is None:
@@ -370,181 +323,6 @@ class BusyResponder(asyncio.Protocol):
         self.transport = None
         if self.on_close is not None:
             self.on_close()
-
-
-# --------------------------------------------------------------------------- request handler
-
-
-class TargetTooLong(HttpProcessingError):
-    code = 414
-    message = "request line too long"
-
-
-class HeadTooLarge(HttpProcessingError):
-    code = 431
-    message = "request header fields too large"
-
-
-class VersionNotSupported(HttpProcessingError):
-    code = 505
-    message = "HTTP version not supported"
-
-
-class GuardedParser(HttpRequestParserPy):
-    """aiohttp's pure-Python request parser, with oversized heads told apart (414 / 431) and 505."""
-
-    def parse_message(self, lines: list[bytes]) -> Any:
-        message = super().parse_message(lines)
-        if tuple(message.version) not in SUPPORTED_VERSIONS:
-            raise VersionNotSupported()
-        return message
-
-    def feed_data(self, data: bytes, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return super().feed_data(data, *args, **kwargs)
-        except LineTooLong:
-            raise (HeadTooLarge() if self._lines else TargetTooLong()) from None
-        except BadHttpMessage as exc:
-            if "Too many headers" in str(exc.message):
-                raise HeadTooLarge() from None
-            raise
-
-    def head_in_progress(self) -> bool:
-        """Part of a request head has arrived and its blank line has not."""
-        return self._payload_parser is None and not self._upgraded and bool(self._lines or self._tail)
-
-
-def new_parser(protocol: Any, loop: asyncio.AbstractEventLoop, read_bufsize: int = 2**16) -> GuardedParser:
-    return GuardedParser(
-        protocol,
-        loop,
-        read_bufsize,
-        max_line_size=MAX_LINE_SIZE,
-        max_field_size=MAX_FIELD_SIZE,
-        max_headers=MAX_HEADERS,
-        payload_exception=RequestPayloadError,
-        auto_decompress=False,
-    )
-
-
-class GuardedRequestHandler(AnyMethodRequestHandler):
-    """The bridge's request handler with a header deadline, 414/431 answers and drain-friendly close."""
-
-    def __init__(self, manager: web.Server, *, loop: asyncio.AbstractEventLoop, guard: ConnectionGuard, **kwargs: Any) -> None:
-        super().__init__(manager, loop=loop, **kwargs)
-        self.guard = guard
-        self._parser = new_parser(self, loop, kwargs.get("read_bufsize", 2**16))
-        self.head_timer: asyncio.TimerHandle | None = None
-        self.draining = False
-
-    async def shutdown(self, timeout: float | None = 15.0) -> None:
-        """Drain: the request in progress gets ``timeout`` seconds in all, then it is cancelled.
-
-        (aiohttp alone waits ``timeout`` for the handler, then up to ``timeout`` again after
-        cancelling the request's payload, which a proxy waiting on its upstream ignores.)
-        """
-        self.draining = True
-        if self._request_in_progress and timeout:
-            finished = self._loop.create_future()
-            self._handler_waiter = finished
-            try:
-                await asyncio.wait_for(asyncio.shield(finished), timeout)
-            except TimeoutError:
-                pass
-            finally:
-                self._handler_waiter = None
-            if self._request_in_progress and self._task_handler is not None:
-                self._task_handler.cancel()
-        await super().shutdown(timeout)
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self.arm_head_timer()  # the first request head must arrive in time
-
-    def data_received(self, data: bytes) -> None:
-        # While draining, aiohttp's close()/shutdown() would stop reading: keep feeding the body of
-        # the request being finished so it can complete.
-        draining = self.draining and self._request_in_progress and self.transport is not None
-        if draining:
-            closing = self._close, self._force_close
-            self._close = self._force_close = False
-        requests_before = self._request_count
-        try:
-            super().data_received(data)
-        finally:
-            if draining:
-                self._close, self._force_close = closing
-        parser = self._parser
-        if isinstance(parser, GuardedParser) and parser.head_in_progress():
-            self.arm_head_timer()
-        elif self._request_count != requests_before:
-            self.cancel_head_timer()
-
-    def arm_head_timer(self) -> None:
-        if self.head_timer is None:
-            self.head_timer = self._loop.call_later(self.guard.header_timeout, self.head_timed_out)
-
-    def cancel_head_timer(self) -> None:
-        if self.head_timer is not None:
-            self.head_timer.cancel()
-            self.head_timer = None
-
-    def head_timed_out(self) -> None:
-        self.head_timer = None
-        transport = self.transport
-        if transport is None or self._force_close:
-            return
-        if self._request_in_progress:  # a pipelined head behind a running request: check again later
-            self.arm_head_timer()
-            return
-        self.guard.reject("header-timeout")
-        log.info("408 for %s: request head not complete within %g s", self.state.peer, self.guard.header_timeout)
-        transport.write(simple_response(408, "Request Timeout", "The request head did not arrive in time."))
-        self.force_close()
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        self.cancel_head_timer()
-        super().connection_lost(exc)
-
-    def handle_error(self, request: BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None) -> web.StreamResponse:
-        if status != 400 or not isinstance(exc, HttpProcessingError):
-            return super().handle_error(request, status, exc, message)
-        # A request head the parser refused: a short answer and one log line, no traceback.
-        status = exc.code if isinstance(exc, (TargetTooLong, HeadTooLarge, VersionNotSupported)) else 400
-        reason = {414: "target-too-long", 431: "head-too-large", 505: "bad-version"}.get(status, "malformed-head")
-        self.guard.reject(reason)
-        log.info("%d for %s: %s", status, self.state.peer, _short(exc))
-        return refusal(status, HEAD_REFUSALS[status])
-
-
-HEAD_REFUSALS = {
-    400: "The request is not valid HTTP/1.1 (malformed request line or header, or ambiguous message framing).",
-    414: "The request line is too long.",
-    431: "The request header fields are too large.",
-    505: "Only HTTP/1.0 and HTTP/1.1 are supported.",
-}
-
-
-def _short(exc: BaseException) -> str:
-    text = getattr(exc, "message", "") or type(exc).__name__
-    return str(text).replace("\r", "\\r").replace("\n", "\\n")[:120]
-
-
-def refusal(status: int, message: str) -> web.Response:
-    response = web.Response(status=status, text=message + "\n")
-    response.headers["X-Content-Type-Options"] = "nosniff"
-    response.headers["X-Frame-Options"] = "SAMEORIGIN"
-    response.force_close()
-    return response
-
-
-class GuardedServer(AnyMethodServer):
-    def __init__(self, handler: Any, *, guard: ConnectionGuard, **kwargs: Any) -> None:
-        super().__init__(handler, **kwargs)
-        self.guard = guard
-
-    def __call__(self) -> GuardedRequestHandler:
-        return GuardedRequestHandler(self, loop=self._loop, guard=self.guard, **self._kwargs)
 
 
 # --------------------------------------------------------------------------- head checks

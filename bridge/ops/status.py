@@ -500,12 +500,13 @@ def reload_settings(bridge: Any, new: Any) -> None:
         bridge.bans.policy = policy_from_config(new)
     bridge.proxy.pool.connect_timeout = new.connect_timeout
     for runner in bridge.runners:
-        if hasattr(runner, "drain_timeout"):  # the HTTPS front end (bridge.net.front.FrontServer)
-            runner.drain_timeout = new.drain_timeout
-            runner.keepalive_timeout = new.idle_timeout
+        guard = getattr(runner, "guard", None)  # the front servers (bridge.net.front.FrontServer): 443, and port 80
+        if guard is None:
             continue
-        guard = getattr(getattr(runner, "server", None), "guard", None)
-        if guard is not None and guard is not bridge.guard:  # port 80
+        runner.drain_timeout = new.drain_timeout
+        if guard is bridge.guard:
+            runner.keepalive_timeout = new.idle_timeout
+        else:  # port 80: no allow-list (ACME validation comes from unpublished addresses)
             guard.apply((), new.max_connections, new.header_timeout)
     logging.getLogger().setLevel(getattr(logging, new.log_level.upper(), logging.INFO))
     log.info("configuration reloaded (allow-list: %s, max connections %d)", ", ".join(map(str, new.allow)) or "any source", new.max_connections)

@@ -51,7 +51,8 @@ from bridge.preflight.probe import (
     trusting_context,
     unverified_modern_context,
 )
-from bridge.proxy.relay import ACME_PREFIX, SECURITY_HEADERS
+from bridge.proxy.port80 import ACME_PREFIX
+from bridge.proxy.relay import SECURITY_HEADERS
 
 SCHEMA = "exchange-bridge-preflight/1"
 STATUSES = ("pass", "warn", "fail", "skip")

@@ -17,12 +17,8 @@ from collections.abc import AsyncIterator
 from http import HTTPStatus
 from urllib.parse import unquote
 
-from aiohttp import web
-from aiohttp.web_request import BaseRequest
-
 from bridge.config import BridgeConfig, public_origin
-from bridge.net.aio_server import ConnectionState
-from bridge.net.channel import ChannelClosed, LimitExceeded
+from bridge.net.channel import ChannelClosed, ConnectionState, LimitExceeded
 from bridge.net.front import ClientConnection, HeadRefused, RequestHead, cached_by_path, parse_request_head
 from bridge.net.upstream import (
     HOP_BY_HOP_BYTES,
@@ -689,7 +685,7 @@ def is_clean_path(path: str) -> bool:
     return not any(segment in (".", "..") for segment in segments)
 
 
-def log_path(request: RequestHead | BaseRequest) -> str:
+def log_path(request: RequestHead) -> str:
     """The path for logs; the query only for the RPC proxy, where it names the target server:port."""
     target = request.raw_path
     path, _, query = target.partition("?")
@@ -713,14 +709,6 @@ def local_answer(status: int, message: str, keep: bool, version: tuple[int, int]
     return ("\r\n".join(lines) + "\r\n" + SECURITY_LINES + "\r\n").encode("latin-1") + (body if with_body else b"")
 
 
-def local_response(status: int, message: str) -> web.Response:
-    """The same answer as an aiohttp response (port 80)."""
-    response = web.Response(status=status, text=message + "\n")
-    for name, value in SECURITY_HEADERS:
-        response.headers[name] = value
-    return response
-
-
 def _interim_bytes(head: ResponseHead) -> bytes:
     return b"HTTP/1.1 %d %s%s\r\n\r\n" % (head.status, head.reason, head.block)
 
@@ -730,33 +718,3 @@ def _location_pattern(names: set[str]) -> re.Pattern[str] | None:
         return None
     alternatives = "|".join(re.escape(name) for name in sorted(names, key=len, reverse=True))
     return re.compile(rf"\bhttps?://(?:{alternatives})(?::\d+)?(?=[/?#&]|$)", re.IGNORECASE)
-
-
-# ---- port 80 -----------------------------------------------------------------------------------
-ACME_PREFIX = "/.well-known/acme-challenge/"
-
-
-class HttpRedirector:
-    """Port 80: answers ACME HTTP-01 challenges, redirects everything else to https://FQDN."""
-
-    def __init__(self, fqdn: str, https_port: int, challenges: dict[str, str]) -> None:
-        self.challenges = challenges
-        self.fqdn = fqdn
-        self.set_https_port(https_port)
-
-    def set_https_port(self, port: int) -> None:
-        self.origin = public_origin(self.fqdn, port)
-
-    async def handle(self, request: BaseRequest) -> web.StreamResponse:
-        path = request.raw_path
-        if path.startswith(ACME_PREFIX):
-            token = path[len(ACME_PREFIX) :].split("?", 1)[0]
-            answer = self.challenges.get(token)
-            if answer is None:
-                return local_response(404, "No such ACME challenge.")
-            return web.Response(status=200, text=answer, content_type="text/plain")
-        if not path.startswith("/"):
-            path = "/"
-        response = web.Response(status=301, text="This service is served over HTTPS.\n")
-        response.headers["Location"] = self.origin + path
-        return response

@@ -13,19 +13,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
-
 from bridge.config import BridgeConfig, public_origin
 from bridge.errors import ConfigError, StartupError
-from bridge.net.aio_server import bound_port, start_site
 from bridge.net.front import FrontServer
 from bridge.net.gate import ConnectionGuard
 from bridge.net.tls import front_context, legacy_context, load_front_certificate
 from bridge.net.upstream import LegacyPool
 from bridge.ops.status import attach_operations, reload_settings
-from bridge.proxy.relay import HttpRedirector, Proxy
+from bridge.proxy.port80 import Redirector
+from bridge.proxy.relay import Proxy
 
 log = logging.getLogger("bridge")
+
+PORT80_KEEPALIVE = 75.0  # seconds an idle port-80 connection is kept (redirects and ACME need no more)
 
 
 def setup_logging(level: str) -> None:
@@ -117,7 +117,7 @@ async def start_bridge(config: BridgeConfig, certificate_source: CertificateSour
         for runner in reversed(runners):
             await runner.cleanup()
         raise
-    bridge = RunningBridge(config, proxy, front.port, bound_port(http_runner), ssl_context, runners, certificate_path=cert, key_path=key)
+    bridge = RunningBridge(config, proxy, front.port, http_runner.port, ssl_context, runners, certificate_path=cert, key_path=key)
     publish_https_port(bridge.https_port, proxy, front, redirector)
     try:
         await attach_operations(bridge, front.guard, front)
@@ -135,18 +135,21 @@ async def start_bridge(config: BridgeConfig, certificate_source: CertificateSour
 # ---- the pieces, composed the same way by one process, the --workers parent and its workers, and `bridge cert`
 
 
-async def start_redirector(config: BridgeConfig, challenges: dict[str, str]) -> tuple[HttpRedirector, web.ServerRunner]:
+async def start_redirector(config: BridgeConfig, challenges: dict[str, str]) -> tuple[Redirector, FrontServer]:
     """Port 80: ACME HTTP-01 answers from ``challenges`` and redirects to https; StartupError when it cannot listen.
 
-    Its ConnectionGuard has the header timeout and the connection limit but no allow-list (ACME
-    HTTP-01 validation comes from addresses Let's Encrypt does not publish)."""
-    redirector = HttpRedirector(config.fqdn, config.https_port, challenges)
+    The same front server as 443, without TLS. Its ConnectionGuard has the header timeout and the
+    connection limit but no allow-list (ACME HTTP-01 validation comes from addresses Let's Encrypt
+    does not publish)."""
+    redirector = Redirector(config.fqdn, config.https_port, challenges)
     guard = ConnectionGuard(max_connections=config.max_connections, header_timeout=config.header_timeout)
+    server = FrontServer(redirector.handle, guard, None, keepalive_timeout=PORT80_KEEPALIVE, drain_timeout=config.drain_timeout)
     try:
-        runner = await start_site(redirector.handle, config.bind, config.http_port, guard=guard)
+        await server.listen(config.bind, config.http_port)
     except OSError as exc:
+        await server.cleanup()
         raise listen_error(exc, config.bind, config.http_port, "--http-port") from None
-    return redirector, runner
+    return redirector, server
 
 
 async def obtain_certificate(config: BridgeConfig, challenges: dict[str, str], source: CertificateSource | None = None) -> tuple[Path, Path]:
@@ -190,7 +193,7 @@ def build_front(config: BridgeConfig, proxy: Proxy, ssl_context: Any) -> FrontSe
     return FrontServer(proxy.handle, guard, ssl_context, keepalive_timeout=config.idle_timeout, drain_timeout=config.drain_timeout, fast=proxy)
 
 
-def publish_https_port(port: int, proxy: Proxy, front: FrontServer, redirector: HttpRedirector | None = None) -> None:
+def publish_https_port(port: int, proxy: Proxy, front: FrontServer, redirector: Redirector | None = None) -> None:
     """The HTTPS port is known (a kernel-chosen one too): the public origin the proxy, the front end's
     plain-HTTP answer and port 80's redirects name follows it."""
     proxy.set_public_port(port)

@@ -375,7 +375,6 @@ def bind_https(config: BridgeConfig, backlog: int = 1024) -> list[socket.socket]
 
 async def serve_with_workers(config: BridgeConfig, reload_config: Callable[[], BridgeConfig] | None = None) -> int:
     """`bridge up` with --workers N > 1; returns the exit code."""
-    from bridge.net.aio_server import bound_port
     from bridge.net.tls import front_context
     from bridge.ops.status import start_status_listener
     from bridge.runtime.app import build_upstream, check_upstream, handle_signals, obtain_certificate, on_sighup, ready_line, serve_until, start_redirector
@@ -389,7 +388,7 @@ async def serve_with_workers(config: BridgeConfig, reload_config: Callable[[], B
         sockets = bind_https(config)
         supervisor = Supervisor(config, sockets, cert, key, ssl_context)
         supervisor.runners.append(http_runner)
-        supervisor.http_port = bound_port(http_runner)
+        supervisor.http_port = http_runner.port
         redirector.set_https_port(supervisor.https_port)
         await check_upstream(build_upstream(config))
         supervisor.bans.restore_hooks()
