@@ -272,7 +272,7 @@ async def start_status_listener(bridge: Any) -> tuple[web.AppRunner, int] | None
         # The status page is secondary to the migration: say so and keep the bridge running.
         log.error("status page not started: cannot listen on %s:%d (%s); choose another --status-bind or off", host, port, exc.strerror or exc)
         return None
-    bound = site._server.sockets[0].getsockname()[1] if site._server and site._server.sockets else port  # type: ignore[attr-defined]  # typed AbstractServer; asyncio's and uvloop's servers have .sockets
+    bound = int(runner.addresses[0][1]) if runner.addresses else port
     where = f"[{host}]" if ":" in host else host
     if not host.startswith("127.") and host not in ("::1", "localhost"):
         log.warning("the status page listens on %s, which is not loopback: its Basic password travels in clear text", host)
