@@ -15,6 +15,7 @@ import re
 import socket
 import ssl
 import subprocess
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -105,6 +106,25 @@ async def bridges() -> AsyncIterator[list[RunningBridge]]:
     yield started
     for bridge in started:
         await bridge.close()
+
+
+async def serve(app: web.Application, port: int = 0) -> tuple[web.AppRunner, int]:
+    """app on 127.0.0.1:port (0: a free one): its runner (cleanup() stops it) and its port."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+
+@asynccontextmanager
+async def serving(app: web.Application, port: int = 0) -> AsyncIterator[int]:
+    """app on 127.0.0.1:port (0: a free one) for the block, which gets the port."""
+    runner, port = await serve(app, port)
+    try:
+        yield port
+    finally:
+        await runner.cleanup()
 
 
 async def start(bridges: list[RunningBridge], config: BridgeConfig) -> RunningBridge:
@@ -248,11 +268,7 @@ class RenewalInfoStub:
         app = web.Application()
         app.router.add_get("/dir", self.directory)
         app.router.add_get("/renewal-info/{cert_id}", self.renewal_info)
-        self.runner = web.AppRunner(app)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.runner, port = await serve(app)
         self.base = f"http://127.0.0.1:{port}"
         self.url = f"{self.base}/dir"
         return self
@@ -372,15 +388,10 @@ async def test_validation_failure_when_something_else_answers_on_port_80(pebble:
 
     app = web.Application()
     app.router.add_get("/{tail:.*}", impostor)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", pebble.http_port).start()
-    try:
+    async with serving(app, pebble.http_port):
         config = acme_config(pebble, tmp_path, "impostor.acme.test")
         with pytest.raises(AcmeError) as failure:
             await asyncio.wait_for(certificate_for_bridge(config, {}), 60)
-    finally:
-        await runner.cleanup()
     message = str(failure.value)
     assert message.startswith("The CA reached http://impostor.acme.test/ but did not get this bridge's HTTP-01 answer (the CA said: "), message
     assert "point impostor.acme.test at this machine" in message
@@ -408,17 +419,10 @@ async def test_rate_limit_names_the_retry_after_time(tmp_path: Path) -> None:
     app.router.add_get("/dir", directory)
     app.router.add_route("HEAD", "/nonce", new_nonce)
     app.router.add_post("/account", new_account)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
+    async with serving(app) as port:
         config = BridgeConfig(fqdn="limited.acme.test", state_dir=tmp_path, acme_directory=f"http://127.0.0.1:{port}/dir", http_port=0)
         with pytest.raises(AcmeError) as failure:
             await asyncio.wait_for(certificate_for_bridge(config, {}), 60)
-    finally:
-        await runner.cleanup()
     message = str(failure.value)
     assert message.startswith("The CA rate-limited this account (the CA said: too many new registrations"), message
     when = re.search(r"retry after (\d{4}-\d\d-\d\d \d\d:\d\d) UTC", message)
