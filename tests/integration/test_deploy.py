@@ -1,13 +1,13 @@
 """Deployment: terraform/azure, its cloud-init, scripts/install.sh and the systemd unit.
 
-Everything runs for real: python-hcl2 parses the .tf files, Terraform's own `templatefile` renders the
+Everything runs for real (tests/unit/test_deploy.py parses the .tf files with python-hcl2): Terraform's own `templatefile` renders the
 cloud-init (through `terraform console` on the module's variables and locals, which needs no provider),
 Terraform evaluates the variable validations, checkov scans the module, shellcheck reads the scripts,
 systemd-analyze verifies the unit, and install.sh installs the bridge from this checkout into a
 throwaway root. Nothing here reaches Azure or needs `terraform init`.
 
 Tools: terraform, shellcheck and checkov on PATH (or CHECKOV_BIN), systemd-analyze where available;
-python-hcl2 and PyYAML importable. install.sh needs root and PyPI (the bridge's dependencies).
+PyYAML importable. install.sh needs root and PyPI (the bridge's dependencies).
 """
 
 from __future__ import annotations
