@@ -17,7 +17,6 @@ from requests_ntlm import HttpNtlmAuth
 
 from bridge.certs.keys import LocalCA
 from bridge.config import LegacyServer
-from bridge.demo import ResolvedHTTPSConnection
 from bridge.lab.server import payload_sha256
 from support.bridges import (
     BRIDGE_FQDN, BackgroundBridge, bridge_client_context, bridge_config, bridge_connection, bridge_session, ca_file, raw_bridge_connection, resolve_lab_names,
@@ -31,10 +30,6 @@ RPC_PATH = "/rpc/rpcproxy.dll?EXCH2007.lab.local:6001"
 def bridge(lab, ca, tmp_path_factory):
     with BackgroundBridge(bridge_config(lab.port, tmp_path_factory.mktemp("bridge"), ca)) as running:
         yield running
-
-
-def connect(bridge: BackgroundBridge, ca: LocalCA) -> ResolvedHTTPSConnection:
-    return bridge_connection(bridge.https_port, ca)
 
 
 def raw(bridge: BackgroundBridge, ca: LocalCA) -> RawHttpsConnection:
@@ -109,9 +104,9 @@ def test_basic_through_the_bridge(bridge, ca):
 
 def test_ntlm_session_stays_on_its_connection_and_no_other(bridge, ca):
     """IIS binds NTLM to the TCP connection: the bridge must pin one upstream connection per client one."""
-    first = connect(bridge, ca)
+    first = bridge_connection(bridge.https_port, ca)
     assert negotiate_logon(first, "/EWS/Exchange.asmx").status == 200
-    second = connect(bridge, ca)
+    second = bridge_connection(bridge.https_port, ca)
     second.request("GET", "/EWS/Exchange.asmx")
     refused = second.getresponse()
     refused.read()
@@ -420,7 +415,7 @@ def test_client_connection_ends_when_its_upstream_connection_was_lost(ca, tmp_pa
     lab = background.lab
     try:
         with BackgroundBridge(bridge_config(lab.port, tmp_path, ca)) as running:
-            connection = connect(running, ca)
+            connection = bridge_connection(running.https_port, ca)
             assert negotiate_logon(connection, "/EWS/Exchange.asmx").status == 200
             background.stop()
             background.start()  # every upstream connection is gone
@@ -429,7 +424,7 @@ def test_client_connection_ends_when_its_upstream_connection_was_lost(ca, tmp_pa
             response.read()
             assert response.status == 401  # not 200: the new upstream connection has no logon
             assert response.getheader("Connection", "").lower() == "close"
-            fresh = connect(running, ca)
+            fresh = bridge_connection(running.https_port, ca)
             assert negotiate_logon(fresh, "/EWS/Exchange.asmx").status == 200
             fresh.close()
     finally:

@@ -19,7 +19,6 @@ from cryptography import x509
 from requests_ntlm import HttpNtlmAuth
 
 from bridge.certs.keys import new_private_key, write_pair
-from bridge.demo import ResolvedHTTPSConnection
 from support.bridges import BRIDGE_FQDN, bridge_connection, bridge_session
 from support.lab import LAB_PASSWORD, LAB_USER, basic_header, negotiate_logon
 from support.net import free_port
@@ -47,12 +46,8 @@ def start_workers(start_bridge_process, *extra: str, **kwargs):
     return process, https_port, pids
 
 
-def connect(ca, port: int) -> ResolvedHTTPSConnection:
-    return bridge_connection(port, ca, timeout=10)
-
-
 def get(ca, port: int, path: str = "/EWS/Exchange.asmx", headers: dict[str, str] | None = None) -> int:
-    connection = connect(ca, port)
+    connection = bridge_connection(port, ca, timeout=10)
     try:
         connection.request("GET", path, headers=headers or {})
         response = connection.getresponse()
@@ -88,7 +83,7 @@ def test_each_worker_serves_the_one_port_and_ntlm_stays_on_its_connection(start_
     for index in pids:
         with only_worker(pids, index):
             assert get(ca, port) == 401  # answered although the other worker is stopped
-            connection = connect(ca, port)
+            connection = bridge_connection(port, ca, timeout=10)
             assert negotiate_logon(connection, "/EWS/Exchange.asmx").status == 200
         for _ in range(3):  # both workers accept again; the logged-on connection stays with its worker
             connection.request("GET", "/EWS/Exchange.asmx")
@@ -144,7 +139,7 @@ def test_sighup_swaps_the_certificate_in_every_worker(start_bridge_process, ca, 
         time.sleep(0.05)
     for index in pids:
         with only_worker(pids, index):
-            fresh = connect(ca, port)
+            fresh = bridge_connection(port, ca, timeout=10)
             fresh.connect()
             served = x509.load_der_x509_certificate(fresh.sock.getpeercert(binary_form=True))
             fresh.close()
@@ -202,7 +197,7 @@ def test_workers_setting_is_checked():
 def test_max_connections_is_the_total_divided_among_the_workers(start_bridge_process, ca):
     process, port, pids = start_workers(start_bridge_process, "--max-connections", "2")
     with only_worker(pids, 0):
-        held = connect(ca, port)
+        held = bridge_connection(port, ca, timeout=10)
         held.request("GET", "/EWS/Exchange.asmx")
         held.getresponse().read()
         assert get(ca, port) == 503  # worker 0's share is 1
