@@ -15,7 +15,7 @@ import re
 import socket
 import ssl
 import subprocess
-import sys
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -31,20 +31,12 @@ from bridge.errors import AcmeError
 from bridge.runtime.app import RunningBridge, start_bridge
 from bridge.certs.keys import LocalCA, cert_pem, key_pem, new_private_key
 from bridge.config import BridgeConfig, LegacyServer
-from bridge.certs.renewal import Renewer, expiry_warning, ratio_renewal_time, renewal_plan, retry_delay
+from bridge.certs.renewal import Renewer, renewal_plan
 from bridge.net.tls import front_context
-from pebble_server import EAB_KEYS, PebbleServer, free_port, require_pebble
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def pebble(tmp_path_factory: pytest.TempPathFactory) -> PebbleServer:
-    require_pebble()
-    server = PebbleServer(tmp_path_factory.mktemp("pebble"), http_port=free_port())
-    server.start()
-    yield server
-    server.stop()
+from support.certs import local_certificate
+from support.net import free_port
+from support.pebble import EAB_KEYS, PebbleServer
+from support.processes import bridge_cli
 
 
 def acme_config(pebble: PebbleServer, directory: Path, fqdn: str, **overrides: Any) -> BridgeConfig:
@@ -114,6 +106,25 @@ async def bridges() -> AsyncIterator[list[RunningBridge]]:
     yield started
     for bridge in started:
         await bridge.close()
+
+
+async def serve(app: web.Application, port: int = 0) -> tuple[web.AppRunner, int]:
+    """app on 127.0.0.1:port (0: a free one): its runner (cleanup() stops it) and its port."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+
+@asynccontextmanager
+async def serving(app: web.Application, port: int = 0) -> AsyncIterator[int]:
+    """app on 127.0.0.1:port (0: a free one) for the block, which gets the port."""
+    runner, port = await serve(app, port)
+    try:
+        yield port
+    finally:
+        await runner.cleanup()
 
 
 async def start(bridges: list[RunningBridge], config: BridgeConfig) -> RunningBridge:
@@ -257,11 +268,7 @@ class RenewalInfoStub:
         app = web.Application()
         app.router.add_get("/dir", self.directory)
         app.router.add_get("/renewal-info/{cert_id}", self.renewal_info)
-        self.runner = web.AppRunner(app)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.runner, port = await serve(app)
         self.base = f"http://127.0.0.1:{port}"
         self.url = f"{self.base}/dir"
         return self
@@ -381,15 +388,10 @@ async def test_validation_failure_when_something_else_answers_on_port_80(pebble:
 
     app = web.Application()
     app.router.add_get("/{tail:.*}", impostor)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", pebble.http_port).start()
-    try:
+    async with serving(app, pebble.http_port):
         config = acme_config(pebble, tmp_path, "impostor.acme.test")
         with pytest.raises(AcmeError) as failure:
             await asyncio.wait_for(certificate_for_bridge(config, {}), 60)
-    finally:
-        await runner.cleanup()
     message = str(failure.value)
     assert message.startswith("The CA reached http://impostor.acme.test/ but did not get this bridge's HTTP-01 answer (the CA said: "), message
     assert "point impostor.acme.test at this machine" in message
@@ -417,17 +419,10 @@ async def test_rate_limit_names_the_retry_after_time(tmp_path: Path) -> None:
     app.router.add_get("/dir", directory)
     app.router.add_route("HEAD", "/nonce", new_nonce)
     app.router.add_post("/account", new_account)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
+    async with serving(app) as port:
         config = BridgeConfig(fqdn="limited.acme.test", state_dir=tmp_path, acme_directory=f"http://127.0.0.1:{port}/dir", http_port=0)
         with pytest.raises(AcmeError) as failure:
             await asyncio.wait_for(certificate_for_bridge(config, {}), 60)
-    finally:
-        await runner.cleanup()
     message = str(failure.value)
     assert message.startswith("The CA rate-limited this account (the CA said: too many new registrations"), message
     when = re.search(r"retry after (\d{4}-\d\d-\d\d \d\d:\d\d) UTC", message)
@@ -453,33 +448,6 @@ async def test_directory_unreachable_or_untrusted(pebble: PebbleServer, tmp_path
 # ------------------------------------------------------------------------------------------ renewal policy
 
 
-def local_certificate(days_total: float, days_left: float, fqdn: str = "policy.acme.test") -> tuple[x509.Certificate, Any]:
-    ca = LocalCA.create()
-    key = new_private_key("ecdsa-p256")
-    start = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=days_total - days_left)
-    return ca.issue([fqdn], key, days=days_total, not_before=start), key
-
-
-def test_renewal_time_is_a_third_of_the_lifetime_left_or_half_for_short_lifetimes() -> None:
-    start = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
-    assert ratio_renewal_time(start, start + dt.timedelta(days=90)) == start + dt.timedelta(days=60)
-    assert ratio_renewal_time(start, start + dt.timedelta(days=45)) == start + dt.timedelta(days=30)
-    assert ratio_renewal_time(start, start + dt.timedelta(days=6)) == start + dt.timedelta(days=3)
-
-
-def test_retry_back_off_grows_and_is_capped() -> None:
-    delays = [retry_delay(n) for n in range(1, 12)]
-    assert delays[:4] == [60, 120, 240, 480]
-    assert all(a <= b for a, b in zip(delays, delays[1:]))
-    assert delays[-1] == 3 * 3600
-
-
-def test_expiry_warning_from_fourteen_days() -> None:
-    assert expiry_warning(local_certificate(90, 20)[0]) is None
-    warning = expiry_warning(local_certificate(90, 10)[0])
-    assert warning and "expires in 10.0 days" in warning
-
-
 async def test_failed_renewal_is_logged_loudly_and_retried_with_growing_delay(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="bridge")
     fqdn = "failing.acme.test"
@@ -499,9 +467,8 @@ async def test_failed_renewal_is_logged_loudly_and_retried_with_growing_delay(tm
 # ------------------------------------------------------------------------------------------ `bridge cert`
 
 
-def bridge_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, COLUMNS="200", NO_COLOR="1")
-    return subprocess.run([sys.executable, "-m", "bridge.cli", "cert", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+def cert_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return bridge_cli("cert", *args, env=dict(os.environ, COLUMNS="200", NO_COLOR="1"))
 
 
 def test_cert_cli_obtain_show_renew(pebble: PebbleServer, tmp_path: Path) -> None:
@@ -510,16 +477,16 @@ def test_cert_cli_obtain_show_renew(pebble: PebbleServer, tmp_path: Path) -> Non
     acme = ["--fqdn", fqdn, "--state-dir", str(state), "--bind", "127.0.0.1", "--http-port", str(pebble.http_port),
             "--acme-directory", pebble.directory_url, "--acme-ca-bundle", str(pebble.ca_bundle)]
 
-    empty = bridge_cli("show", "--state-dir", str(state))
+    empty = cert_cli("show", "--state-dir", str(state))
     assert empty.returncode == 2 and "No certificate is stored under" in empty.stderr and "Traceback" not in empty.stderr
 
-    obtained = bridge_cli("obtain", *acme)
+    obtained = cert_cli("obtain", *acme)
     assert obtained.returncode == 0, obtained.stderr
     leaf = x509.load_pem_x509_certificate((state / "live" / fqdn / "cert.pem").read_bytes())
     serial = format(leaf.serial_number, "x")
     assert serial in obtained.stdout
 
-    shown = bridge_cli("show", "--state-dir", str(state))
+    shown = cert_cli("show", "--state-dir", str(state))
     assert shown.returncode == 0, shown.stderr
     out = shown.stdout
     for label, value in (
@@ -536,39 +503,12 @@ def test_cert_cli_obtain_show_renew(pebble: PebbleServer, tmp_path: Path) -> Non
     assert abs(days - (leaf.not_valid_after_utc - dt.datetime.now(dt.timezone.utc)).days) <= 1
     assert re.search(r"^Subject:\s+\S", out, re.M)
 
-    not_due = bridge_cli("renew", *acme)
+    not_due = cert_cli("renew", *acme)
     assert not_due.returncode == 0 and "not due for renewal until" in not_due.stdout, not_due.stdout + not_due.stderr
 
-    forced = bridge_cli("renew", "--force", *acme, "--key-type", "rsa-2048")
+    forced = cert_cli("renew", "--force", *acme, "--key-type", "rsa-2048")
     assert forced.returncode == 0, forced.stderr
     renewed = x509.load_pem_x509_certificate((state / "live" / fqdn / "cert.pem").read_bytes())
     assert renewed.serial_number != leaf.serial_number
     assert isinstance(renewed.public_key(), rsa.RSAPublicKey) and renewed.public_key().key_size == 2048
-    assert "RSA 2048" in bridge_cli("show", "--state-dir", str(state), "--fqdn", fqdn).stdout
-
-
-# ------------------------------------------------------------------------------------------ storage
-
-
-def test_storage_swaps_key_and_chain_together_and_survives_a_crash_mid_write(tmp_path: Path) -> None:
-    fqdn = "store.acme.test"
-    lineage = Lineage(tmp_path, fqdn)
-    first, first_key = local_certificate(90, 80, fqdn)
-    lineage.save(cert_pem(first).decode(), key_pem(first_key), {"key_type": "ecdsa-p256"})
-    assert lineage.live.is_symlink() and (tmp_path / "archive" / fqdn).stat().st_mode & 0o777 == 0o700
-    assert lineage.privkey.stat().st_mode & 0o777 == 0o600
-
-    # A crash after writing the next version's key but before the live link moved: live still pairs up.
-    crashed = tmp_path / "archive" / fqdn / "0002"
-    crashed.mkdir()
-    (crashed / "privkey.pem").write_bytes(key_pem(new_private_key("ecdsa-p256")))
-    stored = lineage.load()
-    assert stored is not None and stored.leaf == first
-    front_context(lineage.fullchain, lineage.privkey)  # raises CertificateError when key and chain do not match
-
-    second, second_key = local_certificate(90, 80, fqdn)
-    lineage.save(cert_pem(second).decode(), key_pem(second_key), {"key_type": "ecdsa-p256"})
-    assert os.readlink(lineage.live).endswith("0003")
-    assert lineage.load().leaf == second  # type: ignore[union-attr]
-    front_context(lineage.fullchain, lineage.privkey)
-    assert not list(lineage.live.parent.glob(".*")), "no temporary link may be left behind"
+    assert "RSA 2048" in cert_cli("show", "--state-dir", str(state), "--fqdn", fqdn).stdout

@@ -4,58 +4,25 @@ drain and SIGHUP reload with the bridge as a real subprocess."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import socket
 import ssl
-import subprocess
-import sys
-import threading
 import time
-from pathlib import Path
 
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge import cli
-from bridge.ops.bans import normalise_address
-from bridge.certs.keys import LocalCA, new_private_key, write_pair
-from bridge_clients import wait_until, BRIDGE_FQDN, BackgroundBridge, bridge_client_context, bridge_config, bridge_session
-from lab_clients import LAB_PASSWORD, LAB_USER, basic_header
+from bridge.certs.keys import new_private_key, write_pair
+from support.bridges import BRIDGE_FQDN, BackgroundBridge, bridge_config, bridge_session
+from support.lab import LAB_PASSWORD, LAB_USER, basic_header
+from support.net import read_head, read_response, tls_connection, wait_until
+from support.processes import BridgeProcess, bridge_command
 
 EWS = "/EWS/Exchange.asmx"
 RPC_OUT = "/rpc/rpcproxy.dll?EXCH2007.lab.local:6001"
-REPO = Path(__file__).resolve().parent.parent
-
-
-def tls_connection(port: int, ca: LocalCA, source: str | None = None, timeout: float = 5.0) -> ssl.SSLSocket:
-    raw = socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(source, 0) if source else None)
-    return bridge_client_context(ca).wrap_socket(raw, server_hostname=BRIDGE_FQDN)
-
-
-def read_head(sock: socket.socket) -> tuple[int, bytes, bytes]:
-    """Status, head and whatever body bytes came with it."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError(f"closed after {data!r}")
-        data += chunk
-    head, _, rest = data.partition(b"\r\n\r\n")
-    return int(head.split(b" ", 2)[1]), head, rest
-
-
-def read_response(sock: socket.socket) -> tuple[int, bytes]:
-    status, head, body = read_head(sock)
-    length = int(re.search(rb"(?im)^content-length:\s*(\d+)", head).group(1))
-    while len(body) < length:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        body += chunk
-    return status, body
 
 
 def metrics(url: str, password: str) -> dict[tuple[str, tuple], float]:
@@ -189,46 +156,9 @@ def test_status_password_is_kept_across_restarts_and_the_listener_can_be_off(lab
 # --------------------------------------------------------------------------- lifecycle (subprocess)
 
 
-class BridgeProcess:
-    """`python -m bridge.cli up ...` with its log collected from stderr."""
-
-    def __init__(self, *arguments: str) -> None:
-        self.lines: list[str] = []
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "bridge.cli", "up", *arguments],
-            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-        )
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-        ready = wait_until(lambda: self.find(r"bridge ready: https://\S+?:(\d+)/") or self.process.poll() is not None, timeout=20)
-        match = self.find(r"bridge ready: https://\S+?:(\d+)/")
-        assert match, "bridge did not start:\n" + self.log
-        self.port = int(match.group(1))
-        assert ready
-
-    def _read(self) -> None:
-        for line in self.process.stderr:  # type: ignore[union-attr]
-            self.lines.append(line)
-
-    @property
-    def log(self) -> str:
-        return "".join(self.lines)
-
-    def find(self, pattern: str) -> re.Match | None:
-        return re.search(pattern, self.log)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(10)
-
-
-def up_arguments(lab, config, *extra: str) -> list[str]:
-    return [
-        "--fqdn", BRIDGE_FQDN, "--legacy", f"127.0.0.1:{lab.port}", "--bind", "127.0.0.1", "--https-port", "0", "--http-port", "0",
-        "--cert", str(config.cert), "--key", str(config.key), "--state-dir", str(config.state_dir), "--status-bind", "off", *extra,
-    ]
+def start_bridge(lab, config, tmp_path, *extra: str) -> BridgeProcess:
+    """`bridge up` as a process with the certificate and state directory of config (ports chosen by the kernel)."""
+    return BridgeProcess(bridge_command(lab.port, config.cert, config.key, tmp_path, 0, 0, "--status-bind", "off", *extra))
 
 
 def post_head(length: int) -> bytes:
@@ -237,15 +167,16 @@ def post_head(length: int) -> bytes:
 
 def test_sigterm_stops_accepting_lets_open_requests_finish_and_exits_by_the_drain_timeout(lab, ca, tmp_path):
     config = bridge_config(lab.port, tmp_path, ca)
-    bridge = BridgeProcess(*up_arguments(lab, config, "--drain-timeout", "2"))
+    bridge = start_bridge(lab, config, tmp_path, "--drain-timeout", "2")
     try:
+        port = bridge.ready_port()
         body = b"<soap:Envelope><soap:Body><GetFolder/></soap:Body></soap:Envelope>" + b" " * 2000
-        idle = tls_connection(bridge.port, ca)
+        idle = tls_connection(port, ca)
         idle.sendall(f"GET {EWS} HTTP/1.1\r\nHost: {BRIDGE_FQDN}\r\nAuthorization: {basic_header()}\r\n\r\n".encode())
         assert read_response(idle)[0] == 200  # now an idle keep-alive connection
-        finishing = tls_connection(bridge.port, ca)
+        finishing = tls_connection(port, ca)
         finishing.sendall(post_head(len(body)) + body[:1000])
-        stalled = tls_connection(bridge.port, ca)
+        stalled = tls_connection(port, ca)
         stalled.sendall(post_head(len(body)) + body[:1000])
         time.sleep(0.3)
 
@@ -254,7 +185,7 @@ def test_sigterm_stops_accepting_lets_open_requests_finish_and_exits_by_the_drai
 
         def refused() -> bool:
             try:
-                socket.create_connection(("127.0.0.1", bridge.port), timeout=1).close()
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
             except ConnectionRefusedError:
                 return True
             return False
@@ -288,15 +219,16 @@ def test_sighup_reloads_the_allow_list_and_certificate_without_dropping_connecti
     config = bridge_config(lab.port, tmp_path, ca)
     settings = tmp_path / "bridge.toml"
     settings.write_text('allow = ["127.0.0.1/32"]\n')
-    bridge = BridgeProcess(*up_arguments(lab, config, "--config", str(settings)))
+    bridge = start_bridge(lab, config, tmp_path, "--config", str(settings))
     try:
-        kept = tls_connection(bridge.port, ca)
+        port = bridge.ready_port()
+        kept = tls_connection(port, ca)
         request = f"GET {EWS} HTTP/1.1\r\nHost: {BRIDGE_FQDN}\r\nAuthorization: {basic_header()}\r\n\r\n".encode()
         kept.sendall(request)
         assert read_response(kept)[0] == 200
         first_serial = ssl_serial(kept)
         with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
-            tls_connection(bridge.port, ca, source="127.0.0.2")
+            tls_connection(port, ca, source="127.0.0.2")
 
         settings.write_text('allow = ["127.0.0.2/32"]\nmax_connections = 50\n')
         key = new_private_key("ecdsa-p256")
@@ -305,7 +237,7 @@ def test_sighup_reloads_the_allow_list_and_certificate_without_dropping_connecti
         assert wait_until(lambda: bridge.find("configuration reloaded"), timeout=5), bridge.log
 
         def closed_before_tls() -> bool:
-            sock = socket.create_connection(("127.0.0.1", bridge.port), timeout=2, source_address=("127.0.0.1", 0))
+            sock = socket.create_connection(("127.0.0.1", port), timeout=2, source_address=("127.0.0.1", 0))
             sock.settimeout(1)
             try:
                 return sock.recv(1) == b""
@@ -319,7 +251,7 @@ def test_sighup_reloads_the_allow_list_and_certificate_without_dropping_connecti
         assert closed_before_tls()
         kept.sendall(request)  # the connection opened before the reload keeps working
         assert read_response(kept)[0] == 200
-        newcomer = tls_connection(bridge.port, ca, source="127.0.0.2")
+        newcomer = tls_connection(port, ca, source="127.0.0.2")
         assert ssl_serial(newcomer) != first_serial  # the new certificate
         newcomer.sendall(request)
         assert read_response(newcomer)[0] == 200
@@ -335,6 +267,3 @@ def ssl_serial(sock: ssl.SSLSocket) -> int:
     return x509.load_der_x509_certificate(sock.getpeercert(binary_form=True)).serial_number
 
 
-def test_normalised_addresses_for_ban_files():
-    assert normalise_address("::ffff:192.0.2.1") == "192.0.2.1"
-    assert normalise_address(" 2001:DB8::1 ") == "2001:db8::1"

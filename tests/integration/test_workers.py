@@ -15,15 +15,14 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
 from cryptography import x509
 from requests_ntlm import HttpNtlmAuth
 
 from bridge.certs.keys import new_private_key, write_pair
-from bridge.demo import ResolvedHTTPSConnection
-from bridge_clients import BRIDGE_FQDN, bridge_client_context
-from lab_clients import LAB_PASSWORD, LAB_USER, basic_header, negotiate_logon
-from test_bridge_process import free_port, front_cert, start_bridge_process  # noqa: F401 - fixtures
+from support.bridges import BRIDGE_FQDN, bridge_connection, bridge_session
+from support.lab import LAB_PASSWORD, LAB_USER, basic_header, negotiate_logon
+from support.net import free_port
+from support.processes import BridgeProcess, assert_one_sentence_error, bridge_cli, bridge_command
 
 WORKER_LINE = re.compile(r"worker (\d+) \(pid (\d+)\) serving")
 
@@ -47,14 +46,8 @@ def start_workers(start_bridge_process, *extra: str, **kwargs):
     return process, https_port, pids
 
 
-def connect(ca, port: int) -> ResolvedHTTPSConnection:
-    connection = ResolvedHTTPSConnection(BRIDGE_FQDN, port, "127.0.0.1", bridge_client_context(ca))
-    connection.timeout = 10
-    return connection
-
-
 def get(ca, port: int, path: str = "/EWS/Exchange.asmx", headers: dict[str, str] | None = None) -> int:
-    connection = connect(ca, port)
+    connection = bridge_connection(port, ca, timeout=10)
     try:
         connection.request("GET", path, headers=headers or {})
         response = connection.getresponse()
@@ -90,7 +83,7 @@ def test_each_worker_serves_the_one_port_and_ntlm_stays_on_its_connection(start_
     for index in pids:
         with only_worker(pids, index):
             assert get(ca, port) == 401  # answered although the other worker is stopped
-            connection = connect(ca, port)
+            connection = bridge_connection(port, ca, timeout=10)
             assert negotiate_logon(connection, "/EWS/Exchange.asmx").status == 200
         for _ in range(3):  # both workers accept again; the logged-on connection stays with its worker
             connection.request("GET", "/EWS/Exchange.asmx")
@@ -104,7 +97,6 @@ def test_each_worker_serves_the_one_port_and_ntlm_stays_on_its_connection(start_
 def test_twenty_parallel_connections_and_the_status_page_adds_the_workers_up(start_bridge_process, ca, tmp_path):
     status_port = free_port()
     process, port, pids = start_workers(start_bridge_process, "--status-bind", f"127.0.0.1:{status_port}")
-    from bridge_clients import bridge_session
 
     def logon(_: int) -> int:
         session = bridge_session(ca, HttpNtlmAuth(LAB_USER, LAB_PASSWORD))
@@ -147,7 +139,7 @@ def test_sighup_swaps_the_certificate_in_every_worker(start_bridge_process, ca, 
         time.sleep(0.05)
     for index in pids:
         with only_worker(pids, index):
-            fresh = connect(ca, port)
+            fresh = bridge_connection(port, ca, timeout=10)
             fresh.connect()
             served = x509.load_der_x509_certificate(fresh.sock.getpeercert(binary_form=True))
             fresh.close()
@@ -199,29 +191,13 @@ def test_failed_logons_seen_by_different_workers_add_up_to_one_ban(start_bridge_
 
 
 def test_workers_setting_is_checked():
-    from test_bridge_process import assert_one_sentence_error, run_cli
-
-    assert_one_sentence_error(run_cli("up", "--fqdn", "ok.example", "--legacy", "a.example", "--cert", "c", "--key", "k", "--workers", "0"), "--workers")
-
-
-def test_workers_from_toml_and_auto(tmp_path):
-    from bridge.config import ConfigError, build_config, load_toml
-    from bridge.runtime.workers import connection_share
-
-    config = tmp_path / "bridge.toml"
-    config.write_text('fqdn = "ok.example"\nlegacy = ["a.example"]\nworkers = 3\n')
-    assert build_config(load_toml(config)).workers == 3
-    assert build_config({"fqdn": "ok.example", "legacy": ["a.example"], "workers": "auto"}).workers == min(os.cpu_count() or 1, 64)
-    assert build_config({"fqdn": "ok.example", "legacy": ["a.example"]}).workers == 1
-    with pytest.raises(ConfigError, match="--workers"):
-        build_config({"fqdn": "ok.example", "legacy": ["a.example"], "workers": "many"})
-    assert [connection_share(1000, 3, index) for index in range(3)] == [334, 333, 333]
+    assert_one_sentence_error(bridge_cli("up", "--fqdn", "ok.example", "--legacy", "a.example", "--cert", "c", "--key", "k", "--workers", "0"), "--workers")
 
 
 def test_max_connections_is_the_total_divided_among_the_workers(start_bridge_process, ca):
     process, port, pids = start_workers(start_bridge_process, "--max-connections", "2")
     with only_worker(pids, 0):
-        held = connect(ca, port)
+        held = bridge_connection(port, ca, timeout=10)
         held.request("GET", "/EWS/Exchange.asmx")
         held.getresponse().read()
         assert get(ca, port) == 503  # worker 0's share is 1
@@ -234,26 +210,12 @@ def test_max_connections_is_the_total_divided_among_the_workers(start_bridge_pro
 def test_https_port_in_use_is_one_sentence_with_workers(lab, front_cert, tmp_path):
     import socket
 
-    from test_bridge_process import assert_one_sentence_error, bridge_command, run_cli
-
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        result = run_cli(*bridge_command(lab.port, *front_cert, tmp_path, port, free_port(), "--workers", "2")[3:])
+        result = bridge_cli(*bridge_command(lab.port, *front_cert, tmp_path, port, free_port(), "--workers", "2")[3:])
     assert_one_sentence_error(result, f"Port {port}", "already in use", "--https-port")
-
-
-@pytest.fixture(scope="module")
-def pebble(tmp_path_factory):
-    from pebble_server import PebbleServer, require_pebble
-    from pebble_server import free_port as pebble_free_port
-
-    require_pebble()
-    server = PebbleServer(tmp_path_factory.mktemp("pebble"), http_port=pebble_free_port())
-    server.start()
-    yield server
-    server.stop()
 
 
 def test_a_certificate_renewed_by_the_parent_reaches_every_worker(pebble, tmp_path):
@@ -265,7 +227,6 @@ def test_a_certificate_renewed_by_the_parent_reaches_every_worker(pebble, tmp_pa
 
     from bridge.certs.acme import Lineage
     from bridge.certs.keys import LocalCA, cert_pem, key_pem
-    from test_bridge_process import BridgeProcess
 
     fqdn = "workers.acme.test"
     state = tmp_path / "state"

@@ -1,7 +1,5 @@
 """A bridge in front of a lab, for any test: ``BackgroundBridge`` runs ``start_bridge`` on its own loop.
 
-Import it as ``from bridge_clients import ...`` (tests/ has no __init__.py, pytest puts it on sys.path).
-
     ca = LocalCA.create()
     config = bridge_config(lab.port, tmp_path, ca)
     with BackgroundBridge(config) as bridge:
@@ -15,7 +13,6 @@ import asyncio
 import socket
 import ssl
 import threading
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -23,9 +20,12 @@ from typing import Any
 import requests
 from requests.adapters import HTTPAdapter
 
-from bridge.runtime.app import RunningBridge, start_bridge
 from bridge.certs.keys import LocalCA, cert_pem, new_private_key, write_pair
 from bridge.config import BridgeConfig, LegacyServer
+from bridge.demo import ResolvedHTTPSConnection
+from bridge.runtime.app import RunningBridge, start_bridge
+
+from support.lab import RawHttpsConnection
 
 BRIDGE_FQDN = "bridge.lab.test"
 
@@ -101,16 +101,6 @@ def bridge_session(ca: LocalCA, auth: Any = None) -> requests.Session:
     return session
 
 
-def wait_until(condition: Any, timeout: float = 5.0, step: float = 0.05) -> Any:
-    """Poll condition() until it is truthy or timeout seconds pass; return its last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(step)
-
-
 class BackgroundBridge:
     """A bridge served from a private event loop in a daemon thread."""
 
@@ -155,3 +145,16 @@ class BackgroundBridge:
 
     def __exit__(self, *exc_info: object) -> None:
         self.shutdown()
+
+
+def bridge_connection(port: int, ca: LocalCA, timeout: float | None = None, **context_options: Any) -> ResolvedHTTPSConnection:
+    """An http.client connection to https://bridge.lab.test:port that connects to 127.0.0.1 and trusts only ca."""
+    connection = ResolvedHTTPSConnection(BRIDGE_FQDN, port, "127.0.0.1", bridge_client_context(ca, **context_options))
+    if timeout is not None:
+        connection.timeout = timeout
+    return connection
+
+
+def raw_bridge_connection(port: int, ca: LocalCA, timeout: float = 10.0) -> RawHttpsConnection:
+    """A byte-level TLS connection to a bridge on 127.0.0.1:port (certificate checked, name not)."""
+    return RawHttpsConnection(port, context=bridge_client_context(ca, check_hostname=False), timeout=timeout)

@@ -6,98 +6,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import ssl
-import threading
 
 import pytest
 
-from bridge.certs.keys import new_private_key, write_pair
-from bridge_clients import BackgroundBridge, bridge_client_context, bridge_config
-from lab_clients import RawHttpsConnection
-
-
-class ScriptedUpstream:
-    """A TLS server on its own loop; each connection runs ``script(reader, writer)``."""
-
-    def __init__(self, script, directory, ca) -> None:
-        key = new_private_key("ecdsa-p256")
-        cert, key_path = write_pair(directory, ca.issue(["upstream.lab.test"], key), key)
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(str(cert), str(key_path))
-        self.script = script
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.server = asyncio.run_coroutine_threadsafe(asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=context), self.loop).result(10)
-        self.port = self.server.sockets[0].getsockname()[1]
-
-    async def _serve(self, reader, writer) -> None:
-        try:
-            await self.script(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
-            pass
-        finally:
-            writer.close()
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.server.close)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-
-
-@pytest.fixture
-def scripted_bridges(ca, tmp_path):
-    """start(script, **config overrides) -> (upstream, bridge): a bridge in front of a ScriptedUpstream."""
-    started = []
-
-    def start(script, **overrides):
-        upstream = ScriptedUpstream(script, tmp_path, ca)
-        bridge = BackgroundBridge(bridge_config(upstream.port, tmp_path, ca, **overrides))
-        bridge.start()
-        started.append((upstream, bridge))
-        return upstream, bridge
-
-    yield start
-    for upstream, bridge in started:
-        try:
-            bridge.shutdown()
-        finally:
-            upstream.close()
+from support.bridges import raw_bridge_connection
+from support.upstreams import ANSWERS, answer_each_request
 
 
 @pytest.fixture
 def through_bridge(scripted_bridges, ca):
+    """start(script, **config overrides) -> a RawHttpsConnection to a bridge in front of a scripted upstream."""
+
     def start(script, **overrides):
         _, bridge = scripted_bridges(script, **overrides)
-        return RawHttpsConnection(bridge.https_port, context=bridge_client_context(ca, check_hostname=False), timeout=5)
+        return raw_bridge_connection(bridge.https_port, ca, timeout=5)
 
     return start
-
-
-def read_until_close(connection: RawHttpsConnection, wait: float = 3.0) -> bytes:
-    connection.sock.settimeout(wait)
-    data = connection.buffer
-    try:
-        while chunk := connection.sock.recv(65536):
-            data += chunk
-    except (TimeoutError, socket.timeout, ConnectionError, ssl.SSLError):
-        pass
-    return data
-
-
-async def answer_each_request(reader, writer, answer: bytes) -> None:
-    while True:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(answer)
-        await writer.drain()
 
 
 def test_chunked_answer_to_an_http10_client_is_delivered_until_close(through_bridge):
     chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
     connection = through_bridge(lambda r, w: answer_each_request(r, w, chunked))
     connection.send(b"GET /owa/ HTTP/1.0\r\nHost: bridge.lab.test\r\n\r\n")
-    data = read_until_close(connection)
+    data = connection.read_until_close()
     head, _, body = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.0 200") and b"chunked" not in head.lower()
     assert body == b"hello world"
@@ -156,47 +88,15 @@ def test_malformed_client_body_closes_both_legs_without_a_traceback(through_brid
     status, _ = connection.read_head()  # the answer is already on its way while the body flows
     assert status == 200
     connection.send(b"zz\r\n")  # not a chunk size
-    read_until_close(connection)
+    connection.read_until_close()
     assert "malformed" in caplog.text
     assert "Traceback" not in caplog.text and "Unhandled exception" not in caplog.text
 
 
 # ---- one keep-alive connection, every shape of answer in turn ------------------------------------
 # After the first request, plain requests take the proxy's fast path (relayed in callbacks); each
-# answer below that is not a small Content-Length one must be handed back to the general path
+# answer in ANSWERS (support/upstreams.py) that is not a small Content-Length one must be handed back to the general path
 # without losing a byte or the order.
-
-ANSWERS = [
-    (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", 200, b"hello"),
-    (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nworld", 200, b"world"),
-    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n", 200, b"abcde"),
-    (b"HTTP/1.1 200 OK\r\nContent-Length: 20000\r\n\r\n" + b"L" * 20000, 200, b"L" * 20000),
-    (b"HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\n\r\n", 304, b""),
-    (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", 200, b"ok"),
-    (b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: NTLM\r\nContent-Length: 0\r\n\r\n", 401, b""),
-    (b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nend", 200, b"end"),
-]
-
-
-def read_answer(connection: RawHttpsConnection) -> tuple[int, dict[str, str], bytes]:
-    status, headers = connection.read_head()
-    while status < 200:  # interim answers
-        status, headers = connection.read_head()
-    if "content-length" in headers:
-        return status, headers, connection.read_body(int(headers["content-length"]))
-    body = b""
-    if headers.get("transfer-encoding") == "chunked":
-        while True:
-            while b"\r\n" not in connection.buffer:
-                connection._receive()
-            size_line, connection.buffer = connection.buffer.split(b"\r\n", 1)
-            size = int(size_line, 16)
-            chunk = connection.read_body(size + 2)
-            if size == 0:
-                return status, headers, body
-            body += chunk[:-2]
-    return status, headers, body
-
 
 def test_every_answer_shape_in_turn_on_one_connection(through_bridge):
     connections = []
@@ -213,10 +113,10 @@ def test_every_answer_shape_in_turn_on_one_connection(through_bridge):
     connection = through_bridge(script)
     for index, (_, status, body) in enumerate(ANSWERS):
         connection.send_head("GET", "/EWS/Exchange.asmx", {})
-        got_status, headers, got_body = read_answer(connection)
+        got_status, headers, got_body = connection.read_answer()
         assert (got_status, got_body) == (status, body), index
     assert headers.get("connection") == "close"
-    assert read_until_close(connection, 2.0) == b""  # the bridge ended the connection after the last answer
+    assert connection.read_until_close(2.0) == b""  # the bridge ended the connection after the last answer
     assert connections == [1]  # one upstream connection served all of them
 
 
@@ -229,9 +129,9 @@ def test_a_silent_upstream_on_a_kept_connection_gets_504_after_the_idle_timeout(
 
     connection = through_bridge(script, idle_timeout=1.0)
     connection.send_head("GET", "/EWS/Exchange.asmx", {})
-    assert read_answer(connection)[0] == 200
+    assert connection.read_answer()[0] == 200
     connection.send_head("GET", "/EWS/Exchange.asmx", {})
-    status, headers, _ = read_answer(connection)
+    status, headers, _ = connection.read_answer()
     assert status == 504 and headers.get("connection") == "close"
 
 

@@ -13,7 +13,7 @@ import ssl
 import pytest
 import uvloop
 
-from bridge_clients import BRIDGE_FQDN, BackgroundBridge, bridge_client_context, bridge_config
+from support.bridges import BRIDGE_FQDN, BackgroundBridge, bridge_client_context, bridge_config
 
 
 def handshake_then_request_in_one_write(port: int, context: ssl.SSLContext, request: bytes) -> bytes:

@@ -12,8 +12,6 @@ import shutil
 import socket
 import struct
 import subprocess
-import sys
-import threading
 import time
 import zlib
 from pathlib import Path
@@ -22,21 +20,20 @@ from types import SimpleNamespace
 import pytest
 from rich.console import Console
 
-from bridge.certs.keys import LocalCA
-from bridge.cli import build_parser
 from bridge.config import LegacyServer
-from bridge.lab.server import LabOptions
-from bridge.errors import PreflightUsageError
 from bridge.preflight.checks import SCHEMA, Report, Settings, planned_checks, run_preflight
 from bridge.preflight.command import settings_from_args
 from bridge.preflight.probe import Credentials
 from bridge.preflight.report import STATUS_COLOURS, print_report, render_html, report_json, run_with_progress
 from bridge.net.tls import pin_flag
-from bridge_clients import BRIDGE_FQDN, BackgroundBridge, bridge_config, ca_file, resolve_lab_names
-from lab_clients import LAB_PASSWORD, LAB_USER, BackgroundLab
+from support import REPO
+from support.bridges import BRIDGE_FQDN, BackgroundBridge, bridge_config, ca_file, resolve_lab_names
+from support.lab import LAB_PASSWORD, LAB_USER
+from support.legacy_tls import RC4_SHA, Rc4OnlyServer
+from support.net import ThreadedServer, free_port
+from support.preflight import EMAIL, parse
+from support.processes import bridge_cli
 
-REPO = Path(__file__).resolve().parent.parent
-EMAIL = "alice@lab.test"
 TIMEOUT = 5.0
 # A password that appears nowhere else, so finding it in an output can only be a leak.
 SECRET_USER = "LAB\\bob"
@@ -44,33 +41,6 @@ SECRET_PASSWORD = "Zq7-preflight-Secret!"
 
 
 # --------------------------------------------------------------------------- fixtures and helpers
-
-
-@pytest.fixture(scope="module")
-def state_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("preflight-lab")
-
-
-@pytest.fixture(scope="module")
-def lab_factory(state_dir):
-    started: dict[tuple, BackgroundLab] = {}
-
-    def lab(**options):
-        key = tuple(sorted((name, repr(value)) for name, value in options.items()))
-        if key not in started:
-            background = BackgroundLab(LabOptions(state_dir=state_dir, **options))
-            background.start()
-            started[key] = background
-        return started[key].lab
-
-    yield lab
-    for background in started.values():
-        background.shutdown()
-
-
-@pytest.fixture(scope="module")
-def lab(lab_factory):
-    return lab_factory()
 
 
 def settings_for(lab, *, password: str = LAB_PASSWORD, user: str = LAB_USER, email: str = EMAIL, credentials: bool = True, **overrides) -> Settings:
@@ -99,34 +69,18 @@ def check(report: Report, check_id: str):
     return found
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class SilentServer:
+class SilentServer(ThreadedServer):
     """Accepts TCP connections and never says a word: every TLS handshake waits for the timeout."""
 
     def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
         self.held: list[socket.socket] = []
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                connection, _ = self.sock.accept()
-            except OSError:
-                return
-            self.held.append(connection)
+    def handle(self, connection: socket.socket) -> None:
+        self.held.append(connection)
 
     def close(self) -> None:
-        self.sock.close()
+        super().close()
         for connection in self.held:
             connection.close()
 
@@ -308,71 +262,9 @@ def test_silent_hosts_cost_one_timeout_not_one_per_check():
     assert timeout <= elapsed < 2 * timeout
 
 
-class Rc4OnlyServer:
-    """Speaks just enough TLS 1.0 to look like Windows 2003 without KB948963: RC4-SHA or nothing.
-
-    A ClientHello offering RC4-SHA gets a ServerHello choosing it; any other gets a handshake_failure
-    alert, which is all this machine's OpenSSL (no RC4) ever sees.
-    """
-
-    RC4_SHA = 0x0005
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                connection, _ = self.sock.accept()
-            except OSError:
-                return
-            with connection:
-                connection.settimeout(2)
-                try:
-                    connection.sendall(self._answer(self._read_record(connection)))
-                    time.sleep(0.05)
-                except OSError:
-                    pass
-
-    @staticmethod
-    def _read_record(connection: socket.socket) -> bytes:
-        data = b""
-        while len(data) < 5 or len(data) < 5 + struct.unpack("!H", data[3:5])[0]:
-            chunk = connection.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-        return data
-
-    def _answer(self, record: bytes) -> bytes:
-        hello = record[5:]
-        if len(hello) < 42:  # a bare TCP connect (the reachability check) sends nothing
-            return b""
-        session_id_length = hello[38]
-        offset = 39 + session_id_length
-        suites_length = struct.unpack("!H", hello[offset : offset + 2])[0]
-        suites = [struct.unpack("!H", hello[offset + 2 + i : offset + 4 + i])[0] for i in range(0, suites_length, 2)]
-        if self.RC4_SHA not in suites:
-            return b"\x15\x03\x01\x00\x02\x02\x28"  # fatal handshake_failure
-        body = b"\x03\x01" + os.urandom(32) + b"\x00" + struct.pack("!H", self.RC4_SHA) + b"\x00"
-        handshake = b"\x02" + struct.pack("!I", len(body))[1:] + body
-        return b"\x16\x03\x01" + struct.pack("!H", len(handshake)) + handshake
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 def test_rc4_only_server_is_named_as_sharing_no_suite_with_this_machine():
-    server = Rc4OnlyServer()
-    try:
+    with Rc4OnlyServer(suites=(RC4_SHA,)) as server:
         report = preflight(Settings(legacy=LegacyServer("127.0.0.1", server.port), timeout=TIMEOUT))
-    finally:
-        server.close()
     tls = check(report, "legacy.tls")
     assert tls.status == "fail" and tls.details["obsolete_suites"] == ["RC4-SHA"]
     assert "offers only RC4-SHA" in tls.summary and "shares no suite" in tls.summary
@@ -384,19 +276,14 @@ def test_rc4_only_server_is_named_as_sharing_no_suite_with_this_machine():
 
 
 @pytest.fixture(scope="module")
-def local_ca() -> LocalCA:
-    return LocalCA.create()
-
-
-@pytest.fixture(scope="module")
-def running_bridge(lab, local_ca, tmp_path_factory):
-    with BackgroundBridge(bridge_config(lab.port, tmp_path_factory.mktemp("bridge"), local_ca)) as bridge:
+def running_bridge(lab, ca, tmp_path_factory):
+    with BackgroundBridge(bridge_config(lab.port, tmp_path_factory.mktemp("bridge"), ca)) as bridge:
         yield bridge
 
 
 @pytest.fixture(scope="module")
-def ca_bundle(local_ca, tmp_path_factory) -> Path:
-    return ca_file(local_ca, tmp_path_factory.mktemp("ca"))
+def ca_bundle(ca, tmp_path_factory) -> Path:
+    return ca_file(ca, tmp_path_factory.mktemp("ca"))
 
 
 def bridge_settings(lab, bridge, **overrides) -> Settings:
@@ -431,8 +318,8 @@ def test_bridge_in_front_of_the_lab_passes_every_bridge_check(bridge_report, run
     assert bridge_report.duration < 5
 
 
-def test_bridge_that_does_not_forward_rpc_differs_from_direct(lab, local_ca, ca_bundle, tmp_path):
-    config = bridge_config(lab.port, tmp_path, local_ca, forward_paths=("/owa", "/EWS", "/Autodiscover"))
+def test_bridge_that_does_not_forward_rpc_differs_from_direct(lab, ca, ca_bundle, tmp_path):
+    config = bridge_config(lab.port, tmp_path, ca, forward_paths=("/owa", "/EWS", "/Autodiscover"))
     with BackgroundBridge(config) as bridge:
         report = preflight(bridge_settings(lab, bridge, ca_bundle=ca_bundle, hold=0))
     rpc = check(report, "bridge.http.rpc")
@@ -457,9 +344,9 @@ def test_bridge_name_resolving_elsewhere_than_expected(lab, running_bridge, ca_b
     assert check(report, "bridge.tcp").status == "pass"  # probed at --bridge-addr all the same
 
 
-def test_bridge_that_cannot_reach_the_legacy_server(local_ca, ca_bundle, tmp_path):
+def test_bridge_that_cannot_reach_the_legacy_server(ca, ca_bundle, tmp_path):
     dead_port = free_port()
-    with BackgroundBridge(bridge_config(dead_port, tmp_path, local_ca)) as bridge:
+    with BackgroundBridge(bridge_config(dead_port, tmp_path, ca)) as bridge:
         report = preflight(bridge_settings(SimpleNamespace(port=dead_port), bridge, ca_bundle=ca_bundle, hold=0))
     found = statuses(report)
     assert found["legacy.tcp"] == "fail" and found["legacy.http.rpc"] == "skip"
@@ -576,8 +463,8 @@ def count_colour(rows: list[bytes], colour: str, first_row: int, last_row: int) 
     return sum(1 for row in rows[first_row:last_row] for x in range(0, len(row), 3) if row[x : x + 3] == pixel)
 
 
-def test_html_report_renders_in_headless_chromium(lab, local_ca, ca_bundle, tmp_path):
-    config = bridge_config(lab.port, tmp_path, local_ca, forward_paths=("/owa", "/EWS", "/Autodiscover"))
+def test_html_report_renders_in_headless_chromium(lab, ca, ca_bundle, tmp_path):
+    config = bridge_config(lab.port, tmp_path, ca, forward_paths=("/owa", "/EWS", "/Autodiscover"))
     with BackgroundBridge(config) as bridge:
         report = preflight(bridge_settings(lab, bridge, ca_bundle=ca_bundle, hold=0))
     assert report.verdict == "fail"
@@ -604,10 +491,6 @@ def test_html_report_renders_in_headless_chromium(lab, local_ca, ca_bundle, tmp_
 # --------------------------------------------------------------------------- settings and the command line
 
 
-def parse(*argv: str):
-    return build_parser().parse_args(["preflight", *argv])
-
-
 def test_config_file_supplies_defaults_and_flags_win(tmp_path, lab):
     config = tmp_path / "bridge.toml"
     config.write_text(
@@ -631,40 +514,9 @@ def test_further_legacy_servers_in_the_config_are_named_not_silently_skipped(lab
     assert "bridge preflight --legacy cas2.example:8443" in others.fix
 
 
-def test_password_comes_from_the_named_variable_or_the_prompt(monkeypatch):
-    monkeypatch.setenv("PREFLIGHT_TEST_PASSWORD", "from-env")
-    settings = settings_from_args(parse("--legacy", "owa.example.com", "--email", EMAIL, "--username", LAB_USER, "--password-env", "PREFLIGHT_TEST_PASSWORD"))
-    assert settings.credentials.password == "from-env" and "from-env" not in repr(settings)
-    prompted = settings_from_args(parse("--legacy", "owa.example.com", "--email", EMAIL, "--username", LAB_USER), read_password=lambda user: f"typed for {user}")
-    assert prompted.credentials.password == f"typed for {LAB_USER}"
-
-
-@pytest.mark.parametrize(
-    "argv, words",
-    [
-        ((), "No legacy server given"),
-        (("--legacy", "owa.example.com", "--email", EMAIL), "--email and --username go together"),
-        (("--legacy", "owa.example.com", "--email", EMAIL, "--username", "u", "--password-env", "PREFLIGHT_UNSET_VARIABLE"), "PREFLIGHT_UNSET_VARIABLE"),
-        (("--legacy", "owa.example.com", "--fqdn", "bridge.example.com", "--bridge-addr", "bridge.example.com"), "is not an IP address"),
-        (("--legacy", "owa.example.com", "--bridge-addr", "192.0.2.1"), "give its name with --fqdn"),
-        (("--legacy", "owa.example.com", "--ca-bundle", "/nonexistent/ca.pem"), "--ca-bundle"),
-        (("--legacy", "owa.example.com", "--https-port", "70000"), "--https-port"),
-        (("--legacy", "owa.example.com", "--timeout", "0"), "--timeout"),
-        (("--legacy", "owa.example.com", "--json", "/nonexistent/dir/report.json"), "does not exist"),
-    ],
-)
-def test_usage_errors_are_one_sentence(argv, words, monkeypatch):
-    monkeypatch.delenv("PREFLIGHT_UNSET_VARIABLE", raising=False)
-    with pytest.raises(PreflightUsageError) as caught:
-        settings_from_args(parse(*argv), read_password=lambda user: pytest.fail("no prompt expected"))
-    message = str(caught.value)
-    assert words in message and message.endswith(".") and "\n" not in message
-
-
 def run_cli(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     environment = {key: value for key, value in os.environ.items() if not key.startswith("PREFLIGHT_")}
-    environment |= {"PYTHONPATH": str(REPO), "COLUMNS": "120"} | (env or {})
-    return subprocess.run([sys.executable, "-m", "bridge.cli", "preflight", *argv], capture_output=True, text=True, timeout=60, env=environment, cwd=REPO)
+    return bridge_cli("preflight", *argv, env=environment | {"COLUMNS": "120"} | (env or {}))
 
 
 def test_cli_exit_codes_reports_and_no_password(lab_factory, tmp_path):

@@ -2,12 +2,13 @@
 
 - ``BackgroundLab``: the lab on its own event loop in a thread, so blocking clients (requests,
   http.client, curl) can talk to it; ``stop()``/``start()`` keep the port, to simulate an outage.
+  ``start_background_lab`` starts one; ``LabFactory`` (the ``lab_factory`` fixture) keeps one per
+  set of options for a module.
 - ``legacy_client_context`` / ``legacy_session`` / ``ntlm_session``: clients that still speak TLS 1.0
   with SHA-1 certificates (OpenSSL 3 refuses both unless told).
-- ``RawHttpsConnection``: a TLS socket for byte-exact checks (100-continue, streaming bodies).
+- ``RawHttpsConnection``: a TLS socket for byte-exact checks (100-continue, streaming bodies,
+  chunked answers, headers in wire order).
 - ``negotiate_logon``: an NTLM or SPNEGO handshake over one http.client connection.
-
-Import it as ``from lab_clients import ...`` (pytest puts tests/ on sys.path while tests/ has no __init__.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import subprocess
 import threading
 import warnings
 from dataclasses import replace
+from pathlib import Path
 
 import requests
 import spnego
@@ -69,6 +71,34 @@ class BackgroundLab:
 
     def __exit__(self, *exc_info: object) -> None:
         self.shutdown()
+
+
+def start_background_lab(state_dir: Path, **options) -> BackgroundLab:
+    """A started lab on 127.0.0.1 (a free port unless options name one); the caller shuts it down."""
+    background = BackgroundLab(LabOptions(state_dir=state_dir, **options))
+    background.start()
+    return background
+
+
+class LabFactory:
+    """One background lab per set of options, all with one state directory (so one certificate)."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.started: dict[tuple, BackgroundLab] = {}
+
+    def background(self, **options) -> BackgroundLab:
+        key = tuple(sorted((name, repr(value)) for name, value in options.items()))
+        if key not in self.started:
+            self.started[key] = start_background_lab(self.state_dir, **options)
+        return self.started[key]
+
+    def __call__(self, **options) -> Lab:
+        return self.background(**options).lab
+
+    def shutdown(self) -> None:
+        for background in self.started.values():
+            background.shutdown()
 
 
 def legacy_client_context(
@@ -176,17 +206,21 @@ class RawHttpsConnection:
         lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1"] + [f"{name}: {value}" for name, value in headers.items()]
         self.send(("\r\n".join(lines) + "\r\n\r\n").encode())
 
-    def read_head(self) -> tuple[int, dict[str, str]]:
-        """Status and headers (lower-cased names; repeated names joined with ', ')."""
+    def read_raw_head(self) -> tuple[str, list[tuple[str, str]]]:
+        """Status line and headers in wire order, repeated names kept apart."""
         while b"\r\n\r\n" not in self.buffer:
             self._receive()
         head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
-        status_line, *header_lines = head.decode("latin-1").split("\r\n")
+        status_line, *lines = head.decode("latin-1").split("\r\n")
+        return status_line, [(name.strip(), value.strip()) for name, _, value in (line.partition(":") for line in lines)]
+
+    def read_head(self) -> tuple[int, dict[str, str]]:
+        """Status and headers (lower-cased names; repeated names joined with ', ')."""
+        status_line, lines = self.read_raw_head()
         headers: dict[str, str] = {}
-        for line in header_lines:
-            name, _, value = line.partition(":")
-            key = name.strip().lower()
-            headers[key] = f"{headers[key]}, {value.strip()}" if key in headers else value.strip()
+        for name, value in lines:
+            key = name.lower()
+            headers[key] = f"{headers[key]}, {value}" if key in headers else value
         return int(status_line.split()[1]), headers
 
     def read_body(self, length: int) -> bytes:
@@ -207,6 +241,37 @@ class RawHttpsConnection:
         finally:
             self.sock.settimeout(10.0)
         return True
+
+    def read_answer(self) -> tuple[int, dict[str, str], bytes]:
+        """One final answer (interim ones skipped): status, headers and its Content-Length or chunked body."""
+        status, headers = self.read_head()
+        while status < 200:
+            status, headers = self.read_head()
+        if "content-length" in headers:
+            return status, headers, self.read_body(int(headers["content-length"]))
+        body = b""
+        if headers.get("transfer-encoding") == "chunked":
+            while True:
+                while b"\r\n" not in self.buffer:
+                    self._receive()
+                size_line, self.buffer = self.buffer.split(b"\r\n", 1)
+                size = int(size_line, 16)
+                chunk = self.read_body(size + 2)
+                if size == 0:
+                    return status, headers, body
+                body += chunk[:-2]
+        return status, headers, body
+
+    def read_until_close(self, wait: float = 3.0) -> bytes:
+        """What is buffered plus everything the server sends until it closes (or falls silent for wait seconds)."""
+        self.sock.settimeout(wait)
+        data = self.buffer
+        try:
+            while chunk := self.sock.recv(65536):
+                data += chunk
+        except (TimeoutError, socket.timeout, ConnectionError, ssl.SSLError):
+            pass
+        return data
 
     def _receive(self) -> None:
         data = self.sock.recv(65536)

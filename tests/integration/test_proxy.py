@@ -16,10 +16,12 @@ import pytest
 from requests_ntlm import HttpNtlmAuth
 
 from bridge.certs.keys import LocalCA
-from bridge.demo import ResolvedHTTPSConnection
-from bridge.lab.server import LabOptions, payload_sha256
-from bridge_clients import BRIDGE_FQDN, BackgroundBridge, bridge_client_context, bridge_config, bridge_session
-from lab_clients import LAB_PASSWORD, LAB_USER, BackgroundLab, RawHttpsConnection, basic_header, negotiate_logon
+from bridge.config import LegacyServer
+from bridge.lab.server import payload_sha256
+from support.bridges import (
+    BRIDGE_FQDN, BackgroundBridge, bridge_client_context, bridge_config, bridge_connection, bridge_session, ca_file, raw_bridge_connection, resolve_lab_names,
+)
+from support.lab import LAB_PASSWORD, LAB_USER, RawHttpsConnection, basic_header, negotiate_logon, start_background_lab
 
 RPC_PATH = "/rpc/rpcproxy.dll?EXCH2007.lab.local:6001"
 
@@ -30,21 +32,8 @@ def bridge(lab, ca, tmp_path_factory):
         yield running
 
 
-def connect(bridge: BackgroundBridge, ca: LocalCA, **context_options) -> ResolvedHTTPSConnection:
-    return ResolvedHTTPSConnection(BRIDGE_FQDN, bridge.https_port, "127.0.0.1", bridge_client_context(ca, **context_options))
-
-
 def raw(bridge: BackgroundBridge, ca: LocalCA) -> RawHttpsConnection:
-    return RawHttpsConnection(bridge.https_port, context=bridge_client_context(ca, check_hostname=False))
-
-
-def read_raw_head(connection: RawHttpsConnection) -> tuple[str, list[tuple[str, str]]]:
-    """Status line and headers in wire order, repeated names kept apart."""
-    while b"\r\n\r\n" not in connection.buffer:
-        connection._receive()
-    head, connection.buffer = connection.buffer.split(b"\r\n\r\n", 1)
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    return status_line, [(n.strip(), v.strip()) for n, _, v in (line.partition(":") for line in lines)]
+    return raw_bridge_connection(bridge.https_port, ca)
 
 
 # ---- front-end TLS ---------------------------------------------------------------------------------
@@ -115,9 +104,9 @@ def test_basic_through_the_bridge(bridge, ca):
 
 def test_ntlm_session_stays_on_its_connection_and_no_other(bridge, ca):
     """IIS binds NTLM to the TCP connection: the bridge must pin one upstream connection per client one."""
-    first = connect(bridge, ca)
+    first = bridge_connection(bridge.https_port, ca)
     assert negotiate_logon(first, "/EWS/Exchange.asmx").status == 200
-    second = connect(bridge, ca)
+    second = bridge_connection(bridge.https_port, ca)
     second.request("GET", "/EWS/Exchange.asmx")
     refused = second.getresponse()
     refused.read()
@@ -134,10 +123,10 @@ def test_ntlm_session_stays_on_its_connection_and_no_other(bridge, ca):
 def test_repeated_www_authenticate_headers_stay_separate_and_in_order(bridge, ca, lab):
     with RawHttpsConnection(lab.port) as direct:
         direct.send_head("GET", "/EWS/Exchange.asmx", {})
-        _, direct_headers = read_raw_head(direct)
+        _, direct_headers = direct.read_raw_head()
     with raw(bridge, ca) as through:
         through.send_head("GET", "/EWS/Exchange.asmx", {})
-        status, headers = read_raw_head(through)
+        status, headers = through.read_raw_head()
     challenges = [v for n, v in headers if n.lower() == "www-authenticate"]
     assert "401" in status
     assert len(challenges) >= 2
@@ -147,7 +136,7 @@ def test_repeated_www_authenticate_headers_stay_separate_and_in_order(bridge, ca
 def test_upstream_gets_exactly_the_client_headers_plus_forwarded(bridge, ca, lab):
     with raw(bridge, ca) as connection:
         connection.send_head("GET", "/EWS/Exchange.asmx", {"User-Agent": "MSRPC", "X-Custom": "1", "Connection": "keep-alive, X-Drop", "X-Drop": "hop"})
-        read_raw_head(connection)
+        connection.read_raw_head()
     seen = lab.counters.recent_requests[-1]
     assert seen["header_names"] == ["Host", "User-Agent", "X-Custom", "X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Port"]
 
@@ -161,7 +150,7 @@ def test_connection_may_name_many_headers_each_request_a_new_set(bridge, ca, lab
             tokens = [f"x-{round_number}-{index}" for index in range(800)] + ["x.*", "a+b"]  # one line under the 8 KiB field limit
             headers = {"Connection": ", ".join(tokens), "x.*": "dropped", "A+B": "dropped", f"X-{round_number}-7": "dropped", "X-Kept": "kept"}
             connection.send_head("GET", "/EWS/Exchange.asmx", headers)
-            status, _ = read_raw_head(connection)
+            status, _ = connection.read_raw_head()
             assert "200" in status or "401" in status
             seen = lab.counters.recent_requests[-1]
             assert seen["header_names"] == ["Host", "X-Kept", "X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Port"], seen["header_names"]
@@ -203,7 +192,7 @@ def test_paths_outside_the_list_never_reach_the_legacy_server(bridge, ca, lab, t
     before = lab.counters.requests_total
     with raw(bridge, ca) as connection:
         connection.send(f"GET {target} HTTP/1.1\r\nHost: {BRIDGE_FQDN}\r\n\r\n".encode())
-        answer, _ = read_raw_head(connection)
+        answer, _ = connection.read_raw_head()
     assert answer.split()[1] == str(status)
     assert lab.counters.requests_total == before
 
@@ -213,7 +202,7 @@ def test_exchange_paths_are_forwarded_case_insensitively(bridge, ca, lab, path):
     before = lab.counters.requests_total
     with raw(bridge, ca) as connection:
         connection.send_head("GET", path, {})
-        read_raw_head(connection)
+        connection.read_raw_head()
     assert lab.counters.requests_total == before + 1
 
 
@@ -277,7 +266,7 @@ def test_rpc_out_data_keeps_content_length_framing(bridge, ca):
     with raw(bridge, ca) as connection:
         connection.send_head("RPC_OUT_DATA", RPC_PATH, {"Authorization": basic_header(), "Content-Length": "76", "X-Lab-Out-Size": str(size)})
         connection.send(b"\0" * 76)
-        status, headers = read_raw_head(connection)
+        status, headers = connection.read_raw_head()
         names = {n.lower(): v for n, v in headers}
         assert "200" in status
         assert names["content-length"] == str(size) and "transfer-encoding" not in names
@@ -337,8 +326,8 @@ def test_idle_connection_is_closed_after_the_idle_timeout(lab, ca, tmp_path):
 
 
 def test_legacy_down_gives_502_then_recovers(ca, tmp_path):
-    background = BackgroundLab(LabOptions(host="127.0.0.1", port=0, state_dir=tmp_path / "lab"))
-    lab = background.start()
+    background = start_background_lab(tmp_path / "lab")
+    lab = background.lab
     try:
         with BackgroundBridge(bridge_config(lab.port, tmp_path, ca)) as running:
             session = bridge_session(ca)
@@ -354,11 +343,9 @@ def test_legacy_down_gives_502_then_recovers(ca, tmp_path):
 
 
 def test_failover_and_round_robin_across_legacy_servers(ca, tmp_path):
-    from bridge.config import LegacyServer
-
-    first = BackgroundLab(LabOptions(host="127.0.0.1", port=0, state_dir=tmp_path / "a"))
-    second = BackgroundLab(LabOptions(host="127.0.0.1", port=0, state_dir=tmp_path / "b"))
-    labs = [first.start(), second.start()]
+    first = start_background_lab(tmp_path / "a")
+    second = start_background_lab(tmp_path / "b")
+    labs = [first.lab, second.lab]
     try:
         config = bridge_config(labs[0].port, tmp_path, ca, legacy=[LegacyServer("127.0.0.1", lab.port) for lab in labs])
         with BackgroundBridge(config) as running:
@@ -393,9 +380,6 @@ def test_access_log_has_no_credentials(bridge, ca, caplog):
 
 
 def test_legacy_ca_verifies_the_legacy_certificate_by_name(lab, ca, tmp_path):
-    from bridge.config import LegacyServer
-    from bridge_clients import ca_file, resolve_lab_names
-
     resolve_lab_names()  # exch2007.lab.test -> 127.0.0.1 inside this process, the bridge's loop included
     trusted = bridge_config(lab.port, tmp_path / "good", ca, legacy=[LegacyServer("exch2007.lab.test", lab.port)], legacy_ca=lab.cert_path)
     with BackgroundBridge(trusted) as running:
@@ -427,11 +411,11 @@ def test_config_file_with_flags_winning(lab, ca, tmp_path):
 
 def test_client_connection_ends_when_its_upstream_connection_was_lost(ca, tmp_path):
     """The NTLM logon lived on the lost upstream connection: the client must reconnect and log on again."""
-    background = BackgroundLab(LabOptions(host="127.0.0.1", port=0, state_dir=tmp_path / "lab"))
-    lab = background.start()
+    background = start_background_lab(tmp_path / "lab")
+    lab = background.lab
     try:
         with BackgroundBridge(bridge_config(lab.port, tmp_path, ca)) as running:
-            connection = connect(running, ca)
+            connection = bridge_connection(running.https_port, ca)
             assert negotiate_logon(connection, "/EWS/Exchange.asmx").status == 200
             background.stop()
             background.start()  # every upstream connection is gone
@@ -440,38 +424,8 @@ def test_client_connection_ends_when_its_upstream_connection_was_lost(ca, tmp_pa
             response.read()
             assert response.status == 401  # not 200: the new upstream connection has no logon
             assert response.getheader("Connection", "").lower() == "close"
-            fresh = connect(running, ca)
+            fresh = bridge_connection(running.https_port, ca)
             assert negotiate_logon(fresh, "/EWS/Exchange.asmx").status == 200
             fresh.close()
     finally:
         background.shutdown()
-
-
-# ---- the heads the proxy writes, from parsed heads (no sockets needed for these two rules) --------
-
-
-def _head_writer():
-    from bridge.config import build_config
-    from bridge.proxy.relay import Proxy
-    from bridge.net.upstream import LegacyPool
-
-    config = build_config({"fqdn": BRIDGE_FQDN, "legacy": ["127.0.0.1:9"]})
-    return Proxy(config, LegacyPool(servers=config.legacy, tls_context=None, connect_timeout=5))
-
-
-def test_forwarded_for_chain_leaves_out_empty_values():
-    from bridge.net.front import parse_request_head
-
-    request = parse_request_head(b"GET /owa/ HTTP/1.1\r\nHost: a.example\r\nX-Forwarded-For:\r\nX-Forwarded-For: 9.9.9.9\r\n\r\n")
-    head = _head_writer().request_head(request, "10.0.0.1")
-    assert b"\r\nX-Forwarded-For: 9.9.9.9, 10.0.0.1\r\n" in head and head.count(b"X-Forwarded-For") == 1
-
-
-def test_a_security_header_the_origin_marks_hop_by_hop_is_replaced_by_the_bridges():
-    from bridge.net.front import parse_request_head
-    from bridge.net.upstream import parse_response_head
-
-    request = parse_request_head(b"GET /owa/ HTTP/1.1\r\nHost: a.example\r\n\r\n")
-    origin = parse_response_head(b"HTTP/1.1 200 OK\r\nConnection: x-frame-options\r\nX-Frame-Options: ALLOWALL\r\nContent-Length: 0\r\n\r\n", None)
-    head = _head_writer().response_head(request, origin, 0, False, True)
-    assert b"ALLOWALL" not in head and b"\r\nX-Frame-Options: SAMEORIGIN" in head and b"\r\nX-Content-Type-Options: nosniff" in head

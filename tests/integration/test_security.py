@@ -5,24 +5,22 @@ The lab's counters prove what reached the legacy server: a refused request leave
 
 from __future__ import annotations
 
-import http.client
 import ipaddress
 import json
 import logging
-import re
 import socket
 import ssl
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
 from bridge import cli
 from bridge.certs.keys import LocalCA
-from bridge_clients import wait_until, BRIDGE_FQDN, BackgroundBridge, bridge_client_context, bridge_config, bridge_session, resolve_lab_names
-from lab_clients import LAB_PASSWORD, LAB_USER, basic_header, negotiate_logon
+from support.bridges import BRIDGE_FQDN, BackgroundBridge, bridge_config, bridge_connection, bridge_session
+from support.lab import LAB_PASSWORD, LAB_USER, basic_header, negotiate_logon
+from support.net import read_all, response_bytes, status_of, tls_connection, wait_until
 
 EWS = "/EWS/Exchange.asmx"
 
@@ -31,58 +29,8 @@ def lab_requests(lab) -> int:
     return lab.counters.snapshot()["requests_total"]
 
 
-def tls_connection(bridge: BackgroundBridge, ca: LocalCA, source: str | None = None, timeout: float = 5.0) -> ssl.SSLSocket:
-    raw = socket.create_connection(("127.0.0.1", bridge.https_port), timeout=timeout, source_address=(source, 0) if source else None)
-    return bridge_client_context(ca).wrap_socket(raw, server_hostname=BRIDGE_FQDN)
-
-
-def read_all(sock: socket.socket, timeout: float = 5.0) -> bytes:
-    """Everything the server sends until it closes (or the timeout)."""
-    sock.settimeout(timeout)
-    data = b""
-    try:
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    except (ConnectionResetError, ssl.SSLError, TimeoutError, socket.timeout):
-        pass
-    return data
-
-
-def read_response(sock: socket.socket, timeout: float = 5.0) -> bytes:
-    """One response: the head and a Content-Length body (b"" if the server closed without answering)."""
-    sock.settimeout(timeout)
-    data = b""
-    try:
-        while b"\r\n\r\n" not in data:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return data
-            data += chunk
-        head, _, body = data.partition(b"\r\n\r\n")
-        match = re.search(rb"(?im)^content-length:\s*(\d+)", head)
-        length = int(match.group(1)) if match else 0
-        while len(body) < length:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            body += chunk
-        return head + b"\r\n\r\n" + body
-    except (ConnectionResetError, ssl.SSLError, TimeoutError, socket.timeout):
-        return data
-
-
-def status_of(answer: bytes) -> int | None:
-    if not answer.startswith(b"HTTP/1."):
-        return None
-    return int(answer.split(b" ", 2)[1])
-
-
-def connection(bridge: BackgroundBridge, ca: LocalCA) -> http.client.HTTPSConnection:
-    resolve_lab_names()
-    return http.client.HTTPSConnection(BRIDGE_FQDN, bridge.https_port, context=bridge_client_context(ca), timeout=10)
+def connection(bridge: BackgroundBridge, ca: LocalCA):
+    return bridge_connection(bridge.https_port, ca, timeout=10)
 
 
 def normal_request_works(bridge: BackgroundBridge, ca: LocalCA) -> bool:
@@ -158,24 +106,6 @@ def test_never_ban_addresses_are_exempt(lab, ca, tmp_path):
         assert normal_request_works(bridge, ca)
 
 
-def test_ban_command_line_lists_adds_and_removes(tmp_path, capsys):
-    state = str(tmp_path / "state")
-    assert cli.main(["ban", "list", "--state-dir", state]) == 0
-    assert "no active bans" in capsys.readouterr().out
-    assert cli.main(["ban", "add", "2001:db8::7", "--duration", "120", "--state-dir", state]) == 0
-    assert cli.main(["ban", "add", "::ffff:203.0.113.9", "--state-dir", state]) == 0
-    capsys.readouterr()
-    assert cli.main(["ban", "list", "--state-dir", state]) == 0
-    listing = capsys.readouterr().out
-    assert "2001:db8::7" in listing and "203.0.113.9" in listing
-    assert re.search(r"2001:db8::7\s+(1m5\ds|2m00s) left", listing)
-    assert (Path(state) / "bans.json").stat().st_mode & 0o777 == 0o600
-    assert cli.main(["ban", "remove", "2001:db8::7", "--state-dir", state]) == 0
-    assert cli.main(["ban", "remove", "2001:db8::7", "--state-dir", state]) == 1
-    assert cli.main(["ban", "add", "not-an-address", "--state-dir", state]) == 2
-    assert "is not an IPv4 or IPv6 address" in capsys.readouterr().err
-
-
 # --------------------------------------------------------------------------- allow-list and limits
 
 
@@ -196,26 +126,26 @@ def test_allow_list_closes_other_sources_before_tls(lab, ca, tmp_path):
             insider.recv(1)
         insider.close()
         with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
-            tls_connection(bridge, ca, source="127.0.0.2")
+            tls_connection(bridge.https_port, ca, source="127.0.0.2")
         assert normal_request_works(bridge, ca)
         assert bridge.bridge.guard.rejections["allow-list"] == 2
         assert lab.counters.snapshot()["connections"] == connections + 1  # only the allowed request
         # Port 80 stays open to all (ACME HTTP-01 validation); it only redirects.
         redirect = socket.create_connection(("127.0.0.1", bridge.http_port), timeout=5, source_address=("127.0.0.2", 0))
         redirect.sendall(f"GET /owa/ HTTP/1.1\r\n{HOST}\r\n".encode())
-        assert status_of(read_response(redirect)) == 301
+        assert status_of(response_bytes(redirect)) == 301
         redirect.close()
 
 
 def test_max_connections_answers_503_with_retry_after(lab, ca, tmp_path):
     config = bridge_config(lab.port, tmp_path, ca, status_bind="off", max_connections=2)
     with BackgroundBridge(config) as bridge:
-        held = [tls_connection(bridge, ca) for _ in range(2)]
+        held = [tls_connection(bridge.https_port, ca) for _ in range(2)]
         assert wait_until(lambda: bridge.bridge.guard.open_connections == 2)
         before = lab_requests(lab)
-        extra = tls_connection(bridge, ca)
+        extra = tls_connection(bridge.https_port, ca)
         extra.sendall(f"GET {EWS} HTTP/1.1\r\nHost: {BRIDGE_FQDN}\r\nAuthorization: {basic_header()}\r\n\r\n".encode())
-        answer = read_response(extra)
+        answer = response_bytes(extra)
         assert status_of(answer) == 503
         assert b"Retry-After: 10" in answer
         assert lab_requests(lab) == before
@@ -276,9 +206,9 @@ def guarded(lab, ca, tmp_path_factory):
 def test_hostile_request_heads_are_answered_and_not_forwarded(name, guarded, lab, ca):
     text, expected = HOSTILE[name]
     before = lab_requests(lab)
-    sock = tls_connection(guarded, ca)
+    sock = tls_connection(guarded.https_port, ca)
     sock.sendall(text.encode("latin-1"))
-    answer = read_response(sock)
+    answer = response_bytes(sock)
     sock.close()
     assert status_of(answer) == expected, answer[:200]
     assert lab_requests(lab) == before
@@ -288,7 +218,7 @@ def test_hostile_request_heads_are_answered_and_not_forwarded(name, guarded, lab
 def test_slow_request_heads_get_408_after_the_header_timeout(guarded, lab, ca):
     before = lab_requests(lab)
     for partial in (b"", f"GET {EWS} HTTP/1.1\r\n{HOST}X-Slow: ".encode()):
-        sock = tls_connection(guarded, ca)
+        sock = tls_connection(guarded.https_port, ca)
         started = time.monotonic()
         sock.sendall(partial)
         if partial:
@@ -333,7 +263,7 @@ def test_plain_http_and_tls_garbage_on_the_https_port(guarded, lab, ca):
 
 def test_a_long_upload_is_not_cut_by_the_header_timeout(guarded, lab, ca):
     """The header deadline covers the head only: a body may take longer than it."""
-    sock = tls_connection(guarded, ca)
+    sock = tls_connection(guarded.https_port, ca)
     body = b"<soap:Envelope><soap:Body><GetFolder/></soap:Body></soap:Envelope>"
     sock.sendall(f"POST {EWS} HTTP/1.1\r\n{HOST}Authorization: {basic_header()}\r\nContent-Length: {len(body)}\r\n\r\n".encode())
     for index in range(0, len(body), len(body) // 3 + 1):

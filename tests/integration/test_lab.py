@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -21,10 +20,9 @@ from cryptography.hazmat.primitives import hashes
 from requests_ntlm import HttpNtlmAuth
 
 from bridge.errors import StartupError
-from bridge.lab.server import LabOptions, lab_payload, payload_sha256, start_lab
-from lab_clients import (  # pytest puts tests/ on sys.path: there is no tests/__init__.py
+from bridge.lab.server import LabOptions, payload_sha256, start_lab
+from support.lab import (
     LAB_PASSWORD,
-    BackgroundLab,
     RawHttpsConnection,
     basic_header,
     curl_legacy,
@@ -34,7 +32,9 @@ from lab_clients import (  # pytest puts tests/ on sys.path: there is no tests/_
     legacy_session,
     negotiate_logon,
     ntlm_session,
+    start_background_lab,
 )
+from support.net import free_port
 
 EWS = "/EWS/Exchange.asmx"
 AUTODISCOVER = "/Autodiscover/Autodiscover.xml"
@@ -47,23 +47,6 @@ POX_REQUEST = (
     "<AcceptableResponseSchema>http://schemas.microsoft.com/exchange/autodiscover/outlook/responseschema/2006a</AcceptableResponseSchema>"
     "</Request></Autodiscover>"
 )
-
-
-@pytest.fixture(scope="module")
-def state_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("lab-state")
-
-
-@pytest.fixture(scope="module")
-def lab(state_dir):
-    with BackgroundLab(LabOptions(state_dir=state_dir)) as running:
-        yield running
-
-
-def start_background(state_dir: Path, **options) -> BackgroundLab:
-    background = BackgroundLab(LabOptions(state_dir=state_dir, **options))
-    background.start()
-    return background
 
 
 def tls_peer(port: int, context: ssl.SSLContext) -> ssl.SSLSocket:
@@ -93,26 +76,19 @@ def test_default_shape_refuses_a_tls12_only_client(lab):
         tls_peer(lab.port, legacy_client_context(ssl.TLSVersion.TLSv1_2))
 
 
-def test_tls12_shape_accepts_tls12_with_ecdhe_gcm(state_dir):
-    background = start_background(state_dir, tls_max="1.2")
-    try:
-        with tls_peer(background.lab.port, legacy_client_context(ssl.TLSVersion.TLSv1_2)) as sock:
-            assert sock.version() == "TLSv1.2"
-            assert "GCM" in sock.cipher()[0]
-    finally:
-        background.shutdown()
+def test_tls12_shape_accepts_tls12_with_ecdhe_gcm(lab_factory):
+    with tls_peer(lab_factory(tls_max="1.2").port, legacy_client_context(ssl.TLSVersion.TLSv1_2)) as sock:
+        assert sock.version() == "TLSv1.2"
+        assert "GCM" in sock.cipher()[0]
 
 
-def test_expired_certificate_shape(state_dir):
-    background = start_background(state_dir, expired_cert=True)
-    try:
-        with tls_peer(background.lab.port, legacy_client_context()) as sock:
-            der = sock.getpeercert(binary_form=True)
-        cert = x509.load_der_x509_certificate(der)
-        assert cert.not_valid_after_utc < dt.datetime.now(dt.timezone.utc)
-        assert hashlib.sha256(der).hexdigest() == background.lab.fingerprint
-    finally:
-        background.shutdown()
+def test_expired_certificate_shape(lab_factory):
+    expired = lab_factory(expired_cert=True)
+    with tls_peer(expired.port, legacy_client_context()) as sock:
+        der = sock.getpeercert(binary_form=True)
+    cert = x509.load_der_x509_certificate(der)
+    assert cert.not_valid_after_utc < dt.datetime.now(dt.timezone.utc)
+    assert hashlib.sha256(der).hexdigest() == expired.fingerprint
 
 
 # --------------------------------------------------------------------------- authentication
@@ -196,17 +172,13 @@ def test_basic_is_checked_on_every_request(lab):
         assert session.get(lab.url + EWS, headers={"Authorization": basic_header(password="bad")}).status_code == 401
 
 
-def test_auth_basic_offers_only_basic(state_dir):
-    background = start_background(state_dir, auth="basic")
-    try:
-        connection = https_connection(background.lab.port)
-        connection.request("GET", EWS)
-        response = connection.getresponse()
-        response.read()
-        assert response.headers.get_all("WWW-Authenticate") == ['Basic realm="exch2007.lab.test"']
-        assert negotiate_logon(connection, EWS).status == 401
-    finally:
-        background.shutdown()
+def test_auth_basic_offers_only_basic(lab_factory):
+    connection = https_connection(lab_factory(auth="basic").port)
+    connection.request("GET", EWS)
+    response = connection.getresponse()
+    response.read()
+    assert response.headers.get_all("WWW-Authenticate") == ['Basic realm="exch2007.lab.test"']
+    assert negotiate_logon(connection, EWS).status == 401
 
 
 # --------------------------------------------------------------------------- OWA, EWS, Autodiscover
@@ -312,13 +284,9 @@ def test_rpc_in_data_counts_bytes_while_the_client_is_still_sending(lab):
     assert headers["x-lab-received-sha256"] == hashlib.sha256(body).hexdigest()
 
 
-def test_rpc_disabled_gives_404(state_dir):
-    background = start_background(state_dir, rpc=False)
-    try:
-        with legacy_session(("alice", LAB_PASSWORD)) as session:
-            assert session.request("RPC_IN_DATA", background.lab.url + RPC, data=b"").status_code == 404
-    finally:
-        background.shutdown()
+def test_rpc_disabled_gives_404(lab_factory):
+    with legacy_session(("alice", LAB_PASSWORD)) as session:
+        assert session.request("RPC_IN_DATA", lab_factory(rpc=False).url + RPC, data=b"").status_code == 404
 
 
 # --------------------------------------------------------------------------- Expect: 100-continue
@@ -360,21 +328,11 @@ def test_counters_record_requests_without_secrets(lab):
     assert "secret-cookie" not in text and LAB_PASSWORD not in text
 
 
-def test_lab_payload_is_deterministic_and_indexed():
-    size = 5 * 65536 + 17
-    chunks = list(lab_payload(size))
-    assert sum(map(len, chunks)) == size
-    assert [int.from_bytes(chunk[:8], "big") for chunk in chunks] == list(range(6))
-    assert chunks[0][8:] == chunks[1][8:]
-    assert payload_sha256(size) == hashlib.sha256(b"".join(chunks)).hexdigest()
-    assert payload_sha256(size, seed=1) != payload_sha256(size)
-
-
-async def test_close_releases_the_port_for_a_restart(state_dir):
-    first = await start_lab(LabOptions(state_dir=state_dir))
+async def test_close_releases_the_port_for_a_restart(lab_state_dir):
+    first = await start_lab(LabOptions(state_dir=lab_state_dir))
     port, fingerprint = first.port, first.fingerprint
     await first.close()
-    second = await start_lab(LabOptions(state_dir=state_dir, port=port))
+    second = await start_lab(LabOptions(state_dir=lab_state_dir, port=port))
     try:
         assert second.port == port
         assert second.fingerprint == fingerprint  # same state dir: same certificate, pins survive
@@ -382,8 +340,8 @@ async def test_close_releases_the_port_for_a_restart(state_dir):
         await second.close()
 
 
-def test_close_drops_open_connections_quickly(state_dir):
-    background = start_background(state_dir)
+def test_close_drops_open_connections_quickly(lab_state_dir):
+    background = start_background_lab(lab_state_dir)
     with RawHttpsConnection(background.lab.port) as streaming, RawHttpsConnection(background.lab.port) as idle:
         streaming.send_head("RPC_IN_DATA", RPC, {"Authorization": basic_header(), "Content-Length": str(1024**3)})
         streaming.send(b"x" * 65536)
@@ -398,37 +356,28 @@ def test_close_drops_open_connections_quickly(state_dir):
                     conn._receive()
 
 
-def test_two_labs_with_different_users_in_one_process(lab, state_dir):
-    other = start_background(state_dir, users={"CORP\\bob": "B0bPass"})
-    try:
-        bob = https_connection(other.lab.port)
-        assert negotiate_logon(bob, EWS, user="CORP\\bob", password="B0bPass").status == 200
-        alice = https_connection(lab.port)
-        assert negotiate_logon(alice, EWS).status == 200
-        alice_on_other = https_connection(other.lab.port)
-        assert negotiate_logon(alice_on_other, EWS).status == 401
-    finally:
-        other.shutdown()
+def test_two_labs_with_different_users_in_one_process(lab, lab_factory):
+    other = lab_factory(users={"CORP\\bob": "B0bPass"})
+    bob = https_connection(other.port)
+    assert negotiate_logon(bob, EWS, user="CORP\\bob", password="B0bPass").status == 200
+    alice = https_connection(lab.port)
+    assert negotiate_logon(alice, EWS).status == 200
+    alice_on_other = https_connection(other.port)
+    assert negotiate_logon(alice_on_other, EWS).status == 401
 
 
-async def test_port_in_use_is_a_startup_error(state_dir):
-    lab = await start_lab(LabOptions(state_dir=state_dir))
+async def test_port_in_use_is_a_startup_error(lab_state_dir):
+    lab = await start_lab(LabOptions(state_dir=lab_state_dir))
     try:
         with pytest.raises(StartupError, match="already in use"):
-            await start_lab(LabOptions(state_dir=state_dir, port=lab.port))
+            await start_lab(LabOptions(state_dir=lab_state_dir, port=lab.port))
     finally:
         await lab.close()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def test_cli_prints_a_ready_line_and_stops_on_sigterm(state_dir):
+def test_cli_prints_a_ready_line_and_stops_on_sigterm(lab_state_dir):
     port = free_port()
-    command = [sys.executable, "-m", "bridge.cli", "lab", "--port", str(port), "--state-dir", str(state_dir), "--user", "LAB\\bob:S3cret!"]
+    command = [sys.executable, "-m", "bridge.cli", "lab", "--port", str(port), "--state-dir", str(lab_state_dir), "--user", "LAB\\bob:S3cret!"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = process.stdout.readline()

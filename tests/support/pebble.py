@@ -6,7 +6,6 @@
 
 ``pebble-challtestsrv`` answers every A query with 127.0.0.1, so any test name validates against the
 loopback port given as ``http_port`` (Pebble's ``httpPort``: where its validator fetches HTTP-01).
-Import it as ``from pebble_server import ...`` (tests/ has no __init__.py).
 """
 
 from __future__ import annotations
@@ -24,6 +23,8 @@ from typing import Any
 
 from bridge.certs.keys import LocalCA, cert_pem, new_private_key, write_pair
 
+from support.net import free_port
+
 STARTUP_SECONDS = 15.0
 INSTALL_HINT = "Pebble is not installed: run scripts/test.sh (it installs the Debian package pebble), or apt-get install -y pebble."
 
@@ -39,23 +40,6 @@ def require_pebble() -> None:
     missing = [name for name in ("pebble", "pebble-challtestsrv") if shutil.which(name) is None]
     if missing:
         raise RuntimeError(INSTALL_HINT)
-
-
-def free_port(udp_too: bool = False) -> int:
-    """A loopback port free for TCP (and UDP, for DNS) right now."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind(("127.0.0.1", 0))
-            port = tcp.getsockname()[1]
-            if not udp_too:
-                return port
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                try:
-                    udp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no free loopback port found")
 
 
 class PebbleServer:

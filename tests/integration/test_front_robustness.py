@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from bridge_clients import bridge_client_context, wait_until
-from lab_clients import RawHttpsConnection
-from test_upstream_framing import read_answer, scripted_bridges  # noqa: F401 (scripted_bridges is a fixture)
+from support.bridges import raw_bridge_connection
+from support.net import wait_until
+from support.upstreams import ANSWERS, answer_each_request
 
 
 class Rig:
@@ -24,14 +24,14 @@ class Rig:
         self.ca = ca
 
     def connect(self, timeout=5):
-        return RawHttpsConnection(self.bridge.https_port, context=bridge_client_context(self.ca, check_hostname=False), timeout=timeout)
+        return raw_bridge_connection(self.bridge.https_port, self.ca, timeout=timeout)
 
     def warmed(self):
         """A connection that has had one answered request: its pinned upstream connection is open, so
         the next plain request may take the fast path."""
         connection = self.connect()
         connection.send(GET)
-        assert read_answer(connection)[0] == 200
+        assert connection.read_answer()[0] == 200
         return connection
 
     @property
@@ -64,25 +64,17 @@ GET = b"GET /EWS/Exchange.asmx HTTP/1.1\r\nHost: bridge.lab.test\r\n\r\n"
 OK5 = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
 
 
-async def answer_heads(reader, writer, seen, answer=OK5):
-    while True:
-        head = await reader.readuntil(b"\r\n\r\n")
-        seen.append(head)
-        writer.write(answer)
-        await writer.drain()
-
-
 # ---- 1. Connection: content-length would drop the framing header upstream: request smuggling -------
 def test_connection_naming_content_length_is_refused_before_anything_goes_upstream(rig):
     seen = []
-    r = rig(lambda rd, wr: answer_heads(rd, wr, seen))
+    r = rig(lambda rd, wr: answer_each_request(rd, wr, OK5, seen))
     c = r.connect()
     smuggled = b"GET /ecp/secret HTTP/1.1\r\nHost: evil\r\nX-Forwarded-For: 10.9.9.9\r\n\r\n"
     c.send(
         b"POST /EWS/Exchange.asmx HTTP/1.1\r\nHost: bridge.lab.test\r\nConnection: content-length\r\n"
         b"Content-Length: %d\r\n\r\n" % len(smuggled) + smuggled
     )
-    status, headers, body = read_answer(c)
+    status, headers, body = c.read_answer()
     assert status == 400 and b"Connection header" in body
     time.sleep(0.3)
     assert seen == []  # neither the POST nor the smuggled GET reached the origin
@@ -92,7 +84,7 @@ def test_connection_naming_content_length_is_refused_before_anything_goes_upstre
 def test_a_client_that_pipelines_without_reading_gets_no_unbounded_buffer(rig):
     big = b"HTTP/1.1 200 OK\r\nContent-Length: 16000\r\n\r\n" + b"B" * 16000
     seen = []
-    r = rig(lambda rd, wr: answer_heads(rd, wr, seen, big))
+    r = rig(lambda rd, wr: answer_each_request(rd, wr, big, seen))
     c = r.warmed()
     c.send(GET * 4000)  # 64 MB of answers: far more than the socket buffers hold  # ~230 KB of requests, never read the answers
 
@@ -105,7 +97,7 @@ def test_a_client_that_pipelines_without_reading_gets_no_unbounded_buffer(rig):
     assert len(seen) < 1000  # so the origin gets what fits in the socket buffers, not all 4,000 requests
     c.sock.settimeout(10)
     for _ in range(4000):  # once the client reads, every answer arrives, in order
-        assert read_answer(c)[0] == 200
+        assert c.read_answer()[0] == 200
     assert len(seen) == 4001
 
 
@@ -130,7 +122,7 @@ def test_drain_lets_a_fast_exchange_finish(rig):
     assert fast == [True]
     closer = threading.Thread(target=lambda: r.bridge.call(r.bridge.bridge.close()))
     closer.start()
-    status, headers, body = read_answer(c)
+    status, headers, body = c.read_answer()
     closer.join(10)
     assert (status, body) == (200, b"hello") and headers.get("connection") == "close"
 
@@ -160,8 +152,6 @@ def test_client_vanishes_during_fast_exchange(rig):
 
 # ---- 5. every answer shape, pipelined all at once after a warm-up ---------------------------------
 def test_every_answer_shape_pipelined(rig):
-    from test_upstream_framing import ANSWERS
-
     answers = [(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nwu", 200, b"wu")] + ANSWERS
 
     async def script(reader, writer):
@@ -175,7 +165,7 @@ def test_every_answer_shape_pipelined(rig):
     c = r.warmed()
     c.send(GET * len(ANSWERS))
     for index, (_, status, body) in enumerate(ANSWERS):
-        got_status, headers, got_body = read_answer(c)
+        got_status, headers, got_body = c.read_answer()
         assert (got_status, got_body) == (status, body), index
     assert headers.get("connection") == "close"
 
@@ -200,7 +190,7 @@ def test_upstream_vanishes_during_fast_exchange(rig, caplog, second):
     r = rig(script)
     c = r.warmed()
     c.send(GET)
-    status, headers, body = read_answer(c)
+    status, headers, body = c.read_answer()
     assert status == 502 and headers.get("connection") == "close"
     assert "Traceback" not in caplog.text
     time.sleep(0.2)
@@ -210,7 +200,7 @@ def test_upstream_vanishes_during_fast_exchange(rig, caplog, second):
 # ---- 7. keep-alive expiry and a request in the same loop iteration: the request is answered ---------
 def test_a_request_arriving_as_the_keepalive_deadline_fires_is_answered(rig):
     seen = []
-    r = rig(lambda rd, wr: answer_heads(rd, wr, seen))
+    r = rig(lambda rd, wr: answer_each_request(rd, wr, OK5, seen))
     c = r.warmed()
 
     def race():
@@ -221,7 +211,7 @@ def test_a_request_arriving_as_the_keepalive_deadline_fires_is_answered(rig):
         return conn.fast is not None
 
     r.on_loop(race)
-    status, _, body = read_answer(c)  # answered by one path or the other, never forwarded and dropped
+    status, _, body = c.read_answer()  # answered by one path or the other, never forwarded and dropped
     assert (status, body) == (200, b"hello")
     assert len(seen) == 2
 
@@ -231,7 +221,7 @@ def test_a_trickled_head_costs_linear_cpu(rig):
     """A complexity guard, not a performance target: rescanning the whole buffer per record cost
     2.7 s of event-loop CPU for this one head; scanning only what is new costs a small fraction."""
     seen = []
-    r = rig(lambda rd, wr: answer_heads(rd, wr, seen))
+    r = rig(lambda rd, wr: answer_each_request(rd, wr, OK5, seen))
     c = r.connect()
     c.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     head = b"GET /owa/ HTTP/1.1\r\nHost: bridge.lab.test\r\n" + b"".join(b"X-H%03d: %s\r\n" % (i, b"a" * 300) for i in range(100))
@@ -242,7 +232,7 @@ def test_a_trickled_head_costs_linear_cpu(rig):
         if i % 100 == 0:
             time.sleep(0.001)
     c.send(b"\r\n")
-    status, _, _ = read_answer(c)
+    status, _, _ = c.read_answer()
     cpu = r.on_loop(time.thread_time) - cpu_before
     assert status == 200 and seen
     assert cpu < 0.8, f"{len(head)} bytes in {time.monotonic() - start:.1f} s took {cpu:.2f} s of the bridge's CPU"
@@ -253,14 +243,14 @@ def test_an_error_after_a_fast_answer_leaves_the_connection_usable_and_counted(r
     caplog.set_level(logging.INFO)
     seen = []
     r = rig(
-        lambda rd, wr: answer_heads(rd, wr, seen, b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n"),
+        lambda rd, wr: answer_each_request(rd, wr, b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n", seen),
         ban_command="true 'unclosed", ban_threshold=1, idle_timeout=1.0, drain_timeout=2.0,
     )
     c = r.connect()
     c.send(GET)
-    assert read_answer(c)[0] == 401  # general path (first request; no credentials, no ban counting)
+    assert c.read_answer()[0] == 401  # general path (first request; no credentials, no ban counting)
     c.send(b"GET /EWS/Exchange.asmx HTTP/1.1\r\nHost: bridge.lab.test\r\nAuthorization: Basic eDp5\r\n\r\n")
-    assert read_answer(c)[0] == 401  # the fast path's answer went out, then the ban hook failed
+    assert c.read_answer()[0] == 401  # the fast path's answer went out, then the ban hook failed
     assert wait_until(lambda: "recording a failed logon failed" in caplog.text, 3)
     time.sleep(0.5)
     state = r.on_loop(lambda: [(conn.in_request, conn.task.done()) for conn in r.front.connections])

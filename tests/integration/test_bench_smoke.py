@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from support import REPO
+
 BENCH = REPO / "scripts" / "bench.py"
 TOOLS = ("haproxy", "nginx", "wrk", "curl", "openssl")
 

@@ -6,113 +6,18 @@ from __future__ import annotations
 import hashlib
 import signal
 import socket
-import subprocess
-import sys
-import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from bridge.certs.keys import LocalCA, new_private_key, write_pair
-from bridge.demo import ResolvedHTTPSConnection
 from bridge.lab.server import payload_sha256
-from bridge_clients import BRIDGE_FQDN, bridge_client_context
-from lab_clients import basic_header
+from support.bridges import BRIDGE_FQDN, bridge_connection
+from support.lab import basic_header
+from support.net import free_port
+from support.processes import assert_one_sentence_error, bridge_cli, bridge_command
 
 RPC_PATH = "/rpc/rpcproxy.dll?EXCH2007.lab.local:6001"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture
-def front_cert(ca, tmp_path) -> tuple[Path, Path]:
-    directory = tmp_path / "cert"
-    directory.mkdir()
-    key = new_private_key("ecdsa-p256")
-    return write_pair(directory, ca.issue([BRIDGE_FQDN], key), key)
-
-
-def bridge_command(lab_port: int, cert: Path, key: Path, tmp_path: Path, https_port: int, http_port: int, *extra: str) -> list[str]:
-    return [
-        sys.executable, "-m", "bridge.cli", "up", "--fqdn", BRIDGE_FQDN, "--legacy", f"127.0.0.1:{lab_port}",
-        "--bind", "127.0.0.1", "--https-port", str(https_port), "--http-port", str(http_port),
-        "--cert", str(cert), "--key", str(key), "--state-dir", str(tmp_path / "state"), *extra,
-    ]
-
-
-class BridgeProcess:
-    """A `bridge up` subprocess; its stderr is collected line by line."""
-
-    def __init__(self, command: list[str]) -> None:
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self.lines.append(line)
-
-    def wait_for(self, text: str, timeout: float = 30) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in self.lines:
-                if text in line:
-                    return line
-            if self.process.poll() is not None and not self._reader.is_alive():
-                break
-            time.sleep(0.05)
-        raise AssertionError(f"{text!r} not logged; stderr was:\n{''.join(self.lines)}")
-
-    def rss_kib(self) -> int:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        raise AssertionError("no VmRSS")
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(15)
-        finally:
-            if self.process.poll() is None:
-                self.process.kill()
-
-
-@pytest.fixture
-def start_bridge_process(lab, front_cert, tmp_path):
-    started: list[BridgeProcess] = []
-
-    def start(*extra: str, cert: Path | None = None, key: Path | None = None) -> tuple[BridgeProcess, int, int]:
-        https_port, http_port = free_port(), free_port()
-        command = bridge_command(lab.port, cert or front_cert[0], key or front_cert[1], tmp_path, https_port, http_port, *extra)
-        process = BridgeProcess(command)
-        started.append(process)
-        return process, https_port, http_port
-
-    yield start
-    for process in started:
-        process.stop()
-
-
-def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bridge.cli", *args], capture_output=True, text=True, timeout=timeout)
-
-
-def assert_one_sentence_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    message = result.stderr.strip().splitlines()[-1]  # informational log lines may precede it
-    assert message.startswith("error:"), result.stderr
-    for fragment in fragments:
-        assert fragment in message, message
 
 
 # ---- start-up errors --------------------------------------------------------------------------------
@@ -123,7 +28,7 @@ def test_port_in_use_is_one_sentence(lab, front_cert, tmp_path):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        result = run_cli(*bridge_command(lab.port, *front_cert, tmp_path, port, free_port())[3:])
+        result = bridge_cli(*bridge_command(lab.port, *front_cert, tmp_path, port, free_port())[3:])
     assert_one_sentence_error(result, f"Port {port}", "already in use", "--https-port")
 
 
@@ -132,17 +37,17 @@ def test_http_port_in_use_is_one_sentence(lab, front_cert, tmp_path):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        result = run_cli(*bridge_command(lab.port, *front_cert, tmp_path, free_port(), port)[3:])
+        result = bridge_cli(*bridge_command(lab.port, *front_cert, tmp_path, free_port(), port)[3:])
     assert_one_sentence_error(result, f"Port {port}", "--http-port")
 
 
 def test_unreadable_key_is_one_sentence(lab, front_cert, tmp_path):
     missing = tmp_path / "no-such-key.pem"
-    result = run_cli(*bridge_command(lab.port, front_cert[0], missing, tmp_path, free_port(), free_port())[3:])
+    result = bridge_cli(*bridge_command(lab.port, front_cert[0], missing, tmp_path, free_port(), free_port())[3:])
     assert_one_sentence_error(result, str(missing))
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("not a key\n")
-    result = run_cli(*bridge_command(lab.port, front_cert[0], garbage, tmp_path, free_port(), free_port())[3:])
+    result = bridge_cli(*bridge_command(lab.port, front_cert[0], garbage, tmp_path, free_port(), free_port())[3:])
     assert_one_sentence_error(result, str(garbage))
 
 
@@ -152,7 +57,7 @@ def test_key_that_does_not_match_the_certificate_is_one_sentence(lab, front_cert
     ca = LocalCA.create()
     key = new_private_key("ecdsa-p256")
     _, other_key = write_pair(other, ca.issue([BRIDGE_FQDN], key), key)
-    result = run_cli(*bridge_command(lab.port, front_cert[0], other_key, tmp_path, free_port(), free_port())[3:])
+    result = bridge_cli(*bridge_command(lab.port, front_cert[0], other_key, tmp_path, free_port(), free_port())[3:])
     assert_one_sentence_error(result, "does not belong to the certificate")
 
 
@@ -170,7 +75,7 @@ def test_key_that_does_not_match_the_certificate_is_one_sentence(lab, front_cert
     ],
 )
 def test_bad_input_is_one_sentence(args, fragment):
-    result = run_cli("up", *args)
+    result = bridge_cli("up", *args)
     assert_one_sentence_error(result, fragment)
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
@@ -178,9 +83,9 @@ def test_bad_input_is_one_sentence(args, fragment):
 def test_bad_config_file_is_one_sentence(tmp_path):
     config = tmp_path / "bridge.toml"
     config.write_text('fqdn = "ok.example"\nlegacy = ["a.example"]\nlegasy_typo = 1\n')
-    assert_one_sentence_error(run_cli("up", "--config", str(config)), "legasy_typo")
+    assert_one_sentence_error(bridge_cli("up", "--config", str(config)), "legasy_typo")
     config.write_text("fqdn = \n")
-    assert_one_sentence_error(run_cli("up", "--config", str(config)), str(config))
+    assert_one_sentence_error(bridge_cli("up", "--config", str(config)), str(config))
 
 
 # ---- running ------------------------------------------------------------------------------------
@@ -204,8 +109,7 @@ def test_sighup_swaps_the_certificate_without_dropping_connections(start_bridge_
     cert, key_path = write_pair(directory, first_cert, key)
     process, https_port, _ = start_bridge_process(cert=cert, key=key_path)
     process.wait_for("bridge ready")
-    context = bridge_client_context(ca)
-    old = ResolvedHTTPSConnection(BRIDGE_FQDN, https_port, "127.0.0.1", context)
+    old = bridge_connection(https_port, ca)
     old.request("GET", "/EWS/Exchange.asmx")
     old.getresponse().read()
 
@@ -215,7 +119,7 @@ def test_sighup_swaps_the_certificate_without_dropping_connections(start_bridge_
     process.process.send_signal(signal.SIGHUP)
     process.wait_for("certificate reloaded")
 
-    fresh = ResolvedHTTPSConnection(BRIDGE_FQDN, https_port, "127.0.0.1", context)
+    fresh = bridge_connection(https_port, ca)
     fresh.connect()
     served = fresh.sock.getpeercert(binary_form=True)
     from cryptography import x509
@@ -233,7 +137,7 @@ def test_sighup_with_a_broken_file_keeps_serving(start_bridge_process, front_cer
     front_cert[1].write_text("broken\n")
     process.process.send_signal(signal.SIGHUP)
     process.wait_for("keeping the current certificate")
-    connection = ResolvedHTTPSConnection(BRIDGE_FQDN, https_port, "127.0.0.1", bridge_client_context(ca))
+    connection = bridge_connection(https_port, ca)
     connection.request("GET", "/EWS/Exchange.asmx")
     assert connection.getresponse().status == 401
 
@@ -243,7 +147,7 @@ def test_512_mib_rpc_out_data_arrives_intact_with_flat_memory(start_bridge_proce
     process, https_port, _ = start_bridge_process("--log-level", "warning")
     process.wait_for("legacy 127.0.0.1")
     time.sleep(0.5)
-    connection = ResolvedHTTPSConnection(BRIDGE_FQDN, https_port, "127.0.0.1", bridge_client_context(ca))
+    connection = bridge_connection(https_port, ca)
     connection.putrequest("RPC_OUT_DATA", RPC_PATH)
     connection.putheader("Authorization", basic_header())
     connection.putheader("Content-Length", "76")
