@@ -27,7 +27,7 @@ from bridge.config import (
     render_readme,
 )
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_readme_options_tables_are_what_the_settings_table_renders():
