@@ -198,34 +198,28 @@ def _lower(flag: str, value: Any) -> str:
     return str(value).lower()
 
 
-def _port(flag: str, value: Any) -> int:
+def _number(flag: str, value: Any, kind: Callable[[Any], Any], ok: Callable[[Any], bool], wanted: str, bounds: str) -> Any:
+    """``value`` as ``kind`` when ``ok`` says it is in range; else one ConfigError sentence naming ``flag``."""
     try:
-        number = int(value)
+        number = kind(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{flag} must be a port number from 1 to 65535, not {value!r}.") from None
-    if not 0 <= number < 65536:  # 0 lets tests ask the kernel for a free port
-        raise ConfigError(f"{flag} must be a port number from 1 to 65535, not {value!r}.")
+        raise ConfigError(f"{flag} must be {wanted}, not {value!r}.") from None
+    if not ok(number):
+        raise ConfigError(f"{flag} must be {bounds}, not {value!r}.")
     return number
+
+
+def _port(flag: str, value: Any) -> int:
+    # 0 lets tests ask the kernel for a free port
+    return int(_number(flag, value, int, lambda n: 0 <= n < 65536, "a port number from 1 to 65535", "a port number from 1 to 65535"))
 
 
 def _seconds(flag: str, value: Any) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{flag} must be a number of seconds, not {value!r}.") from None
-    if number <= 0:
-        raise ConfigError(f"{flag} must be a positive number of seconds, not {value!r}.")
-    return number
+    return float(_number(flag, value, float, lambda n: n > 0, "a number of seconds", "a positive number of seconds"))
 
 
 def _count(flag: str, value: Any) -> int:
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{flag} must be a whole number, not {value!r}.") from None
-    if number < 1:
-        raise ConfigError(f"{flag} must be at least 1, not {value!r}.")
-    return number
+    return int(_number(flag, value, int, lambda n: n >= 1, "a whole number", "at least 1"))
 
 
 def _ca_file(signed: str) -> Parser:
