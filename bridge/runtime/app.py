@@ -56,7 +56,7 @@ class RunningBridge:
     https_port: int
     http_port: int
     ssl_context: Any
-    runners: list[Any] = field(default_factory=list)  # aiohttp runners (port 80, status) and the FrontServer (443)
+    runners: list[Any] = field(default_factory=list)  # the front servers (80 and 443) and the status page's aiohttp runner
     background: list[asyncio.Task] = field(default_factory=list)
     renewal: Any = None  # bridge.renewal.Renewer when the certificate comes from ACME
     # Operations (bridge.status.attach_operations): bridge.guard.ConnectionGuard, bridge.bans.BanGuard, bridge.status.BridgeStats

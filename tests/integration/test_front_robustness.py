@@ -38,7 +38,7 @@ class Rig:
     def front(self):
         from bridge.net.front import FrontServer
 
-        return next(r for r in self.bridge.bridge.runners if isinstance(r, FrontServer))
+        return next(r for r in self.bridge.bridge.runners if isinstance(r, FrontServer) and r.port == self.bridge.https_port)
 
     @property
     def stats(self):
