@@ -229,3 +229,53 @@ def test_planned_on_both_sides_with_credentials_only():
     assert "bridge.outlook_anywhere" in ids
     without = [check_id for check_id, _ in planned_checks(Settings(LegacyServer("exch", 443), fqdn="bridge.example"))]
     assert not any("outlook_anywhere" in check_id for check_id in without)
+
+
+# --------------------------------------------------------------------------- the channel's body framing
+
+
+def read_all(channel) -> tuple[bytes, str]:
+    async def scenario() -> tuple[bytes, str]:
+        data = b""
+        while True:
+            try:
+                data += await channel.read()
+            except Exception as exc:  # noqa: BLE001 - the end of the body is the point
+                return data, str(exc)
+
+    return asyncio.run(scenario())
+
+
+def channel_over(raw: bytes, *, chunked: bool = False, length: int | None = None):
+    from types import SimpleNamespace
+
+    from bridge.preflight.probe import RpcChannel
+
+    async def make():
+        reader = asyncio.StreamReader()
+        reader.feed_data(raw)
+        reader.feed_eof()
+        return reader
+
+    reader = asyncio.run(make())
+    channel = RpcChannel(SimpleNamespace(reader=reader), "RPC_OUT_DATA")  # type: ignore[arg-type]
+    channel._chunked, channel._left = chunked, length
+    return channel
+
+
+def test_out_channel_body_with_content_length_stops_at_its_end():
+    pdus = rts.conn_a3() + rts.conn_c2()
+    data, end = read_all(channel_over(pdus + b"HTTP/1.1 200 next", length=len(pdus)))
+    assert data == pdus and "ended after 72 bytes" in end
+
+
+def test_out_channel_body_re_chunked_by_a_proxy_is_still_read():
+    pdus = rts.conn_a3() + rts.conn_c2()
+    raw = b"1c\r\n" + pdus[:28] + b"\r\n" + f"{len(pdus) - 28:x}\r\n".encode() + pdus[28:] + b"\r\n0\r\n\r\n"
+    data, end = read_all(channel_over(raw, chunked=True))
+    assert data == pdus and "ended" in end
+
+
+def test_out_channel_closed_mid_body_says_how_much_came():
+    data, end = read_all(channel_over(rts.conn_a3(), length=rpch.OUT_CHANNEL_CONTENT_LENGTH))
+    assert data == rts.conn_a3() and "closed after 28 bytes" in end
