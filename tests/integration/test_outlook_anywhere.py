@@ -3,9 +3,10 @@ through an RPC proxy) and the preflight's outlook_anywhere check, against the la
 an in-process bridge, over real TLS with real NTLM and Basic.
 
 Self-contained: only bridge.*, pytest and impacket. impacket's TLS client is OpenSSL's default
-context (TLS 1.2 minimum, SECLEVEL 2 on Debian 12), so it cannot reach the TLS-1.0-only lab; the
-direct tests use the lab's TLS-1.2-capable shape, and the bridge sits in front of the TLS-1.0 lab as
-it would in front of Exchange 2007.
+context without verification; on the project's machine it reaches even the TLS-1.0-only lab, but
+whether it does depends on the system's OpenSSL policy, so the direct tests use the lab's
+TLS-1.2-capable shape, and the bridge sits in front of the TLS-1.0 lab as it would in front of
+Exchange 2007.
 """
 
 from __future__ import annotations
