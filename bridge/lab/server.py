@@ -3,7 +3,8 @@
 It speaks TLS 1.0 only with RSA-key-exchange CBC suites and a self-signed RSA-1024 SHA-1
 certificate, authenticates with real NTLM (pyspnego's acceptor, bound to the TCP connection as IIS
 does) and Basic, and serves the Outlook Anywhere surface: Autodiscover, EWS, OWA's redirect and
-``/rpc/rpcproxy.dll`` with echo requests and streaming IN/OUT channels. Counters record what it saw
+``/rpc/rpcproxy.dll`` with echo requests, streaming IN/OUT channels and real RPC over HTTP v2 virtual
+connections (CONN/A1 + CONN/B1, binds and calls; see bridge.lab.rpch). Counters record what it saw
 so tests can check what a proxy in front of it did.
 """
 
@@ -25,6 +26,7 @@ import signal
 import ssl
 import struct
 import tempfile
+import time
 import warnings
 from collections import deque
 from collections.abc import Iterator
@@ -40,8 +42,10 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from bridge.certs.keys import legacy_self_signed
 from bridge.errors import StartupError
+from bridge.lab import rpch
 from bridge.net.aio_server import bound_port, connection_state, start_site
 from bridge.net.tls import fingerprint, pin_flag
+from bridge.protocol import rts
 from bridge.protocol.auth import NTLM_SIGNATURE, starts_new_handshake
 
 DEFAULT_HOSTNAME = "exch2007.lab.test"
@@ -98,6 +102,10 @@ class LabOptions:
     autodiscover: bool = True
     key_bits: int = 1024
     delay: float = 0.0  # seconds before every answer
+    # Outlook Anywhere failure shapes: every bind answered with bind_nak; the OUT channel closed
+    # right after CONN/A3 (what a load balancer that cuts or buffers the response looks like).
+    refuse_bind: bool = False
+    close_out_early: bool = False
 
 
 @dataclass
@@ -115,6 +123,14 @@ class LabCounters:
     rpc_out_bytes: int = 0  # RPC_OUT_DATA channel payload (not echo answers), counted as it is written
     rpc_targets: dict[str, int] = field(default_factory=dict)  # "server:port" -> requests
     expect_continue_sent: int = 0
+    # RPC over HTTP v2 virtual connections (CONN/A1 + CONN/B1 channels, bridge.lab.rpch).
+    rpc_virtual_connections: int = 0  # paired (both channels arrived)
+    rpc_virtual_connections_open: int = 0
+    rpc_channels: dict[str, int] = field(default_factory=dict)  # "in" / "out" -> channels opened
+    rpc_binds: dict[str, int] = field(default_factory=dict)  # accepted binds by interface (EMSMDB, NSPI, RFR)
+    rpc_events: dict[str, int] = field(default_factory=dict)  # calls, bind_refusals, pings_received, flow_control_acks_*
+    rpc_out_closed_early: int = 0
+    rpc_slow_writes: deque = field(default_factory=lambda: deque(maxlen=64))  # monotonic time of each slow-echo fragment written
 
     def count_auth(self, scheme: str, success: bool) -> None:
         tally = self.auth_successes if success else self.auth_failures
@@ -133,6 +149,13 @@ class LabCounters:
             "rpc_out_bytes": self.rpc_out_bytes,
             "rpc_targets": dict(self.rpc_targets),
             "expect_continue_sent": self.expect_continue_sent,
+            "rpc_virtual_connections": self.rpc_virtual_connections,
+            "rpc_virtual_connections_open": self.rpc_virtual_connections_open,
+            "rpc_channels": dict(self.rpc_channels),
+            "rpc_binds": dict(self.rpc_binds),
+            "rpc_calls": self.rpc_events.get("calls", 0),
+            "rpc_events": dict(self.rpc_events),
+            "rpc_out_closed_early": self.rpc_out_closed_early,
         }
 
 
@@ -549,6 +572,7 @@ class ExchangeSimulator:
             self.routes["/rpc/rpcproxy.dll"] = (self.rpc_proxy, True)
         if not options.autodiscover:  # not published: IIS answers 404 like any other missing path
             del self.routes["/autodiscover/autodiscover.xml"]
+        self.virtual_connections = rpch.VirtualConnectionTable(counters.rpc_events, counters.rpc_binds)
 
     async def handle(self, request: BaseRequest) -> web.StreamResponse:
         entry = self._record_request(request)
@@ -707,17 +731,36 @@ class ExchangeSimulator:
         declared = request.content_length or 0
         if declared <= ECHO_MAX_BODY:
             return await self.rpc_echo(request)
+        out_size = _out_size(request.headers.get("X-Lab-Out-Size"))
+        if request.method == "RPC_OUT_DATA" and out_size is None:
+            return await self.final_without_body(request, iis_response(400, f"X-Lab-Out-Size must be a byte count up to {MAX_OUT_SIZE}"))
+        # A body that starts with CONN/A1 (OUT) or CONN/B1 (IN) opens a channel of a virtual
+        # connection; anything else keeps the lab's streaming sink and source.
+        await self.send_continue(request)
+        prefix, opening = await read_opening(request, declared)
+        if (request.method, opening) in (("RPC_OUT_DATA", "CONN/A1"), ("RPC_IN_DATA", "CONN/B1")):
+            port = rpch.target_port(target)
+            if port not in rpch.VALID_PORTS:
+                # The RPC proxy answers so for a server:port missing from its ValidPorts.
+                response = iis_response(503, "RPC Error", "text/plain")
+                response.set_status(503, "RPC Error")
+                response.force_close()
+                return response
+            if request.method == "RPC_OUT_DATA":
+                return await self.rpc_out_virtual(request, target, prefix)
+            return await self.rpc_in_virtual(request, target, prefix)
         if request.method == "RPC_IN_DATA":
-            return await self.rpc_in_channel(request, declared)
-        return await self.rpc_out_channel(request)
+            return await self.rpc_in_channel(request, declared, prefix)
+        return await self.rpc_out_channel(request, out_size or 0, prefix)
 
     async def rpc_echo(self, request: BaseRequest) -> web.StreamResponse:
         await self.read_body(request)
         return iis_response(200, rts_echo_response(), "application/rpc")
 
-    async def rpc_in_channel(self, request: BaseRequest, declared: int) -> web.StreamResponse:
+    async def rpc_in_channel(self, request: BaseRequest, declared: int, prefix: bytes = b"") -> web.StreamResponse:
         await self.send_continue(request)
-        digest, received = hashlib.sha256(), 0
+        digest, received = hashlib.sha256(prefix), len(prefix)
+        self.counters.rpc_in_bytes += len(prefix)
         async for chunk in request.content.iter_any():
             digest.update(chunk)
             received += len(chunk)
@@ -726,11 +769,8 @@ class ExchangeSimulator:
             return iis_response(400, b"")
         return iis_response(200, b"", X_Lab_Received_Bytes=str(received), X_Lab_Received_SHA256=digest.hexdigest())
 
-    async def rpc_out_channel(self, request: BaseRequest) -> web.StreamResponse:
-        size = _out_size(request.headers.get("X-Lab-Out-Size"))
-        if size is None:
-            return await self.final_without_body(request, iis_response(400, f"X-Lab-Out-Size must be a byte count up to {MAX_OUT_SIZE}"))
-        if await self.read_body(request) is None:
+    async def rpc_out_channel(self, request: BaseRequest, size: int, prefix: bytes = b"") -> web.StreamResponse:
+        if await self.read_body(request, limit=SMALL_BODY_LIMIT - len(prefix)) is None:
             return await self.final_without_body(request, iis_response(413, b""))
         response = web.StreamResponse(status=200, headers={"Server": SERVER_HEADER, "Content-Type": "application/rpc"})
         response.content_length = size
@@ -741,6 +781,97 @@ class ExchangeSimulator:
             self.counters.rpc_out_bytes += len(chunk)
         await response.write_eof()
         return response
+
+    # ----------------------------------------------------------------------- RPC over HTTP v2 channels
+
+    async def rpc_out_virtual(self, request: BaseRequest, target: str, opening: bytes) -> web.StreamResponse:
+        """The OUT channel: 200 with a 1 GiB Content-Length, CONN/A3 at once, CONN/C2 once the IN
+        channel is there, then whatever the virtual connection answers, as it comes."""
+        a1 = rts.parse_conn_a1(opening)
+        await self.read_body(request)  # CONN/A1 is the whole body; anything after it is ignored
+        try:
+            vc, paired = self.virtual_connections.attach(target, a1.virtual_connection_cookie, "out", request.transport, refuse_bind=self.options.refuse_bind)
+        except ValueError as exc:
+            return iis_response(400, str(exc))
+        vc.out_window = a1.receive_window_size
+        vc.out_channel_cookie = a1.out_channel_cookie
+        self._count_channel("out", paired)
+        response = web.StreamResponse(status=200, headers={"Server": SERVER_HEADER, "Content-Type": "application/rpc", "Cache-Control": "private"})
+        response.content_length = rpch.OUT_CHANNEL_CONTENT_LENGTH
+        add_final_challenges(request, response)
+        try:
+            await response.prepare(request)
+            await response.write(rts.conn_a3())
+            if self.options.close_out_early:
+                self.counters.rpc_out_closed_early += 1
+                return response  # the finally clause closes both channels' connections
+            await asyncio.wait_for(vc.paired.wait(), rpch.PAIRING_TIMEOUT)
+            await response.write(rts.conn_c2())
+            while (item := await vc.out_queue.get()) is not None:
+                if item.pause:
+                    await asyncio.sleep(item.pause)
+                if item.flow_controlled:
+                    await vc.wait_for_window(len(item.pdu))
+                    vc.out_sent += len(item.pdu)
+                await response.write(item.pdu)
+                if item.slow:
+                    self.counters.rpc_slow_writes.append(time.monotonic())
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            self._end_virtual_connection(vc)
+        return response  # the connection is closed: the 1 GiB body never completes, as with IIS
+
+    async def rpc_in_virtual(self, request: BaseRequest, target: str, opening: bytes) -> web.StreamResponse:
+        """The IN channel: each PDU is answered on the OUT channel as soon as it is whole."""
+        b1 = rts.parse_conn_b1(opening)
+        try:
+            vc, paired = self.virtual_connections.attach(target, b1.virtual_connection_cookie, "in", request.transport, refuse_bind=self.options.refuse_bind)
+        except ValueError as exc:
+            return await self.final_without_body(request, iis_response(400, str(exc)))
+        vc.in_channel_cookie = b1.in_channel_cookie
+        self._count_channel("in", paired)
+        reader = rts.PduReader()
+        try:
+            async for chunk in request.content.iter_any():
+                for pdu in reader.feed(chunk):
+                    for item in vc.on_in_pdu(pdu):
+                        vc.out_queue.put_nowait(item)
+        except (rts.RpcProtocolError, ConnectionError):
+            pass
+        finally:
+            self._end_virtual_connection(vc)
+        return iis_response(200, b"")  # only if the client really sent its whole declared body
+
+    def _count_channel(self, side: str, paired: bool) -> None:
+        counters = self.counters
+        counters.rpc_channels[side] = counters.rpc_channels.get(side, 0) + 1
+        if paired:
+            counters.rpc_virtual_connections += 1
+            counters.rpc_virtual_connections_open += 1
+
+    def _end_virtual_connection(self, vc: rpch.VirtualConnection) -> None:
+        if vc.paired.is_set() and not vc.ended:
+            self.counters.rpc_virtual_connections_open -= 1
+        self.virtual_connections.detach(vc)
+
+
+async def read_opening(request: BaseRequest, declared: int) -> tuple[bytes, str | None]:
+    """The body's first bytes and, when they are a CONN/A1 or CONN/B1 PDU, its name. Reads the 20-byte
+    RTS header, then the rest of the PDU only when the header says it is an RTS PDU of opening size."""
+    content = request.content
+    try:
+        prefix = await content.readexactly(min(declared, rts.RTS_HEADER_SIZE))
+    except asyncio.IncompleteReadError as exc:  # the client went away mid-body
+        return exc.partial, None
+    length = rpch.opening_length(prefix)
+    if length is None or length > declared:
+        return prefix, None
+    try:
+        prefix += await content.readexactly(length - len(prefix))
+    except asyncio.IncompleteReadError as exc:
+        return prefix + exc.partial, None
+    return prefix, rpch.opening_of(prefix)
 
 
 def _out_size(text: str | None) -> int | None:
@@ -889,6 +1020,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-autodiscover", dest="autodiscover", action="store_false", help="Autodiscover not published: /Autodiscover/Autodiscover.xml answers 404")
     parser.add_argument("--key-bits", type=int, default=1024, choices=(512, 768, 1024, 2048), help="RSA key size of the lab's certificate (default 1024, as Exchange 2007 made them)")
     parser.add_argument("--delay", type=float, default=0.0, metavar="S", help="seconds before every answer: a slow server (default 0)")
+    parser.add_argument("--refuse-bind", action="store_true", help="Outlook Anywhere: answer every RPC bind with bind_nak (the Exchange interface is not reachable)")
+    parser.add_argument("--close-out-early", action="store_true", help="Outlook Anywhere: close the RPC_OUT_DATA channel right after CONN/A3 (a load balancer or timeout cutting it)")
     parser.add_argument("--user", dest="users", type=_user_argument, action="append", metavar="'DOMAIN\\user:password'",
                         help="a mailbox user, repeatable (default LAB\\alice:Passw0rd!)")
 
@@ -908,6 +1041,8 @@ def options_from_args(args: argparse.Namespace) -> LabOptions:
         autodiscover=args.autodiscover,
         key_bits=args.key_bits,
         delay=args.delay,
+        refuse_bind=args.refuse_bind,
+        close_out_early=args.close_out_early,
     )
 
 
@@ -919,8 +1054,15 @@ def ready_line(lab: Lab) -> str:
     return (
         f"Exchange 2007 lab ready at {lab.url} as {options.hostname}: {TLS_SHAPES[options.tls_max][2]}, "
         f"{certificate} sha256 {lab.fingerprint} (bridge flag: {pin_flag(lab.fingerprint)}), auth {auth}, "
-        f"users {users}, RPC {'on' if options.rpc else 'off'}. Ctrl-C stops it."
+        f"users {users}, RPC {_rpc_state(options)}. Ctrl-C stops it."
     )
+
+
+def _rpc_state(options: LabOptions) -> str:
+    if not options.rpc:
+        return "off"
+    shapes = [name for name, on in (("binds refused", options.refuse_bind), ("OUT channel closed after CONN/A3", options.close_out_early)) if on]
+    return "on" + (f" ({', '.join(shapes)})" if shapes else "")
 
 
 async def serve_until_signalled(options: LabOptions) -> None:

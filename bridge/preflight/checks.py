@@ -37,11 +37,13 @@ from bridge.preflight.probe import (
     HttpConnection,
     HttpTarget,
     ProbeError,
+    VirtualConnectionProbe,
     exact_version_context,
     http_exchange,
     legacy_client,
     offers,
     parse_head,
+    probe_virtual_connection,
     reason_of,
     refused_handshake,
     request_headers,
@@ -51,6 +53,7 @@ from bridge.preflight.probe import (
     trusting_context,
     unverified_modern_context,
 )
+from bridge.protocol import rts
 from bridge.proxy.port80 import ACME_PREFIX
 from bridge.proxy.relay import SECURITY_HEADERS
 
@@ -97,6 +100,30 @@ COMPARED_DETAILS = {
     "logon": ("outcome", "http_status"),
     "autodiscover": ("http_status", "error", "exchange_server", "legacy_dn", "auth_package"),
     "rpc": ("rpc_in_data", "rpc_out_data"),
+    "outlook_anywhere": ("outcome", "binds"),
+}
+
+# The virtual connections of the Outlook Anywhere check, one per port (the port is in the URL):
+# (port, interface, syntax, required, call). RFR counts only where it answers.
+OUTLOOK_ANYWHERE = (
+    (rts.PORT_EMSMDB, "EMSMDB", rts.EMSMDB, True, (rts.OPNUM_EC_DUMMY_RPC, b"")),
+    (rts.PORT_NSPI, "NSPI", rts.NSPI, True, None),
+    (rts.PORT_RFR, "RFR", rts.RFR, False, None),
+)
+# What runs each interface on Exchange 2007 (named in the fix of a refused bind).
+INTERFACE_SERVICES = {
+    "EMSMDB": "Microsoft Exchange Information Store (MSExchangeIS)",
+    "NSPI": "Microsoft Exchange System Attendant (MSExchangeSA, its DSProxy)",
+    "RFR": "Microsoft Exchange System Attendant (MSExchangeSA, its referral service)",
+}
+STEP_LABELS = {
+    "out_channel": "opening the OUT channel (RPC_OUT_DATA with CONN/A1)",
+    "in_channel": "opening the IN channel (RPC_IN_DATA with CONN/B1)",
+    "conn_a3": "waiting for CONN/A3 on the OUT channel",
+    "conn_c2": "waiting for CONN/C2 on the OUT channel",
+    "bind": "the bind",
+    "call": "the EcDummyRpc call",
+    "close": "closing",
 }
 
 
@@ -173,6 +200,7 @@ def http_suffixes(settings: Settings) -> list[str]:
         suffixes += [f"logon.{scheme}" for scheme in wanted_schemes(settings.auth)]
         suffixes.append("autodiscover")
         suffixes += [f"rpc.{port}" for port in RPC_PORTS]
+        suffixes.append("outlook_anywhere")
     return suffixes
 
 
@@ -291,6 +319,90 @@ def pox_settings(body: bytes) -> dict[str, Any]:
             found["expr_ssl"] = protocol.findtext(f"{POX_NS}SSL")
             found["expr_auth_package"] = protocol.findtext(f"{POX_NS}AuthPackage")
     return found
+
+
+def outlook_anywhere_fix(probe: VirtualConnectionProbe, server: str, scheme: str) -> str:
+    """What to do about the step that failed, named by what it saw."""
+    step = probe.failed
+    assert step is not None
+    where = f"{server}:{probe.port}"
+    if step.problem == "http" and step.http_status == 503:
+        return (f"The RPC proxy refuses {where} (503): add {server}:6001-6004 (with its NetBIOS and its FQDN form) to the ValidPorts "
+                "registry value of the RPC proxy (HKLM\\SOFTWARE\\Microsoft\\Rpc\\RpcProxy), and check that the name resolves on the Client Access Server.")
+    if step.problem == "http" and step.http_status == 401:
+        label = "Ntlm" if scheme == "ntlm" else "Basic"
+        return (f"The RPC proxy refused the logon on the {step.name.split('_')[0].upper()} channel: set its authentication to what the migration "
+                f"endpoint uses (Set-OutlookAnywhere -ClientAuthenticationMethod {label}) and check the IIS authentication of /rpc.")
+    if step.problem == "http":
+        return "Check the RPC over HTTP Proxy feature and Outlook Anywhere on the Client Access Server (its IIS log shows this request)."
+    if step.problem in ("connect",) or (step.problem == "timeout" and step.name.endswith("_channel")):
+        if step.name == "in_channel" and step.problem == "timeout":
+            return ("The IN channel (RPC_IN_DATA, Expect: 100-continue) got no 100 Continue: something in between holds the request back "
+                    "(a load balancer or reverse proxy that waits for the 1 GiB body); let it pass 100 Continue and stream the body.")
+        return "Check that the server answers HTTPS on /rpc/rpcproxy.dll (the other checks above show how it answers)."
+    if step.name in ("conn_a3", "conn_c2") or step.problem == "closed":
+        seen = {True: "the IN channel did get its 100 Continue", False: "the IN channel got no 100 Continue", None: "the IN channel was not opened"}[probe.in_continued]
+        if step.problem == "closed":
+            return ("The OUT channel (RPC_OUT_DATA) was closed early: something in between cuts the long response (a load balancer's or firewall's "
+                    f"response or idle timeout, or the bridge's --idle-timeout); let RPC_OUT_DATA stream for hours ({seen}).")
+        if step.name == "conn_a3":
+            return ("CONN/A3 did not come although the OUT channel answered 200: something in between buffers the 1 GiB RPC_OUT_DATA response "
+                    f"instead of streaming it (a load balancer or reverse proxy); switch response buffering off for /rpc ({seen}).")
+        return ("CONN/A3 came but CONN/C2 did not: the RPC proxy never saw the IN channel's CONN/B1 (something in between holds back the "
+                f"RPC_IN_DATA body or its 100 Continue), or it cannot reach {where} ({seen}).")
+    if step.problem in ("bind_nak", "rejected"):
+        return (f"The Exchange {probe.interface} interface is not reachable on {where}: check that the {INTERFACE_SERVICES.get(probe.interface, probe.interface)} "
+                f"service runs on {server} and that Outlook Anywhere's fixed port {probe.port} is in use (Enable-OutlookAnywhere; restart the service after changing ports).")
+    if step.problem == "fault":
+        return f"The Exchange server answered a fault on {where}: look at its application event log (MSExchangeIS / MSExchangeSA) for this time."
+    if step.problem == "protocol":
+        return "The OUT channel carried something that is not RPC (e.g. an error page inserted by a device in between): look at what answers /rpc/rpcproxy.dll."
+    return "Check the RPC over HTTP Proxy feature and Outlook Anywhere on the Client Access Server."
+
+
+def evaluate_outlook_anywhere(server: str, scheme: str, probes: list[VirtualConnectionProbe], elapsed: float) -> tuple[str, str, dict[str, Any], str]:
+    """(status, summary, details, fix) of the Outlook Anywhere connection test: fail when EMSMDB or NSPI
+    fails (naming the step and its fix), warn when only RFR does, pass otherwise."""
+    channels = {str(probe.port): {"interface": probe.interface, "required": probe.required, "in_continue": probe.in_continued,
+                                  "failed_step": probe.failed.name if probe.failed else None, "steps": [step.as_json() for step in probe.steps]}
+                for probe in probes}
+
+    def bind_state(probe: VirtualConnectionProbe) -> str:
+        bind = next((step for step in probe.steps if step.name == "bind"), None)
+        return "not reached" if bind is None else ("accepted" if bind.ok else bind.problem)
+
+    failures = [probe for probe in probes if probe.failed]
+    outcome = "; ".join(f"{p.port} {p.interface}: {p.failed.name} {p.failed.problem}" for p in failures if p.failed) or "ok"
+    details: dict[str, Any] = {
+        "server": server, "scheme": scheme, "path": "/rpc/rpcproxy.dll", "duration_ms": round(elapsed * 1000, 1), "outcome": outcome,
+        "binds": {f"{probe.port} {probe.interface}": bind_state(probe) for probe in probes}, "channels": channels,
+    }
+
+    def done_part(probe: VirtualConnectionProbe) -> str:
+        called = " and answered EcDummyRpc" if any(step.name == "call" for step in probe.steps) else ""
+        return f"{probe.interface} on {probe.port} bound{called}"
+
+    def failed_part(probe: VirtualConnectionProbe) -> str:
+        step = probe.failed
+        assert step is not None
+        return f"{probe.interface} on {server}:{probe.port} failed at {STEP_LABELS.get(step.name, step.name)}: {step.note}"
+
+    required = [probe for probe in failures if probe.required]
+    if required:
+        first = required[0]
+        also = [f"{p.port} {p.interface} at {p.failed.name}" for p in failures[1:] if p is not first and p.failed]
+        summary = f"Outlook Anywhere: {failed_part(first)}" + (f" (also {', '.join(also)})" if also else "")
+        first_step = first.failed
+        if first_step is not None and first_step.problem in ("timeout", "connect") and first_step.name.endswith("_channel"):
+            details["error"] = first_step.note  # an HTTP answer that did not come in time: --timeout sizes the fix
+        return "fail", summary, details, outlook_anywhere_fix(first, server, scheme)
+    working = ", ".join(done_part(probe) for probe in probes if not probe.failed)
+    total = f"{elapsed * 1000:.0f} ms"
+    if failures:
+        optional = failures[0]
+        return "warn", f"Outlook Anywhere to {server} works ({working}, {total}); {failed_part(optional)}", details, (
+            f"Outlook uses RFR for address book referrals; the migration does not need it. {outlook_anywhere_fix(optional, server, scheme)}")
+    return "pass", f"Outlook Anywhere to {server} works: {working}, each on its own virtual connection, closed cleanly ({total})", details, ""
 
 
 def rpc_outcome(answer: HttpAnswer | None, error: str | None) -> str:
@@ -555,7 +667,7 @@ class Preflight:
         scheme = self.working_scheme(results)
         if scheme is None:
             reason = "no logon succeeded" if any(results[f"logon.{s}"].status == "fail" for s in logons) else "no usable authentication scheme"
-            for suffix in ["autodiscover"] + [f"rpc.{port}" for port in RPC_PORTS]:
+            for suffix in ["autodiscover"] + [f"rpc.{port}" for port in RPC_PORTS] + ["outlook_anywhere"]:
                 done(suffix, "skip", f"skipped: {reason}")
             return results
         status, summary, details, fix, found = outcome
@@ -574,8 +686,9 @@ class Preflight:
             reason = "no Exchange server name from Autodiscover (give it with --exchange-server)" if not server else "/rpc/rpcproxy.dll is missing"
             for port in RPC_PORTS:
                 done(f"rpc.{port}", "skip", f"skipped: {reason}")
+            done("outlook_anywhere", "skip", f"skipped: {reason}")
             return results
-        await asyncio.gather(*(self.rpc_echo(target, scheme, server, port, done) for port in RPC_PORTS))
+        await asyncio.gather(*(self.rpc_echo(target, scheme, server, port, done) for port in RPC_PORTS), self.outlook_anywhere(target, scheme, server, done))
         return results
 
     def working_scheme(self, results: dict[str, Check]) -> str | None:
@@ -680,6 +793,17 @@ class Preflight:
         else:
             fix = "Check the RPC over HTTP Proxy feature and Outlook Anywhere on the Client Access Server."
         done(f"rpc.{port}", "fail", summary, details, fix)
+
+    async def outlook_anywhere(self, target: HttpTarget, scheme: str, server: str, done: Callable[..., None]) -> None:
+        """A real Outlook Anywhere connection per port, as Outlook and the migration service open it."""
+        credentials = self.settings.credentials
+        assert credentials is not None
+        started = time.monotonic()
+        probes = await asyncio.gather(*(
+            probe_virtual_connection(target, server, port, name, syntax, credentials, scheme, call=call, required=required)
+            for port, name, syntax, required, call in OUTLOOK_ANYWHERE
+        ))
+        done("outlook_anywhere", *evaluate_outlook_anywhere(server, scheme, list(probes), time.monotonic() - started))
 
     # ---- bridge side ---------------------------------------------------------------------------
     async def bridge_side(self) -> None:
@@ -893,8 +1017,10 @@ def compare(suffix: str, direct: Check | None, via: Check) -> Check:
         note = "" if direct.status == "pass" else f" (the direct check is {direct.status})"
         return Check(check_id, "bridge", "pass", f"same as direct: {via.summary}{note}", details)
     differences = ", ".join(f"{key} {direct_values[key]!r} directly but {through[key]!r} through the bridge" for key in keys if direct_values[key] != through[key])
-    return Check(check_id, "bridge", "fail", f"differs through the bridge: {differences}", details,
-                 "Check the bridge's forward_paths and its log (journalctl -u exchange-bridge) for this request; the bridge must pass it unchanged.")
+    fix = "Check the bridge's forward_paths and its log (journalctl -u exchange-bridge) for this request; the bridge must pass it unchanged."
+    if suffix == "outlook_anywhere" and via.status == "fail" and via.fix:
+        fix = via.fix  # the failing step names its own fix, which applies between Exchange Online and the bridge too
+    return Check(check_id, "bridge", "fail", f"differs through the bridge: {differences}", details, fix)
 
 
 def security_headers_check(answer: HttpAnswer) -> Check:

@@ -13,6 +13,7 @@ import socket
 import ssl
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import spnego
 from bridge.config import is_ip_address
 from bridge.net.tls import legacy_context
 from bridge.net.upstream import response_has_body
+from bridge.protocol import rts
 
 USER_AGENT = "exchange-bridge-preflight"
 MAX_BODY = 1024 * 1024
@@ -318,3 +320,336 @@ def ntlm_challenge(answer: HttpAnswer) -> tuple[str, bytes] | None:
 def offers(schemes: list[str], scheme: str) -> bool:
     lowered = {s.lower() for s in schemes}
     return "basic" in lowered if scheme == "basic" else bool(lowered & {"ntlm", "negotiate"})
+
+
+# --------------------------------------------------------------------------- Outlook Anywhere: RPC over HTTP v2
+#
+# A virtual connection needs what the client above cannot do: a request whose body is sent a PDU at
+# a time and never ends (RPC_IN_DATA, Content-Length 1 GiB), and a response read as it arrives
+# (RPC_OUT_DATA, also 1 GiB). The HTTP here is the minimum for that (one request head, one response
+# head, Content-Length or chunked framing) and stays local until the shared HTTP core takes it over.
+
+RPC_CHANNEL_HEADERS = {"User-Agent": "MSRPC", "Accept": "application/rpc", "Cache-Control": "no-cache", "Pragma": "no-cache", "Connection": "Keep-Alive"}
+IN_CHANNEL_LENGTH = rts.DEFAULT_CHANNEL_LIFETIME  # 1 GiB, what Windows declares for RPC_IN_DATA
+READ_SIZE = 64 * 1024
+
+
+class ChannelClosed(ProbeError):
+    """The peer closed a channel (or the response body ended) before what was awaited came."""
+
+
+@dataclass
+class ChannelHead:
+    """What opening a channel got: the final status (None for an IN channel that got its 100 Continue),
+    whether a 100 Continue came, and the response headers."""
+
+    status: int | None
+    continued: bool
+    headers: list[tuple[str, str]] = field(default_factory=list)
+
+    def header(self, name: str) -> str | None:
+        return next((value for key, value in self.headers if key.lower() == name.lower()), None)
+
+
+class RpcChannel:
+    """One RPC_IN_DATA or RPC_OUT_DATA channel on its own TLS connection (NTLM is bound to it).
+
+    ``open`` runs the authentication and sends the request head with the channel's first PDU (CONN/A1
+    or CONN/B1); then ``send`` writes more PDUs (IN) and ``read`` returns response body bytes as they
+    arrive (OUT)."""
+
+    def __init__(self, connection: HttpConnection, method: str) -> None:
+        self.connection = connection
+        self.method = method
+        self.received = 0  # response body bytes read
+        self._left: int | None = None  # Content-Length left (None: until the connection closes)
+        self._chunked = False
+        self._chunk_left = 0
+
+    @classmethod
+    async def open(
+        cls, target: HttpTarget, method: str, path: str, credentials: Credentials, scheme: str, *,
+        content_length: int, opening: bytes, expect_continue: bool,
+    ) -> tuple[RpcChannel, ChannelHead]:
+        connection = await HttpConnection.open(target)
+        channel = cls(connection, method)
+        try:
+            head = await channel._start(path, credentials, scheme, content_length, opening, expect_continue)
+        except BaseException:
+            connection.close()
+            raise
+        return channel, head
+
+    async def _start(self, path: str, credentials: Credentials, scheme: str, length: int, opening: bytes, expect_continue: bool) -> ChannelHead:
+        connection, timeout = self.connection, self.connection.target.timeout
+        headers = dict(RPC_CHANNEL_HEADERS)
+        if scheme == "basic":
+            authorization = "Basic " + base64.b64encode(f"{credentials.username}:{credentials.password}".encode()).decode()
+        else:
+            # NTLM's first leg with an empty body, as Outlook and impacket do; the channel is the last leg.
+            host = connection.target.sni or connection.target.address
+            client = spnego.client(credentials.username, credentials.password, hostname=host, service="http", protocol="ntlm")
+            first = await connection.request(self.method, path, headers | {"Authorization": f"NTLM {base64.b64encode(client.step() or b'').decode()}"})
+            challenge = ntlm_challenge(first)
+            if first.status != 401 or challenge is None:
+                return ChannelHead(first.status, False, first.headers)
+            try:
+                token = client.step(challenge[1])
+            except Exception as exc:  # noqa: BLE001 - pyspnego raises assorted errors on a malformed challenge
+                raise ProbeError(f"the NTLM challenge could not be used ({type(exc).__name__})") from None
+            authorization = f"{challenge[0]} {base64.b64encode(token or b'').decode()}"
+        lines = [f"{self.method} {path} HTTP/1.1", f"Host: {connection.target.host_header}"]
+        lines += [f"{name}: {value}" for name, value in headers.items()]
+        lines += [f"Authorization: {authorization}", f"Content-Length: {length}"]
+        if expect_continue:
+            lines.append("Expect: 100-continue")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        try:
+            connection.writer.write(head if expect_continue else head + opening)
+            continued = False
+            while True:
+                raw = await asyncio.wait_for(connection.reader.readuntil(b"\r\n\r\n"), timeout)
+                status, answer_headers = parse_head(raw)
+                if status == 100:
+                    continued = True
+                    if expect_continue:
+                        connection.writer.write(opening)
+                        await connection.writer.drain()
+                        return ChannelHead(None, True, answer_headers)
+                    continue
+                if 100 < status < 200:
+                    continue
+                break
+        except TimeoutError:
+            if expect_continue:
+                raise ProbeError(f"no 100 Continue (nor any answer) to {self.method} within the timeout") from None
+            raise ProbeError(f"no answer within the timeout to {self.method}") from None
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
+            raise ProbeError(f"no HTTP answer to {self.method} ({reason_of(exc)})") from None
+        values = {key.lower(): value for key, value in answer_headers}
+        if "chunked" in values.get("transfer-encoding", "").lower():
+            self._chunked = True
+        elif values.get("content-length", "").isdigit():
+            self._left = int(values["content-length"])
+        return ChannelHead(status, continued, answer_headers)
+
+    @property
+    def chunked(self) -> bool:
+        return self._chunked
+
+    async def send(self, data: bytes) -> None:
+        """More of the request body (PDUs on the IN channel)."""
+        try:
+            self.connection.writer.write(data)
+            await self.connection.writer.drain()
+        except OSError as exc:
+            raise ChannelClosed(f"the {self.method} channel was closed ({reason_of(exc)})") from None
+
+    async def read(self) -> bytes:
+        """The next response body bytes as they arrive; ChannelClosed at the end of the body."""
+        reader = self.connection.reader
+        try:
+            if self._chunked:
+                if self._chunk_left == 0:
+                    if self.received:
+                        await reader.readexactly(2)  # the CRLF after the previous chunk
+                    size = int((await reader.readuntil(b"\r\n")).split(b";")[0].strip() or b"0", 16)
+                    if size == 0:
+                        raise ChannelClosed(f"the {self.method} response ended after {self.received} bytes")
+                    self._chunk_left = size
+                data = await reader.read(min(READ_SIZE, self._chunk_left))
+                self._chunk_left -= len(data)
+            elif self._left == 0:
+                raise ChannelClosed(f"the {self.method} response ended after {self.received} bytes")
+            else:
+                data = await reader.read(READ_SIZE if self._left is None else min(READ_SIZE, self._left))
+                if self._left is not None:
+                    self._left -= len(data)
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
+            raise ChannelClosed(f"the {self.method} channel was closed after {self.received} bytes ({reason_of(exc)})") from None
+        if not data:
+            raise ChannelClosed(f"the {self.method} channel was closed after {self.received} bytes")
+        self.received += len(data)
+        return data
+
+    async def close(self) -> None:
+        """Close the connection (TLS close_notify), waiting briefly for the peer."""
+        writer = self.connection.writer
+        writer.close()
+        try:
+            await asyncio.wait_for(writer.wait_closed(), min(1.0, self.connection.target.timeout))
+        except (TimeoutError, OSError, ssl.SSLError):
+            pass
+
+
+@dataclass
+class Step:
+    """One step of a virtual connection: what it was, whether it worked, how long it took; when it did
+    not, ``problem`` says how (connect, http, no_continue, timeout, closed, protocol, bind_nak, rejected,
+    fault) and ``http_status`` the status that came instead of the one expected."""
+
+    name: str
+    ok: bool
+    ms: float
+    note: str = ""
+    problem: str = ""
+    http_status: int | None = None
+
+    def as_json(self) -> dict[str, object]:
+        found: dict[str, object] = {"step": self.name, "ok": self.ok, "ms": round(self.ms, 1), "note": self.note}
+        if self.problem:
+            found["problem"] = self.problem
+        if self.http_status is not None:
+            found["http_status"] = self.http_status
+        return found
+
+
+@dataclass
+class VirtualConnectionProbe:
+    """One virtual connection to one port: its steps in order (the last one failed, if any did)."""
+
+    port: int
+    interface: str
+    required: bool
+    steps: list[Step] = field(default_factory=list)
+    in_continued: bool | None = None  # whether the IN channel got its 100 Continue
+
+    @property
+    def failed(self) -> Step | None:
+        return next((step for step in self.steps if not step.ok), None)
+
+
+async def probe_virtual_connection(
+    target: HttpTarget, server: str, port: int, interface: str, syntax: rts.SyntaxId, credentials: Credentials, scheme: str,
+    *, call: tuple[int, bytes] | None = None, required: bool = True,
+) -> VirtualConnectionProbe:
+    """Open a virtual connection to ``server:port`` as Outlook does, bind ``syntax``, make ``call``
+    (opnum, stub) when given, and close. Every network wait is bounded by the target's timeout."""
+    path = f"/rpc/rpcproxy.dll?{server}:{port}"
+    result = VirtualConnectionProbe(port, interface, required)
+    vc = rts.ClientVirtualConnection()
+    timeout = target.timeout
+    channels: dict[str, RpcChannel] = {}
+    pending: list[rts.Event] = []
+
+    def step(name: str, started: float, ok: bool, note: str, problem: str = "", http_status: int | None = None) -> bool:
+        result.steps.append(Step(name, ok, (time.monotonic() - started) * 1000, note, problem, http_status))
+        return ok
+
+    async def open_channel(name: str, method: str, length: int, opening: bytes, expect: bool) -> tuple[str, float, RpcChannel | None, ChannelHead | None, str]:
+        started = time.monotonic()
+        try:
+            channel, head = await RpcChannel.open(target, method, path, credentials, scheme, content_length=length, opening=opening, expect_continue=expect)
+        except ProbeError as exc:
+            return name, started, None, None, str(exc)
+        channels[name] = channel
+        return name, started, channel, head, ""
+
+    async def next_event(kinds: tuple[type, ...]) -> rts.Event:
+        out, inn = channels["out"], channels["in"]
+        while True:
+            while pending:
+                event = pending.pop(0)
+                if isinstance(event, kinds):
+                    return event
+            pending.extend(vc.feed_out(await out.read()))
+            owed = vc.take_in_channel_bytes()  # flow control acks for the OUT channel
+            if owed:
+                await inn.send(owed)
+
+    async def await_step(name: str, what: str, kinds: tuple[type, ...], started: float) -> rts.Event | None:
+        received = channels["out"].received
+        try:
+            return await asyncio.wait_for(next_event(kinds), timeout)
+        except TimeoutError:
+            body = channels["out"].received - received
+            step(name, started, False, f"no {what} within --timeout {timeout:g} s ({channels['out'].received} bytes of the OUT channel's body had come, {body} of them while waiting)", "timeout")
+        except ChannelClosed as exc:
+            step(name, started, False, f"{exc} before {what}", "closed")
+        except rts.RpcProtocolError as exc:
+            step(name, started, False, f"the OUT channel carried something that is not RPC: {exc}", "protocol")
+        return None
+
+    try:
+        opened = await asyncio.gather(
+            open_channel("out", "RPC_OUT_DATA", len(vc.out_channel_opening()), vc.out_channel_opening(), False),
+            open_channel("in", "RPC_IN_DATA", IN_CHANNEL_LENGTH, vc.in_channel_opening(), True),
+        )
+        for name, started, channel, head, error in opened:
+            label = f"{name}_channel"
+            if channel is None or head is None:
+                step(label, started, False, error, "timeout" if "within the timeout" in error else "connect")
+                return result
+            if name == "in":
+                result.in_continued = head.continued
+            if name == "out" and head.status == 200:
+                step(label, started, True, f"200, Content-Length {head.header('Content-Length') or 'none'}" + (", chunked" if channel.chunked else ""))
+            elif name == "in" and head.status is None:
+                step(label, started, True, "100 Continue, CONN/B1 sent")
+            else:
+                problem = "http"
+                step(label, started, False, f"answered {head.status} instead of {'200' if name == 'out' else '100 Continue'}", problem, head.status)
+                return result
+        a3_started = time.monotonic()
+        if await await_step("conn_a3", "CONN/A3", (rts.ConnA3Received,), a3_started) is None:
+            return result
+        step("conn_a3", a3_started, True, f"ConnectionTimeout {vc.connection_timeout} ms")
+        c2_started = time.monotonic()
+        c2 = await await_step("conn_c2", "CONN/C2", (rts.ConnC2Received,), c2_started)
+        if c2 is None:
+            return result
+        assert isinstance(c2, rts.ConnC2Received)
+        step("conn_c2", c2_started, True, f"IN window {c2.receive_window_size} bytes, ConnectionTimeout {c2.connection_timeout} ms")
+        bind_started = time.monotonic()
+        try:
+            await channels["in"].send(vc.bind(syntax))
+        except ChannelClosed as exc:
+            step("bind", bind_started, False, str(exc), "closed")
+            return result
+        answer = await await_step("bind", f"an answer to the {interface} bind", (rts.BindAckReceived, rts.BindNakReceived, rts.FaultReceived), bind_started)
+        if answer is None:
+            return result
+        if not bind_judged(answer, interface, bind_started, step):
+            return result
+        if call is not None:
+            opnum, stub = call
+            call_started = time.monotonic()
+            request = vc.request(opnum, stub)
+            call_id = rts.parse_header(request).call_id
+            try:
+                await channels["in"].send(request)
+            except ChannelClosed as exc:
+                step("call", call_started, False, str(exc), "closed")
+                return result
+            reply = await await_step("call", f"an answer to call {call_id} (opnum {opnum})", (rts.ResponseReceived, rts.FaultReceived), call_started)
+            if reply is None:
+                return result
+            if isinstance(reply, rts.FaultReceived):
+                step("call", call_started, False, f"opnum {opnum} answered fault {reply.fault.status:#010x}", "fault")
+                return result
+            assert isinstance(reply, rts.ResponseReceived)
+            status = int.from_bytes(reply.stub[-4:], "little") if len(reply.stub) >= 4 else None
+            step("call", call_started, True, f"opnum {opnum} answered {len(reply.stub)} bytes" + (f", status {status:#010x}" if status is not None else ""))
+        close_started = time.monotonic()
+        await asyncio.gather(*(channel.close() for channel in channels.values()))
+        channels.clear()
+        step("close", close_started, True, "both channels closed")
+        return result
+    finally:
+        for channel in channels.values():
+            channel.connection.close()
+
+
+def bind_judged(answer: rts.Event, interface: str, started: float, step: Callable[..., bool]) -> bool:
+    if isinstance(answer, rts.BindNakReceived):
+        return step("bind", started, False, f"bind_nak (reason {answer.bind_nak.reason}) for {interface}", "bind_nak")
+    if isinstance(answer, rts.FaultReceived):
+        return step("bind", started, False, f"fault {answer.fault.status:#010x} for the {interface} bind", "fault")
+    assert isinstance(answer, rts.BindAckReceived)
+    ack = answer.bind_ack
+    result = ack.results[0] if ack.results else None
+    if result is None or not result.accepted:
+        reason = f"result {result.result}, reason {result.reason}" if result is not None else "no result"
+        return step("bind", started, False, f"{interface} rejected ({reason})", "rejected")
+    where = f", secondary address {ack.secondary_address}" if ack.secondary_address else ""
+    return step("bind", started, True, f"bind_ack: {interface} accepted{where}, max_frag {ack.max_xmit_frag}/{ack.max_recv_frag}")

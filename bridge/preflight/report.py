@@ -31,7 +31,7 @@ DATA_HANDLING_NOTE = (
 
 # Checks that make up each hop of the path picture.
 FRONT_HOP = ("bridge.dns", "bridge.tcp", "bridge.tls.modern", "bridge.certificate")
-BACK_HOP_PREFIXES = ("bridge.http.", "bridge.logon.", "bridge.autodiscover", "bridge.rpc.")
+BACK_HOP_PREFIXES = ("bridge.http.", "bridge.logon.", "bridge.autodiscover", "bridge.rpc.", "bridge.outlook_anywhere")
 
 
 # --------------------------------------------------------------------------- running with progress
