@@ -30,7 +30,6 @@ from bridge.config import LegacyServer, is_ip_address
 from bridge.net.tls import fingerprint, pin_flag
 from bridge.net.upstream import probe_obsolete_suites
 from bridge.preflight.probe import (
-    USER_AGENT,
     Credentials,
     Handshake,
     HttpAnswer,
@@ -42,7 +41,7 @@ from bridge.preflight.probe import (
     http_exchange,
     legacy_client,
     offers,
-    parse_head,
+    plain_http_get,
     probe_virtual_connection,
     reason_of,
     refused_handshake,
@@ -850,7 +849,7 @@ class Preflight:
         port = settings.http_port
         host = settings.fqdn if port == 80 else f"{settings.fqdn}:{port}"
         try:
-            _, headers, status = await plain_http_get(address, port, host, "/", settings.timeout)  # type: ignore[arg-type]  # bridge checks run only with --fqdn
+            headers, status = await plain_http_get(address, port, host, "/", settings.timeout)  # type: ignore[arg-type]  # bridge checks run only with --fqdn
         except Exception as exc:  # noqa: BLE001
             reason = reason_of(exc)
             fix = f"Open port {port} to the bridge: Let's Encrypt renews over HTTP-01 on it (ignore if the certificate is managed elsewhere)."
@@ -866,7 +865,7 @@ class Preflight:
                               "Let the bridge itself listen on port 80 (it redirects and answers ACME challenges)."))
         token = "preflight-" + secrets.token_urlsafe(12)
         try:
-            _, headers, status = await plain_http_get(address, port, host, ACME_PREFIX + token, settings.timeout)  # type: ignore[arg-type]  # bridge checks run only with --fqdn
+            headers, status = await plain_http_get(address, port, host, ACME_PREFIX + token, settings.timeout)  # type: ignore[arg-type]  # bridge checks run only with --fqdn
         except Exception as exc:  # noqa: BLE001
             self.record(Check("bridge.port80.acme", "bridge", "warn", f"the ACME challenge path got no answer ({reason_of(exc)})", {"port": port}, ""))
             return
@@ -1058,17 +1057,6 @@ async def accepted_suites(address: str, port: int, sni: str, version: ssl.TLSVer
         if version == ssl.TLSVersion.TLSv1_3:
             break  # TLS 1.3 suites cannot be excluded through set_ciphers
     return found
-
-
-async def plain_http_get(address: str, port: int, host: str, path: str, timeout: float) -> tuple[bytes, dict[str, str], int]:
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(address, port), timeout)
-    try:
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: {USER_AGENT}\r\nConnection: close\r\n\r\n".encode())
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
-    finally:
-        writer.close()
-    status, headers = parse_head(head)
-    return head, {name.lower(): value for name, value in headers}, status
 
 
 async def run_preflight(settings: Settings, on_result: Callable[[Check], None] | None = None) -> Report:

@@ -1,5 +1,6 @@
 """Network probes for `bridge preflight`: TLS contexts for each question, resolution and TCP with one
-timeout, handshakes, and a small HTTP/1.1 client that can run NTLM on one connection.
+timeout, handshakes, and a small HTTP/1.1 client that can run NTLM on one connection (its heads and
+bodies are read by the sans-IO core, bridge.protocol.http1, like the bridge's own).
 
 Kept apart from the checks (bridge.preflight) so the judgement of answers and the gathering of them
 can be read separately.
@@ -13,7 +14,7 @@ import socket
 import ssl
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,12 +22,15 @@ import spnego
 
 from bridge.config import is_ip_address
 from bridge.net.tls import legacy_context
-from bridge.net.upstream import response_has_body
 from bridge.protocol import rts
+from bridge.protocol.http1 import Body, ChunkedDecoder, ChunkedError, ResponseHead, ResponseRefused, parse_response_head, response_body_framing, response_head_length
 
 USER_AGENT = "exchange-bridge-preflight"
 MAX_BODY = 1024 * 1024
 MAX_HEAD = 64 * 1024
+READ_SIZE = 64 * 1024
+# What a malformed answer raises while it is read (each becomes one ProbeError sentence).
+BAD_ANSWER = (OSError, asyncio.IncompleteReadError, ValueError, ResponseRefused, ChunkedError)
 
 
 class ProbeError(Exception):
@@ -157,7 +161,7 @@ class HttpTarget:
     port: int
     sni: str  # "" sends no SNI
     host_header: str
-    context: ssl.SSLContext
+    context: ssl.SSLContext | None  # None: plain HTTP (the bridge's port 80)
     timeout: float
 
 
@@ -185,6 +189,7 @@ class HttpConnection:
         self.target = target
         self.reader = reader
         self.writer = writer
+        self.pushback = b""  # bytes read past the end of the last response
 
     @classmethod
     async def open(cls, target: HttpTarget) -> HttpConnection:
@@ -211,48 +216,85 @@ class HttpConnection:
         try:
             self.writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
             return await asyncio.wait_for(self._read_answer(method), self.target.timeout)
-        except (TimeoutError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
+        except (TimeoutError, *BAD_ANSWER) as exc:
             raise ProbeError(f"no HTTP answer to {method} {path.split('?')[0]} ({reason_of(exc)})") from None
 
     async def _read_answer(self, method: str) -> HttpAnswer:
-        while True:
-            head = await self.reader.readuntil(b"\r\n\r\n")
-            status, headers = parse_head(head)
-            if not 100 <= status < 200:
-                break
-        body = await self._read_body(method, status, headers) if response_has_body(method, status) else b""
-        return HttpAnswer(status, headers, body)
+        head = await self.read_head()
+        while 100 <= head.status < 200:
+            head = await self.read_head()
+        body = b""
+        async for piece in self.body(method, head):
+            body += piece
+            if len(body) > MAX_BODY:
+                raise ValueError(f"an answer of more than {MAX_BODY} bytes is larger than expected")
+        return HttpAnswer(head.status, header_fields(head), body)
 
-    async def _read_body(self, method: str, status: int, headers: list[tuple[str, str]]) -> bytes:
-        values = {key.lower(): value for key, value in headers}
-        if "chunked" in values.get("transfer-encoding", "").lower():
-            chunks: list[bytes] = []
-            while True:
-                size = int((await self.reader.readuntil(b"\r\n")).split(b";")[0].strip(), 16)
-                if size == 0:
-                    while (await self.reader.readuntil(b"\r\n")) != b"\r\n":
-                        pass
-                    return b"".join(chunks)[:MAX_BODY]
-                chunks.append(await self.reader.readexactly(size))
-                await self.reader.readexactly(2)
-        if "content-length" in values:
-            length = int(values["content-length"])
-            if length > MAX_BODY:
-                raise ValueError(f"a {length}-byte answer is larger than expected")
-            return await self.reader.readexactly(length)
-        return await self.reader.read(MAX_BODY)
+    async def read_some(self, limit: int) -> bytes:
+        """The next bytes of the connection (what the last body left over first); b"" at its end."""
+        if self.pushback:
+            data, self.pushback = self.pushback[:limit], self.pushback[limit:]
+            return data
+        return await self.reader.read(limit)
+
+    async def read_head(self) -> ResponseHead:
+        """The next response head, parsed by the core; IncompleteReadError if the connection ends first."""
+        data, self.pushback = self.pushback, b""
+        searched = 0
+        while not (length := response_head_length(data, max(0, searched - 3))):
+            searched = len(data)
+            more = await self.reader.read(READ_SIZE)
+            if not more:
+                raise asyncio.IncompleteReadError(data, None)
+            data += more
+        self.pushback = data[length:]
+        return parse_response_head(data[:length])
+
+    async def body(self, method: str, head: ResponseHead) -> AsyncIterator[bytes]:
+        """The response body as it arrives, framed as the core says (RFC 9112 6.3)."""
+        framing = response_body_framing(method, head)
+        if framing.kind is Body.LENGTH:
+            remaining = framing.length
+            while remaining:
+                data = await self.read_some(min(remaining, READ_SIZE))
+                if not data:
+                    raise asyncio.IncompleteReadError(b"", remaining)
+                remaining -= len(data)
+                yield data
+        elif framing.kind is Body.CHUNKED:
+            decoder = ChunkedDecoder()
+            while not decoder.done:
+                data = await self.read_some(READ_SIZE)
+                if not data:
+                    decoder.finish()  # raises: the body was cut off
+                    return
+                for piece in decoder.feed(data):
+                    yield bytes(piece)
+            self.pushback = bytes(decoder.leftover)
+        elif framing.kind is Body.UNTIL_CLOSE:
+            while data := await self.read_some(READ_SIZE):
+                yield data
 
 
-def parse_head(raw: bytes) -> tuple[int, list[tuple[str, str]]]:
-    status_line, *lines = raw[:-4].decode("latin-1").split("\r\n")
-    parts = status_line.split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
-        raise ValueError(f"not an HTTP/1.x answer: {status_line[:40]!r}")
-    headers = []
-    for line in lines:
-        name, _, value = line.partition(":")
-        headers.append((name.strip(), value.strip()))
-    return int(parts[1]), headers
+async def plain_http_get(address: str, port: int, host: str, path: str, timeout: float) -> tuple[dict[str, str], int]:
+    """One GET over plain HTTP (the bridge's port 80): its headers (lower-case names) and status."""
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(address, port), timeout)
+    connection = HttpConnection(HttpTarget(address, port, "", host, None, timeout), reader, writer)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: {USER_AGENT}\r\nConnection: close\r\n\r\n".encode())
+        head = await asyncio.wait_for(connection.read_head(), timeout)
+    finally:
+        connection.close()
+    return {name.lower(): value for name, value in header_fields(head)}, head.status
+
+
+def header_fields(head: ResponseHead) -> list[tuple[str, str]]:
+    """(name, value) of each header line of a parsed head, in order (values stripped)."""
+    fields = []
+    for line in head.block.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        fields.append((name.decode("latin-1"), value.strip(b" \t").decode("latin-1")))
+    return fields
 
 
 def request_headers(method: str) -> dict[str, str]:
@@ -326,12 +368,11 @@ def offers(schemes: list[str], scheme: str) -> bool:
 #
 # A virtual connection needs what the client above cannot do: a request whose body is sent a PDU at
 # a time and never ends (RPC_IN_DATA, Content-Length 1 GiB), and a response read as it arrives
-# (RPC_OUT_DATA, also 1 GiB). The HTTP here is the minimum for that (one request head, one response
-# head, Content-Length or chunked framing) and stays local until the shared HTTP core takes it over.
+# (RPC_OUT_DATA, also 1 GiB): the channel writes its own request head and reads the answer through
+# HttpConnection (the core's head parser and body framing).
 
 RPC_CHANNEL_HEADERS = {"User-Agent": "MSRPC", "Accept": "application/rpc", "Cache-Control": "no-cache", "Pragma": "no-cache", "Connection": "Keep-Alive"}
 IN_CHANNEL_LENGTH = rts.DEFAULT_CHANNEL_LIFETIME  # 1 GiB, what Windows declares for RPC_IN_DATA
-READ_SIZE = 64 * 1024
 
 
 class ChannelClosed(ProbeError):
@@ -362,9 +403,8 @@ class RpcChannel:
         self.connection = connection
         self.method = method
         self.received = 0  # response body bytes read
-        self._left: int | None = None  # Content-Length left (None: until the connection closes)
         self._chunked = False
-        self._chunk_left = 0
+        self._body: AsyncIterator[bytes] | None = None  # the response body, once the final head came
 
     @classmethod
     async def open(
@@ -408,8 +448,8 @@ class RpcChannel:
             connection.writer.write(head if expect_continue else head + opening)
             continued = False
             while True:
-                raw = await asyncio.wait_for(connection.reader.readuntil(b"\r\n\r\n"), timeout)
-                status, answer_headers = parse_head(raw)
+                answer = await asyncio.wait_for(connection.read_head(), timeout)
+                status, answer_headers = answer.status, header_fields(answer)
                 if status == 100:
                     continued = True
                     if expect_continue:
@@ -424,14 +464,15 @@ class RpcChannel:
             if expect_continue:
                 raise ProbeError(f"no 100 Continue (nor any answer) to {self.method} within the timeout") from None
             raise ProbeError(f"no answer within the timeout to {self.method}") from None
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
+        except BAD_ANSWER as exc:
             raise ProbeError(f"no HTTP answer to {self.method} ({reason_of(exc)})") from None
-        values = {key.lower(): value for key, value in answer_headers}
-        if "chunked" in values.get("transfer-encoding", "").lower():
-            self._chunked = True
-        elif values.get("content-length", "").isdigit():
-            self._left = int(values["content-length"])
+        self.follow(answer)
         return ChannelHead(status, continued, answer_headers)
+
+    def follow(self, head: ResponseHead) -> None:
+        """From now on read() returns the body of the response ``head`` began, as it arrives."""
+        self._chunked = head.chunked
+        self._body = self.connection.body(self.method, head)
 
     @property
     def chunked(self) -> bool:
@@ -447,28 +488,14 @@ class RpcChannel:
 
     async def read(self) -> bytes:
         """The next response body bytes as they arrive; ChannelClosed at the end of the body."""
-        reader = self.connection.reader
+        if self._body is None:
+            raise ChannelClosed(f"the {self.method} response ended after {self.received} bytes")
         try:
-            if self._chunked:
-                if self._chunk_left == 0:
-                    if self.received:
-                        await reader.readexactly(2)  # the CRLF after the previous chunk
-                    size = int((await reader.readuntil(b"\r\n")).split(b";")[0].strip() or b"0", 16)
-                    if size == 0:
-                        raise ChannelClosed(f"the {self.method} response ended after {self.received} bytes")
-                    self._chunk_left = size
-                data = await reader.read(min(READ_SIZE, self._chunk_left))
-                self._chunk_left -= len(data)
-            elif self._left == 0:
-                raise ChannelClosed(f"the {self.method} response ended after {self.received} bytes")
-            else:
-                data = await reader.read(READ_SIZE if self._left is None else min(READ_SIZE, self._left))
-                if self._left is not None:
-                    self._left -= len(data)
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
+            data = await anext(self._body, b"")
+        except BAD_ANSWER as exc:
             raise ChannelClosed(f"the {self.method} channel was closed after {self.received} bytes ({reason_of(exc)})") from None
         if not data:
-            raise ChannelClosed(f"the {self.method} channel was closed after {self.received} bytes")
+            raise ChannelClosed(f"the {self.method} response ended after {self.received} bytes")
         self.received += len(data)
         return data
 

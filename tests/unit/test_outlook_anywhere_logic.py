@@ -234,8 +234,17 @@ def test_planned_on_both_sides_with_credentials_only():
 # --------------------------------------------------------------------------- the channel's body framing
 
 
-def read_all(channel) -> tuple[bytes, str]:
+def read_all(response: bytes) -> tuple[bytes, str]:
+    """The OUT channel's body bytes from a whole response (head and body), and how reading ended."""
+    from bridge.preflight.probe import HttpConnection, HttpTarget, RpcChannel
+
     async def scenario() -> tuple[bytes, str]:
+        reader = asyncio.StreamReader()
+        reader.feed_data(response)
+        reader.feed_eof()
+        connection = HttpConnection(HttpTarget("127.0.0.1", 443, "", "exch", None, 5.0), reader, None)  # type: ignore[arg-type]
+        channel = RpcChannel(connection, "RPC_OUT_DATA")
+        channel.follow(await connection.read_head())
         data = b""
         while True:
             try:
@@ -246,36 +255,23 @@ def read_all(channel) -> tuple[bytes, str]:
     return asyncio.run(scenario())
 
 
-def channel_over(raw: bytes, *, chunked: bool = False, length: int | None = None):
-    from types import SimpleNamespace
-
-    from bridge.preflight.probe import RpcChannel
-
-    async def make():
-        reader = asyncio.StreamReader()
-        reader.feed_data(raw)
-        reader.feed_eof()
-        return reader
-
-    reader = asyncio.run(make())
-    channel = RpcChannel(SimpleNamespace(reader=reader), "RPC_OUT_DATA")  # type: ignore[arg-type]
-    channel._chunked, channel._left = chunked, length
-    return channel
+def out_head(framing: str) -> bytes:
+    return f"HTTP/1.1 200 Success\r\nContent-Type: application/rpc\r\n{framing}\r\n\r\n".encode()
 
 
 def test_out_channel_body_with_content_length_stops_at_its_end():
     pdus = rts.conn_a3() + rts.conn_c2()
-    data, end = read_all(channel_over(pdus + b"HTTP/1.1 200 next", length=len(pdus)))
+    data, end = read_all(out_head(f"Content-Length: {len(pdus)}") + pdus + b"HTTP/1.1 200 next")
     assert data == pdus and "ended after 72 bytes" in end
 
 
 def test_out_channel_body_re_chunked_by_a_proxy_is_still_read():
     pdus = rts.conn_a3() + rts.conn_c2()
     raw = b"1c\r\n" + pdus[:28] + b"\r\n" + f"{len(pdus) - 28:x}\r\n".encode() + pdus[28:] + b"\r\n0\r\n\r\n"
-    data, end = read_all(channel_over(raw, chunked=True))
+    data, end = read_all(out_head("Transfer-Encoding: chunked") + raw)
     assert data == pdus and "ended" in end
 
 
 def test_out_channel_closed_mid_body_says_how_much_came():
-    data, end = read_all(channel_over(rts.conn_a3(), length=rpch.OUT_CHANNEL_CONTENT_LENGTH))
+    data, end = read_all(out_head(f"Content-Length: {rpch.OUT_CHANNEL_CONTENT_LENGTH}") + rts.conn_a3())
     assert data == rts.conn_a3() and "closed after 28 bytes" in end
