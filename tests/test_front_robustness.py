@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+from bridge.net.front import Phase
+
 from bridge_clients import bridge_client_context, wait_until
 from lab_clients import RawHttpsConnection
 from test_upstream_framing import read_answer, scripted_bridges  # noqa: F401 (scripted_bridges is a fixture)
@@ -126,7 +128,7 @@ def test_drain_lets_a_fast_exchange_finish(rig):
     c = r.warmed()
     c.send(GET)
     time.sleep(0.3)
-    fast = r.on_loop(lambda: [conn.fast is not None for conn in r.front.connections])
+    fast = r.on_loop(lambda: [conn.phase is Phase.FAST for conn in r.front.connections])
     assert fast == [True]
     closer = threading.Thread(target=lambda: r.bridge.call(r.bridge.bridge.close()))
     closer.start()
@@ -150,7 +152,7 @@ def test_client_vanishes_during_fast_exchange(rig):
     c = r.warmed()
     c.send(GET)
     time.sleep(0.3)
-    assert r.on_loop(lambda: [conn.fast is not None for conn in r.front.connections]) == [True]
+    assert r.on_loop(lambda: [conn.phase is Phase.FAST for conn in r.front.connections]) == [True]
     c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
     c.close()
     assert wait_until(lambda: upstream_saw_eof, 3)
@@ -218,7 +220,7 @@ def test_a_request_arriving_as_the_keepalive_deadline_fires_is_answered(rig):
         # the sweeper tick and the client's next request are handled in the same loop iteration
         conn.check_deadlines(conn.loop.time() + 10**6)
         conn.data_received(GET)
-        return conn.fast is not None
+        return conn.phase is Phase.FAST
 
     r.on_loop(race)
     status, _, body = read_answer(c)  # answered by one path or the other, never forwarded and dropped

@@ -22,8 +22,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from bridge.certs.keys import LocalCA
-from bridge.net.front import HeadRefused, RequestHead, complete_head_length, parse_request_head
-from bridge.net.gate import MAX_HEAD_BYTES
+from bridge.protocol.http1 import MAX_HEAD_BYTES, HeadRefused, RequestHead, complete_head_length, parse_request_head
 from bridge_clients import BRIDGE_FQDN, BackgroundBridge, bridge_client_context, bridge_config, bridge_session
 from lab_clients import LAB_PASSWORD, LAB_USER
 

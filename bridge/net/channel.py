@@ -3,7 +3,7 @@
 A ``Channel`` keeps what the transport delivered as a list of the received ``bytes`` objects (a
 chunk read whole is handed on without a copy), pauses the transport's reading above ``READ_HIGH``
 and resumes it below, and lets a writer wait while the transport's write buffer is full. It is
-deliberately small: the HTTP framing lives in bridge.front (client leg) and bridge.upstream.
+deliberately small: HTTP/1.1 itself lives in bridge.protocol.http1.
 """
 
 from __future__ import annotations
@@ -138,6 +138,12 @@ class Channel(asyncio.Protocol):
             self.reading_paused = False
             if self.transport is not None and not self.lost:
                 self.transport.resume_reading()
+
+    def unread(self, data: bytes) -> None:
+        """Put bytes taken too far back in front of the buffer (e.g. what follows a chunked body)."""
+        if data:
+            self.chunks.insert(0, bytes(data))
+            self.buffered += len(data)
 
     async def read_some(self, limit: int) -> bytes:
         """The next bytes (at most ``limit``), waiting for them; b"" once the peer has finished."""

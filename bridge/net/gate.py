@@ -11,7 +11,8 @@ On port 443 the connection then belongs to bridge.front, which parses and checks
 itself. Port 80 (ACME challenges and redirects) stays on aiohttp: its request handler
 (``GuardedRequestHandler``) adds a header-read deadline (slowloris), answers an oversized request
 line with 414 and oversized headers with 431, and keeps reading the body of the request being
-finished while the bridge drains. ``HeadProblem`` and the limits below are shared by both.
+finished while the bridge drains. The head checks and limits port 443 applies live in
+bridge.protocol.http1.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -33,15 +33,11 @@ from aiohttp.web_request import BaseRequest
 
 from bridge.config import Network, plain_address
 from bridge.net.aio_server import MAX_FIELD_SIZE, MAX_HEADERS, MAX_LINE_SIZE, AnyMethodRequestHandler, AnyMethodServer
+from bridge.protocol.http1 import local_answer
 
 log = logging.getLogger("bridge.guard")
 
 
-MAX_HEAD_BYTES = 32 * 1024  # all header fields together (IIS's default MaxRequestBytes is 16 KiB)
-MAX_METHOD_LENGTH = 32
-METHOD_TOKEN = re.compile(r"[A-Z][A-Z0-9_-]*")
-REFUSED_METHODS = frozenset({"CONNECT", "TRACE", "TRACK"})
-HOST_VALUE = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 SUPPORTED_VERSIONS = ((1, 1), (1, 0))
 TLS_HANDSHAKE_RECORD = 0x16
 BUSY_RETRY_AFTER = 10  # seconds a client is asked to wait when --max-connections is reached
@@ -319,7 +315,7 @@ def feed_buffered(protocol: asyncio.BufferedProtocol, data: bytes) -> None:
 
 def plain_http_answer(public_origin: str) -> bytes:
     where = f"use {public_origin}/" if public_origin else "use https://"
-    return simple_response(400, "Bad Request", f"This port speaks HTTPS only; {where}.")
+    return local_answer(400, f"This port speaks HTTPS only; {where}.")
 
 
 def simple_response(status: int, reason: str, text: str, *extra: str) -> bytes:
@@ -357,10 +353,7 @@ class BusyResponder(asyncio.Protocol):
         self.guard.reject("max-connections")
         log.warning("503 for %s: --max-connections %d reached", peer_address(transport), self.guard.max_connections)
         transport.write(
-            simple_response(
-                503, "Service Unavailable", "The bridge has too many open connections; try again shortly.",
-                f"Retry-After: {BUSY_RETRY_AFTER}",
-            )
+            local_answer(503, "The bridge has too many open connections; try again shortly.", extra_headers=[("Retry-After", str(BUSY_RETRY_AFTER))])
         )
         transport.close()
 
@@ -546,16 +539,3 @@ class GuardedServer(AnyMethodServer):
     def __call__(self) -> GuardedRequestHandler:
         return GuardedRequestHandler(self, loop=self._loop, guard=self.guard, **self._kwargs)
 
-
-# --------------------------------------------------------------------------- head checks
-
-
-@dataclass(frozen=True)
-class HeadProblem:
-    status: int
-    reason: str  # metrics label
-    message: str  # one sentence for the client
-
-
-def valid_host(value: str) -> bool:
-    return HOST_VALUE.fullmatch(value) is not None
