@@ -33,7 +33,7 @@ from aiohttp.web_request import BaseRequest
 
 from bridge.config import Network, plain_address
 from bridge.net.aio_server import MAX_FIELD_SIZE, MAX_HEADERS, MAX_LINE_SIZE, AnyMethodRequestHandler, AnyMethodServer
-from bridge.protocol.http1 import local_answer
+from bridge.protocol.http1 import HeadRefused, complete_head_length, local_answer
 
 log = logging.getLogger("bridge.guard")
 
@@ -340,7 +340,11 @@ class BusyResponder(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        if b"\r\n\r\n" in self.buffer or len(self.buffer) > BUSY_HEAD_LIMIT:
+        try:
+            complete = complete_head_length(self.buffer) > 0 or len(self.buffer) > BUSY_HEAD_LIMIT
+        except HeadRefused:  # (no head will come of it: the answer is the same)
+            complete = True
+        if complete:
             self.answer()
 
     def answer(self) -> None:

@@ -578,10 +578,23 @@ class Proxy:
             client.write(head_bytes + body)
             exchange.answered = True
         else:
-            client.write(head_bytes)
+            body = upstream.body(origin)
+            first = b""
+            if kind is Body.CHUNKED:
+                # The first piece before the head: a body malformed from its first line is a 502
+                # (not a cut connection), and the head leaves with the first piece.
+                first = await anext(body, b"")
+                exchange.bytes_out += len(first)
+                touch()
+            if first and len(first) <= COALESCE_LIMIT:
+                client.write(head_bytes + (encode_chunk(first) if chunked_out else first))
+            else:
+                client.write(head_bytes)
+                if first:
+                    client.write(encode_chunk(first) if chunked_out else first)
             exchange.answered = True
             write = client.write
-            async for data in upstream.body(origin):
+            async for data in body:
                 touch()
                 exchange.bytes_out += len(data)
                 write(encode_chunk(data) if chunked_out else data)
