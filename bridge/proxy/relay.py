@@ -578,12 +578,12 @@ class Proxy:
             client.write(head_bytes + body)
             exchange.answered = True
         else:
-            body = upstream.body(origin)
+            pieces = upstream.body(origin)
             first = b""
             if kind is Body.CHUNKED:
                 # The first piece before the head: a body malformed from its first line is a 502
                 # (not a cut connection), and the head leaves with the first piece.
-                first = await anext(body, b"")
+                first = await anext(pieces, b"")
                 exchange.bytes_out += len(first)
                 touch()
             if first and len(first) <= COALESCE_LIMIT:
@@ -594,7 +594,7 @@ class Proxy:
                     client.write(encode_chunk(first) if chunked_out else first)
             exchange.answered = True
             write = client.write
-            async for data in body:
+            async for data in pieces:
                 touch()
                 exchange.bytes_out += len(data)
                 write(encode_chunk(data) if chunked_out else data)
