@@ -19,10 +19,6 @@ class ChannelClosed(ConnectionError):
     """The peer went away while the bridge was writing to it."""
 
 
-class LimitExceeded(Exception):
-    """read_until() did not find its separator within the limit."""
-
-
 class Channel(asyncio.Protocol):
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -152,24 +148,6 @@ class Channel(asyncio.Protocol):
                 return b""
             await self.wait_for_data()
         return self.take(limit)
-
-    async def read_until(self, separator: bytes, limit: int) -> bytes:
-        """Bytes up to and including ``separator``; b"" at a clean end, IncompleteRead at an end mid-way,
-        LimitExceeded when ``limit`` bytes arrived without it."""
-        while True:
-            data = self.peek_all()
-            end = data.find(separator)
-            if end >= 0:
-                end += len(separator)
-                self.consume(end)
-                return data[:end]
-            if len(data) > limit:
-                raise LimitExceeded()
-            if self.eof:
-                if data:
-                    raise asyncio.IncompleteReadError(data, None)
-                return b""
-            await self.wait_for_data()
 
     # ---- writing ---------------------------------------------------------------------------
     def write(self, data: bytes) -> None:
