@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from bridge.certs.keys import legacy_self_signed
 from bridge.errors import StartupError
 from bridge.lab import rpch
-from bridge.net.aio_server import bound_port, connection_state, start_site
+from bridge.lab.aio_server import bound_port, connection_state, start_site
 from bridge.net.tls import fingerprint, pin_flag
 from bridge.protocol import rts
 from bridge.protocol.auth import NTLM_SIGNATURE, starts_new_handshake

@@ -3,7 +3,7 @@
 A ``Channel`` keeps what the transport delivered as a list of the received ``bytes`` objects (a
 chunk read whole is handed on without a copy), pauses the transport's reading above ``READ_HIGH``
 and resumes it below, and lets a writer wait while the transport's write buffer is full. It is
-deliberately small: the HTTP framing lives in bridge.front (client leg) and bridge.upstream.
+deliberately small: HTTP/1.1 itself lives in bridge.protocol.http1.
 """
 
 from __future__ import annotations
@@ -21,10 +21,6 @@ WRITE_HIGH = 256 * 1024  # queued bytes before a writer waits in drain()
 
 class ChannelClosed(ConnectionError):
     """The peer went away while the bridge was writing to it."""
-
-
-class LimitExceeded(Exception):
-    """read_until() did not find its separator within the limit."""
 
 
 class Channel(asyncio.Protocol):
@@ -143,6 +139,12 @@ class Channel(asyncio.Protocol):
             if self.transport is not None and not self.lost:
                 self.transport.resume_reading()
 
+    def unread(self, data: bytes) -> None:
+        """Put bytes taken too far back in front of the buffer (e.g. what follows a chunked body)."""
+        if data:
+            self.chunks.insert(0, bytes(data))
+            self.buffered += len(data)
+
     async def read_some(self, limit: int) -> bytes:
         """The next bytes (at most ``limit``), waiting for them; b"" once the peer has finished."""
         while not self.chunks:
@@ -150,24 +152,6 @@ class Channel(asyncio.Protocol):
                 return b""
             await self.wait_for_data()
         return self.take(limit)
-
-    async def read_until(self, separator: bytes, limit: int) -> bytes:
-        """Bytes up to and including ``separator``; b"" at a clean end, IncompleteRead at an end mid-way,
-        LimitExceeded when ``limit`` bytes arrived without it."""
-        while True:
-            data = self.peek_all()
-            end = data.find(separator)
-            if end >= 0:
-                end += len(separator)
-                self.consume(end)
-                return data[:end]
-            if len(data) > limit:
-                raise LimitExceeded()
-            if self.eof:
-                if data:
-                    raise asyncio.IncompleteReadError(data, None)
-                return b""
-            await self.wait_for_data()
 
     # ---- writing ---------------------------------------------------------------------------
     def write(self, data: bytes) -> None:

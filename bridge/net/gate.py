@@ -17,21 +17,17 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from bridge.config import Network, plain_address
+from bridge.protocol.http1 import HeadRefused, complete_head_length, local_answer
 
 log = logging.getLogger("bridge.guard")
 
 
-MAX_HEAD_BYTES = 32 * 1024  # all header fields together (IIS's default MaxRequestBytes is 16 KiB)
-MAX_METHOD_LENGTH = 32
-REFUSED_METHODS = frozenset({"CONNECT", "TRACE", "TRACK"})
-HOST_VALUE = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 TLS_HANDSHAKE_RECORD = 0x16
 BUSY_RETRY_AFTER = 10  # seconds a client is asked to wait when --max-connections is reached
 BUSY_HEAD_LIMIT = 16 * 1024
@@ -272,13 +268,7 @@ def feed_buffered(protocol: asyncio.BufferedProtocol, data: bytes) -> None:
 
 def plain_http_answer(public_origin: str) -> bytes:
     where = f"use {public_origin}/" if public_origin else "use https://"
-    return simple_response(400, "Bad Request", f"This port speaks HTTPS only; {where}.")
-
-
-def simple_response(status: int, reason: str, text: str, *extra: str) -> bytes:
-    body = (text + "\n").encode()
-    lines = [f"HTTP/1.1 {status} {reason}", "Content-Type: text/plain; charset=utf-8", f"Content-Length: {len(body)}", "Connection: close", *extra]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+    return local_answer(400, f"This port speaks HTTPS only; {where}.")
 
 
 class BusyResponder(asyncio.Protocol):
@@ -297,7 +287,11 @@ class BusyResponder(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        if b"\r\n\r\n" in self.buffer or len(self.buffer) > BUSY_HEAD_LIMIT:
+        try:
+            complete = complete_head_length(self.buffer) > 0 or len(self.buffer) > BUSY_HEAD_LIMIT
+        except HeadRefused:  # (no head will come of it: the answer is the same)
+            complete = True
+        if complete:
             self.answer()
 
     def answer(self) -> None:
@@ -310,10 +304,7 @@ class BusyResponder(asyncio.Protocol):
         self.guard.reject("max-connections")
         log.warning("503 for %s: --max-connections %d reached", peer_address(transport), self.guard.max_connections)
         transport.write(
-            simple_response(
-                503, "Service Unavailable", "The bridge has too many open connections; try again shortly.",
-                f"Retry-After: {BUSY_RETRY_AFTER}",
-            )
+            local_answer(503, "The bridge has too many open connections; try again shortly.", extra_headers=[("Retry-After", str(BUSY_RETRY_AFTER))])
         )
         transport.close()
 
@@ -325,15 +316,3 @@ class BusyResponder(asyncio.Protocol):
             self.on_close()
 
 
-# --------------------------------------------------------------------------- head checks
-
-
-@dataclass(frozen=True)
-class HeadProblem:
-    status: int
-    reason: str  # metrics label
-    message: str  # one sentence for the client
-
-
-def valid_host(value: str) -> bool:
-    return HOST_VALUE.fullmatch(value) is not None

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import re
 import socket
 import ssl
 import struct
@@ -24,14 +23,23 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from bridge.config import LegacyServer, is_ip_address
-from bridge.net.channel import Channel, ChannelClosed, LimitExceeded
+from bridge.net.channel import Channel, ChannelClosed
 from bridge.net.tls import describe_ssl_error, fingerprint, pin_flag
+from bridge.protocol.http1 import (
+    Body,
+    ChunkedDecoder,
+    ChunkedError,
+    Framing,
+    ResponseHead,
+    ResponseRefused,
+    parse_response_head,
+    response_head_length,
+)
+from bridge.protocol.http1 import response_has_body as response_has_body  # bridge.preflight.probe takes it from here
 
 log = logging.getLogger("bridge.upstream")
 
 READ_SIZE = 256 * 1024
-MAX_HEAD = 64 * 1024
-MAX_HEADERS = 200
 DOWN_BACKOFF = 5.0  # seconds a server that refused a connection is skipped while others are up
 
 
@@ -43,19 +51,13 @@ class UpstreamProtocolError(UpstreamError):
     """The legacy server sent something that is not HTTP/1.x."""
 
 
-@dataclass(slots=True)
-class ResponseHead:
-    version: str
-    status: int
-    reason: bytes
-    block: bytes  # the header lines as received, each preceded by CRLF
-    lowered: bytes  # the same, lower-case (for finding names)
-    chunked: bool = False
-    # The body length when framed by Content-Length (None when chunked: chunked framing wins).
-    content_length: int | None = None
-    connection_tokens: frozenset[bytes] = frozenset()  # the Connection header's tokens, lower-case
-    # (lower-case name, start, end) of each line of RESPONSE_FIELDS in the block, in order.
-    fields: list[tuple[bytes, int, int]] = field(default_factory=list)
+class UpstreamClosedEarly(UpstreamError):
+    """The legacy server closed the connection before the end of a Content-Length body (for the RPC
+    channels, whose Content-Length is a placeholder, that is how a session ends)."""
+
+    def __init__(self, message: str, remaining: int) -> None:
+        super().__init__(message)
+        self.remaining = remaining
 
 
 @dataclass
@@ -102,15 +104,25 @@ class UpstreamConnection:
             raise UpstreamError(f"the legacy server {self.server} closed the connection") from None
 
     async def read_head(self) -> ResponseHead:
-        try:
-            raw = await self.channel.read_until(b"\r\n\r\n", MAX_HEAD)
-        except asyncio.IncompleteReadError:
-            raise UpstreamProtocolError(f"the legacy server {self.server} closed the connection in the middle of a response header") from None
-        except LimitExceeded:
-            raise UpstreamProtocolError(f"the legacy server {self.server} sent a response header larger than {MAX_HEAD // 1024} KiB") from None
-        if not raw:
-            raise UpstreamError(f"the legacy server {self.server} closed the connection without answering")
-        return parse_response_head(raw, self.server)
+        channel = self.channel
+        searched = 0
+        while True:
+            data = channel.peek_all()
+            try:
+                length = response_head_length(data, searched)
+                if length:
+                    channel.consume(length)
+                    return parse_response_head(data if length == len(data) else data[:length])
+            except ResponseRefused as exc:
+                self.reusable = False
+                raise UpstreamProtocolError(f"the legacy server {self.server} {exc}") from None
+            if channel.eof:
+                self.reusable = False
+                if data:
+                    raise UpstreamProtocolError(f"the legacy server {self.server} closed the connection in the middle of a response header")
+                raise UpstreamError(f"the legacy server {self.server} closed the connection without answering")
+            searched = max(0, len(data) - 3)
+            await channel.wait_for_data()
 
     async def read_small_body(self, length: int) -> bytes:
         """A whole body of ``length`` bytes (a small one: it is held in memory)."""
@@ -118,28 +130,32 @@ class UpstreamConnection:
         while channel.buffered < length:
             if channel.eof:
                 self.reusable = False
-                raise UpstreamError(f"the legacy server {self.server} closed the connection {length - channel.buffered} bytes before the end of the response")
+                raise UpstreamClosedEarly(
+                    f"the legacy server {self.server} closed the connection {length - channel.buffered} bytes before the end of the response",
+                    length - channel.buffered,
+                )
             await channel.wait_for_data()
         data = channel.peek_all()
         channel.consume(length)
         return data[:length] if len(data) > length else data
 
-    async def body(self, head: ResponseHead, request_method: str) -> AsyncIterator[bytes]:
-        """Yield the response body as it arrives, honouring its framing."""
-        if not response_has_body(request_method, head.status):
+    async def body(self, framing: Framing) -> AsyncIterator[bytes]:
+        """Yield the response body as it arrives, honouring its ``framing`` (response_body_framing())."""
+        kind = framing.kind
+        if kind is Body.NONE:
             return
-        if head.chunked:
+        if kind is Body.CHUNKED:
             async for chunk in self._chunked_body():
                 yield chunk
             return
         read_some = self.channel.read_some
-        if head.content_length is not None:
-            remaining = head.content_length
+        if kind is Body.LENGTH:
+            remaining = framing.length
             while remaining:
                 data = await read_some(min(remaining, READ_SIZE))
                 if not data:
                     self.reusable = False
-                    raise UpstreamError(f"the legacy server {self.server} closed the connection {remaining} bytes before the end of the response")
+                    raise UpstreamClosedEarly(f"the legacy server {self.server} closed the connection {remaining} bytes before the end of the response", remaining)
                 remaining -= len(data)
                 yield data
             return
@@ -148,141 +164,25 @@ class UpstreamConnection:
             yield data
 
     async def _chunked_body(self) -> AsyncIterator[bytes]:
-        read_some = self.channel.read_some
-        while True:
-            line = await self._read_line()
+        """The decoded pieces of a chunked body (ChunkedDecoder: strict, bounded); what follows the
+        body in the buffer is put back for the next response."""
+        channel = self.channel
+        decoder = ChunkedDecoder()
+        feed = decoder.feed
+        while not decoder.done:
+            data = await channel.read_some(READ_SIZE)
+            if not data:
+                self.reusable = False
+                raise UpstreamError(f"the legacy server {self.server} broke off a chunked response")
             try:
-                size = int(line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                raise UpstreamProtocolError(f"the legacy server {self.server} sent a malformed chunk size") from None
-            if size == 0:
-                while await self._read_line():  # trailers, discarded
-                    pass
-                return
-            remaining = size
-            while remaining:
-                data = await read_some(min(remaining, READ_SIZE))
-                if not data:
-                    self.reusable = False
-                    raise UpstreamError(f"the legacy server {self.server} closed the connection inside a chunk")
-                remaining -= len(data)
-                yield data
-            if await self._read_line():
-                raise UpstreamProtocolError(f"the legacy server {self.server} sent a chunk longer than it declared")
-
-    async def _read_line(self) -> bytes:
-        try:
-            line = await self.channel.read_until(b"\r\n", MAX_HEAD)
-        except (asyncio.IncompleteReadError, LimitExceeded):
-            line = b""
-        if not line:
-            self.reusable = False
-            raise UpstreamError(f"the legacy server {self.server} broke off a chunked response")
-        return line[:-2]
-
-
-# Each line: a name without whitespace or colon, a colon, a value. (The value runs to the next CR,
-# which must start a CRLF; a bare LF is refused by a count: "[^\r]" is scanned many times faster
-# than "[^\r\n]".)
-RESPONSE_BLOCK = re.compile(rb"(?:\r\n[^\r\n\t :]++:[^\r]*+)*+")
-STATUS_LINE = re.compile(rb"HTTP/(1\.[0-9]) ([0-9]{3})(?: ([^\r\n]*))?")
-MIN_LINE = 4  # the shortest header line in a block: CRLF, a one-letter name, the colon
-
-
-def header_values(block: bytes, lowered: bytes, key: bytes) -> list[bytes]:
-    """The values of the header lines starting with ``key`` (CRLF, lower-case name, colon)."""
-    values = []
-    start = lowered.find(key)
-    while start >= 0:
-        begin = start + len(key)
-        end = block.find(b"\r\n", begin)
-        if end < 0:
-            end = len(block)
-        values.append(block[begin:end].strip(b" \t"))
-        start = lowered.find(key, end)
-    return values
-
-
-# The response header lines the bridge acts on, found in one scan of the lower-case block (a scan
-# costs about as much as several find() calls; names are followed directly by their colon, which
-# RESPONSE_BLOCK has checked). Group 1: the name; group 2: the value, lower-case, not stripped.
-HOP_BY_HOP_BYTES = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade", b"proxy-authorization", b"proxy-authenticate"}
-)
-REWRITTEN_RESPONSE = (b"location", b"content-location", b"x-frame-options", b"x-content-type-options")
-RESPONSE_FIELDS = re.compile(
-    rb"\r\n(" + b"|".join(sorted((*HOP_BY_HOP_BYTES, b"content-length", *REWRITTEN_RESPONSE), key=len, reverse=True)) + rb"):([^\r]*)"  # type: ignore[arg-type]  # mypy takes sorted's type from join's Iterable[Buffer]
-)
-
-
-def parse_response_head(raw: bytes, server: LegacyServer) -> ResponseHead:
-    """Parse a response head (ending in CRLF CRLF): status line, framing headers, the block as received."""
-    line_end = raw.find(b"\r\n")
-    status = STATUS_LINE.fullmatch(raw, 0, line_end)
-    if status is None:
-        status_line = raw[:line_end].decode("latin-1")
-        raise UpstreamProtocolError(f"the legacy server {server} answered something that is not HTTP/1.x ({status_line[:40]!r})")
-    block = raw[line_end:-4]
-    if len(block) > MIN_LINE * MAX_HEADERS and block.count(b"\r\n") > MAX_HEADERS:
-        raise UpstreamProtocolError(f"the legacy server {server} sent more than {MAX_HEADERS} response headers")
-    if not RESPONSE_BLOCK.fullmatch(block) or block.count(b"\n") != block.count(b"\r\n"):
-        raise UpstreamProtocolError(f"the legacy server {server} sent a malformed response header line")
-    lowered = block.lower()
-    version, code, reason = status.groups(b"")
-    head = ResponseHead(version.decode("latin-1"), int(code), reason, block, lowered)
-    fields = head.fields
-    lengths: list[bytes] = []
-    connection = b""
-    for match in RESPONSE_FIELDS.finditer(lowered):
-        name, value = match.group(1, 2)
-        fields.append((name, *match.span()))
-        if name == b"content-length":
-            lengths.append(value.strip(b" \t"))
-        elif name == b"transfer-encoding":
-            head.chunked = head.chunked or value.find(b"chunked") >= 0
-        elif name == b"connection":
-            connection = connection + b"," + value if connection else value
-    if lengths and not head.chunked:
-        head.content_length = _content_length(lengths, server)
-    if connection:
-        head.connection_tokens = connection_tokens(connection)
-    return head
-
-
-_TOKENS: dict[bytes, frozenset[bytes]] = {}
-
-
-def connection_tokens(value: bytes) -> frozenset[bytes]:
-    """The lower-case tokens of a Connection header value (the few values servers send are cached)."""
-    tokens = _TOKENS.get(value)
-    if tokens is None:
-        tokens = frozenset(token.strip(b" \t").lower() for token in value.split(b",")) - {b""}
-        if len(_TOKENS) < 64:
-            _TOKENS[value] = tokens
-    return tokens
-
-
-def _content_length(lengths: list[bytes], server: LegacyServer) -> int:
-    """The one Content-Length (repeats must agree, RFC 9110 8.6); anything else is refused."""
-    if len(lengths) == 1 and lengths[0].isdigit():
-        return int(lengths[0])  # the usual case: one plain Content-Length
-    values = {v.strip().decode("latin-1") for value in lengths for v in value.split(b",")}
-    if len(values) != 1 or not all(c in "0123456789" for c in next(iter(values))) or not next(iter(values)):
-        raise UpstreamProtocolError(f"the legacy server {server} sent an invalid Content-Length ({', '.join(sorted(values))[:40]})")
-    return int(next(iter(values)))
-
-
-def response_has_body(method: str, status: int) -> bool:
-    return not (method == "HEAD" or 100 <= status < 200 or status in (204, 304))
-
-
-def response_keeps_connection(head: ResponseHead) -> bool:
-    tokens = head.connection_tokens
-    if b"close" in tokens:
-        return False
-    if head.version == "1.0":
-        return b"keep-alive" in tokens
-    return True
+                pieces = feed(data)
+            except ChunkedError as exc:
+                self.reusable = False
+                raise UpstreamProtocolError(f"the legacy server {self.server} sent a malformed chunked body: {exc}") from None
+            for piece in pieces:
+                yield piece
+        if decoder.leftover:
+            channel.unread(decoder.leftover)
 
 
 @dataclass

@@ -9,106 +9,70 @@ Requests arrive parsed and checked by bridge.front; answers are written to the c
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
-from http import HTTPStatus
-from urllib.parse import unquote
 
 from bridge.config import BridgeConfig, public_origin
-from bridge.net.channel import ChannelClosed, ConnectionState, LimitExceeded
-from bridge.net.front import ClientConnection, HeadRefused, RequestHead, cached_by_path, parse_request_head
-from bridge.net.upstream import (
-    HOP_BY_HOP_BYTES,
-    MAX_HEAD,
-    READ_SIZE,
-    REWRITTEN_RESPONSE,
-    LegacyPool,
-    ResponseHead,
-    UpstreamConnection,
-    UpstreamError,
-    parse_response_head,
-    response_has_body,
-    response_keeps_connection,
-)
+from bridge.net.channel import ChannelClosed, ConnectionState
+from bridge.net.front import FAST, ClientConnection, Exchange, cached_by_path
+from bridge.net.upstream import READ_SIZE, LegacyPool, UpstreamClosedEarly, UpstreamConnection, UpstreamError, UpstreamProtocolError
 from bridge.protocol.auth import carries_final_credentials
+from bridge.protocol.http1 import (
+    CONTINUE,
+    HOP_BY_HOP,
+    LAST_CHUNK,
+    Body,
+    ChunkedDecoder,
+    ChunkedError,
+    HeadRefused,
+    RequestHead,
+    ResponseHead,
+    ResponseRefused,
+    client_framing,
+    cut_lines,
+    encode_chunk,
+    interim_response,
+    lines_matching,
+    local_answer,
+    parse_request_head,
+    parse_response_head,
+    response_body_framing,
+    response_has_body,
+    response_head_length,
+    response_keeps_connection,
+    without_lines_named,
+)
+from bridge.proxy import policy
 
 log = logging.getLogger("bridge.proxy")
 access_log = logging.getLogger("bridge.access")
 
 SET_BY_BRIDGE = frozenset({b"x-forwarded-proto", b"x-forwarded-port"})
 SECURITY_HEADERS = (("X-Frame-Options", "SAMEORIGIN"), ("X-Content-Type-Options", "nosniff"))
-SECURITY_LINES = "".join(f"{name}: {value}\r\n" for name, value in SECURITY_HEADERS)
 SECURITY_BY_NAME = {name.lower().encode(): f"{name}: {value}".encode() for name, value in SECURITY_HEADERS}
-SECURITY_BLOCK = SECURITY_LINES[:-2].encode()
-SECURITY_SUFFIX = b"\r\n" + SECURITY_BLOCK
+SECURITY_SUFFIX = b"".join(b"\r\n" + line for line in SECURITY_BY_NAME.values())
 # Request header names the upstream head treats specially (all others are copied line for line).
-REQUEST_SPECIAL = HOP_BY_HOP_BYTES | SET_BY_BRIDGE | {b"x-forwarded-for", b"host"}
+REQUEST_SPECIAL = HOP_BY_HOP | SET_BY_BRIDGE | {b"x-forwarded-for", b"host"}
 PLAIN_CONNECTION_TOKENS = frozenset({b"close", b"keep-alive"})
-
-
-def lines_matching(names: frozenset[bytes] | set[bytes]) -> re.Pattern[bytes]:
-    """Matches whole header lines (with the CRLF before them) whose name is one of ``names``."""
-    alternatives = b"|".join(re.escape(name) for name in sorted(names, key=len, reverse=True))
-    return re.compile(rb"\r\n(?:" + alternatives + rb")[ \t]*:[^\r\n]*", re.IGNORECASE)
-
-
-REWRITTEN_RESPONSE_NAMES = frozenset(REWRITTEN_RESPONSE)
 LOCATION_LINE = lines_matching({b"location", b"content-location"})
-
-
-def cut_response_lines(block: bytes, fields: list[tuple[bytes, int, int]]) -> tuple[bytes, tuple[bytes, ...]]:
-    """The block less its hop-by-hop and Content-Length lines (the bridge sets the framing), and the
-    names of the lines it keeps but may rewrite (Location, the security headers)."""
-    pieces = []
-    kept: tuple[bytes, ...] = ()
-    position = 0
-    for name, start, end in fields:
-        if name in REWRITTEN_RESPONSE_NAMES:
-            kept += (name,)
-            continue
-        pieces.append(block[position:start])
-        position = end
-    if not pieces:
-        return block, kept
-    pieces.append(block[position:])
-    return b"".join(pieces), kept
-
-
-def without_lines_named(block: bytes, names: frozenset[bytes]) -> bytes:
-    """The block (CRLF before each line) less the lines whose lower-case name is in ``names``. A loop,
-    not a regular expression: the names come from a peer's Connection header and vary, and compiling a
-    pattern per set let a client spend the bridge's CPU and memory at will."""
-    lines = block.split(b"\r\n")
-    return b"".join(b"\r\n" + line for line in lines[1:] if line[: line.find(b":")].lower() not in names)
 UPSTREAM_KEY = "upstream"
-CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 PATH_CACHE_SIZE = 4096
 COALESCE_LIMIT = 16 * 1024  # a response up to this size leaves in one write (headers with the body)
-CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?\r\n")
-MAX_CHUNK_LINE = 4096
+RPC_CHANNELS = frozenset({"RPC_IN_DATA", "RPC_OUT_DATA"})  # Outlook Anywhere's long-lived channels
 
 
-class ClientBodyError(Exception):
-    """The client's chunked body is malformed."""
+def log_path(request: RequestHead) -> str:
+    """The path for logs (bridge.proxy.policy.log_path of the request's target)."""
+    return policy.log_path(request.raw_path)
 
 
-class Exchange:
-    """What the access log and the counters say about one request."""
-
-    __slots__ = ("started", "bytes_in", "bytes_out", "status", "upstream", "answered", "body_withheld", "body_done")
-
-    def __init__(self) -> None:
-        self.started = time.monotonic()
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.status = 0
-        self.upstream = "-"
-        self.answered = False  # the response head went to the client
-        self.body_withheld = False  # the client waits for 100 Continue before sending its body
-        self.body_done = False  # the client's whole body has been read
+def client_body_error(pump: asyncio.Task | None) -> ChunkedError | None:
+    """The client's malformed chunked body, if that is what ended the body pump."""
+    if pump is None or not pump.done() or pump.cancelled():
+        return None
+    error = pump.exception()
+    return error if isinstance(error, ChunkedError) else None
 
 
 class Proxy:
@@ -138,6 +102,8 @@ class Proxy:
         self.https_port = str(port)
         self.forwarded_lines = b"\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Port: " + self.https_port.encode()
         self.public_origin = public_origin(self.config.fqdn, port)
+        # The Host an HTTP/1.1 client of the bridge sends (for HTTP/1.0 requests without one).
+        self.public_host_line = b"\r\nHost: " + self.public_origin.removeprefix("https://").encode("ascii")
 
     @property
     def location_pattern(self) -> re.Pattern[str] | None:
@@ -151,7 +117,7 @@ class Proxy:
     # ---- entry point (bridge.front calls it for each request head) ------------------------------
     async def handle(self, request: RequestHead, client: ClientConnection) -> bool:
         """Answer one request; True when the client connection may carry another."""
-        exchange = Exchange()
+        exchange = Exchange(request)
         stats = self.stats
         if stats is not None:
             stats.begin(request, exchange)
@@ -185,25 +151,17 @@ class Proxy:
         return cached_by_path(self.path_verdicts, target, self.path_verdict, PATH_CACHE_SIZE)
 
     def path_verdict(self, path: str) -> tuple[int, str, bool] | None:
-        if not path.startswith("/"):
-            return 400, "The request target must be a path (absolute-form and authority-form are not accepted).", False
-        decoded = unquote(path)
-        if not is_clean_path(decoded) or "%" in decoded:
-            return 400, "The request path contains dot-segments, backslashes or double encoding, which the bridge does not forward.", False
-        if not self.is_forwarded(decoded):
-            return 404, "Not found: the bridge forwards only Exchange virtual directories.", False
-        return None
+        return policy.path_verdict(path, self.forward_prefixes)
 
     def is_forwarded(self, path: str) -> bool:
-        lowered = path.lower()
-        return any(lowered == prefix or lowered.startswith(prefix + "/") for prefix in self.forward_prefixes)
+        return policy.is_forwarded(path, self.forward_prefixes)
 
     def answer_locally(self, request: RequestHead, client: ClientConnection, exchange: Exchange, status: int, message: str, keep: bool) -> bool:
         """The bridge's own short answer; a request body it did not read ends the connection."""
         exchange.status = status
         exchange.answered = True
         if not client.closing:
-            client.write(local_answer(status, message, keep, request.version, with_body=request.method != "HEAD"))
+            client.write(local_answer(status, message, keep_alive=keep, version=request.version, with_body=request.method != "HEAD"))
         return keep
 
     # ---- relaying ------------------------------------------------------------------------------
@@ -232,15 +190,23 @@ class Proxy:
             if head_bytes is not None:
                 upstream.write(head_bytes)
             expects_continue = request.expect_continue and has_body
+            if expects_continue and b"expect" in request.connection_tokens:
+                # Connection names Expect: the expectation is the bridge's (Expect never reaches the
+                # origin, which will send no 100), so the bridge answers it and the body flows at once.
+                expects_continue = False
+                if request.version >= (1, 1):
+                    client.write(CONTINUE)
             exchange.body_withheld = expects_continue
             if has_body and not expects_continue:
                 pump = self.start_pump(request, client, upstream, exchange)
             head = await upstream.read_head()
-            while 100 <= head.status < 200:
-                if head.status == 101:
-                    raise UpstreamError("the legacy server tried to switch protocols, which the bridge does not relay")
-                if request.version >= (1, 1):  # HTTP/1.0 clients never get 1xx (RFC 9110 15.2)
-                    client.write(CONTINUE if head.status == 100 else _interim_bytes(head))
+            while head.status < 200:
+                try:
+                    interim = interim_response(head, request.version)  # (a 101 raises: no tunnel is relayed)
+                except ResponseRefused as exc:
+                    raise UpstreamProtocolError(f"the legacy server {upstream.server} {exc}") from None
+                if interim:  # (HTTP/1.0 clients never get 1xx, RFC 9110 15.2)
+                    client.write(interim)
                     exchange.body_withheld = exchange.body_withheld and head.status != 100
                 client.touch()
                 if head.status == 100 and pump is None and has_body:
@@ -265,14 +231,23 @@ class Proxy:
                 log.warning("%s %s: no data moved for %g s, closing both legs", request.method, log_path(request), self.config.idle_timeout)
                 return self.abort_exchange(client, exchange, 504, "The Exchange server did not answer in time.")
             raise
+        except ChunkedError as exc:
+            return self.malformed_client_body(request, client, upstream, exchange, exc)
         except UpstreamError as exc:
             upstream.close()
-            log.error("502 for %s %s: %s", request.method, log_path(request), exc)
+            body_error = client_body_error(pump)
+            if body_error is not None:  # the pump closed the upstream leg over the client's body
+                return self.malformed_client_body(request, client, upstream, exchange, body_error)
+            if exchange.answered and isinstance(exc, UpstreamClosedEarly) and request.method in RPC_CHANNELS:
+                # How an RPC channel ends (its Content-Length is a placeholder): the session is over.
+                log.info("%s %s: the legacy server ended the channel (%d bytes short of its placeholder length)", request.method, log_path(request), exc.remaining)
+                client.close()  # (what was relayed still reaches the client)
+                return False
+            if exchange.answered:
+                log.error("%s %s: %s; the answer was cut off", request.method, log_path(request), exc)
+            else:
+                log.error("502 for %s %s: %s", request.method, log_path(request), exc)
             return self.abort_exchange(client, exchange, 502, f"The bridge lost the Exchange server: {exc}.")
-        except ClientBodyError as exc:
-            upstream.close()
-            log.info("%s %s: the client's body was malformed (%s), closing both legs", request.method, log_path(request), exc)
-            return self.abort_exchange(client, exchange, 400, "The request body is malformed.")
         except (ConnectionError, OSError) as exc:
             upstream.close()
             log.info("%s %s: client connection ended (%s)", request.method, log_path(request), type(exc).__name__)
@@ -285,12 +260,28 @@ class Proxy:
             if pump is not None and not pump.done():
                 pump.cancel()
 
+    def malformed_client_body(self, request: RequestHead, client: ClientConnection, upstream: UpstreamConnection, exchange: Exchange, exc: ChunkedError) -> bool:
+        """The client's chunked body broke the rules: nothing more of it went upstream; a 400 when no
+        answer has started, and both legs end."""
+        upstream.close()
+        log.info("%s %s: the client's chunked body is malformed (%s), closing both legs", request.method, log_path(request), exc)
+        if exchange.answered:
+            client.abort()
+            return False
+        exchange.status = 400
+        exchange.answered = True
+        if not client.closing:
+            client.write(local_answer(400, "The request body is malformed (chunked transfer coding)."))
+        return False
+
     # ---- the fast path: a simple exchange in transport callbacks, no task switch ----------------
     # Most requests are small and plain: no body, an open pinned upstream connection, a short
     # answer with a Content-Length. For them the head goes upstream from the client's
     # data_received and the answer goes back from the upstream's, which spares the connection's
     # task two wake-ups and the coroutine layers per request. Anything else (1xx, chunked or large
-    # bodies, errors, a lost leg) is handed to the task, which goes on with relay().
+    # bodies, errors, a lost leg) is handed to the task, which goes on with relay(). The client
+    # connection's phase (FAST, HANDED_BACK) and its ``exchange`` are bridge.net.front's: this side
+    # moves them only through the connection's methods.
 
     def start_fast(self, client: ClientConnection) -> bool:
         """Relay the buffered request head on the fast path if it qualifies; False leaves it to the task."""
@@ -305,25 +296,15 @@ class Proxy:
         except HeadRefused:
             return False  # the task answers it
         if not self.qualifies_for_fast(request, client):
-            client.declined = (head, request)  # the task takes it without parsing it again
+            client.decline(head, request)  # the task takes it without parsing it again
             return False
         upstream = client.state.data[UPSTREAM_KEY]
-        client.declined = None
-        exchange = Exchange()
-        exchange.upstream = upstream.name
-        exchange.body_done = True
+        exchange = Exchange(request, upstream)
         if self.stats is not None:
             self.stats.begin(request, exchange)
-        client.consume(length)
-        client.requests += 1
-        client.head_since = 0.0
-        client.in_request = True
-        client.watch_idle(self.config.idle_timeout)
-        client.fast = (request, exchange, upstream)
+        client.begin_fast(length, exchange, self.config.idle_timeout)
         channel = upstream.channel
-        if client.fast_data_callback is None:
-            client.fast_data_callback = functools.partial(self.continue_fast, client)
-        channel.on_data = client.fast_data_callback
+        channel.on_data = client.fast_data_callback()
         try:
             channel.write(self.request_head(request, client.peer))
         except ChannelClosed:
@@ -342,40 +323,43 @@ class Proxy:
 
     def continue_fast(self, client: ClientConnection) -> None:
         """Upstream data for a fast exchange: answer once the whole (small) response is here."""
-        if client.fast is None:
+        if client.phase is not FAST:
             return
         try:
             self.answer_fast(client)
         except Exception:  # never let a callback error kill a transport
             log.exception("fast path failed")
-            if client.fast is None:
+            exchange = client.exchange
+            if client.phase is not FAST or exchange is None:
                 return
-            if client.fast[1].answered:
+            if exchange.answered:
                 self.end_fast(client, False)  # the answer is out: end the connection, never answer twice
             else:
                 self.fall_back(client)  # the task answers
 
     def answer_fast(self, client: ClientConnection) -> None:
-        request, exchange, upstream = client.fast
-        client.last_activity = client.loop.time()  # upstream bytes count as activity for --idle-timeout
+        exchange: Exchange = client.exchange  # type: ignore[assignment]  # FAST: the connection has its exchange
+        request = exchange.request
+        upstream: UpstreamConnection = exchange.connection  # type: ignore[assignment]  # a fast exchange has its connection
+        client.touch()  # upstream bytes count as activity for --idle-timeout
         channel = upstream.channel
         data = channel.peek_all()
-        end = data.find(b"\r\n\r\n")
-        if end < 0:
-            if channel.eof or len(data) > MAX_HEAD:
-                self.fall_back(client)
-            return
         try:
-            head = parse_response_head(data[: end + 4], upstream.server)
-        except UpstreamError:
-            self.fall_back(client)
+            end = response_head_length(data)
+            if not end:
+                if channel.eof:
+                    self.fall_back(client)
+                return
+            head = parse_response_head(data if end == len(data) else data[:end])
+        except ResponseRefused:
+            self.fall_back(client)  # the task says why, in a 502
             return
         length = head.content_length
         has_body = response_has_body(request.method, head.status)
         if head.status < 200 or (has_body and (length is None or length > COALESCE_LIMIT)):
             self.fall_back(client)
             return
-        total = end + 4 + (length if has_body and length else 0)
+        total = end + (length if has_body and length else 0)
         if len(data) < total:
             if channel.eof:
                 self.fall_back(client)
@@ -386,19 +370,18 @@ class Proxy:
             upstream.reusable = False
         keep = keep and request.keep_alive and not client.server.draining
         exchange.status = head.status
-        exchange.bytes_out = total - end - 4
+        exchange.bytes_out = total - end
         exchange.answered = True
         if not client.closing:
-            client.write(self.response_head(request, head, length, False, keep) + data[end + 4 : total])
+            client.write(self.response_head(request, head, length, False, keep) + data[end:total])
         if not upstream.reusable:
             upstream.close()
         self.end_fast(client, keep)
 
     def end_fast(self, client: ClientConnection, keep: bool) -> None:
-        request, exchange, upstream = client.fast
-        client.fast = None
-        upstream.channel.on_data = None
-        client.idle_limit = 0.0
+        exchange: Exchange = client.exchange  # type: ignore[assignment]  # FAST: the connection has its exchange
+        request = exchange.request
+        exchange.connection.channel.on_data = None  # type: ignore[union-attr]  # a fast exchange has its connection
         if exchange.status == 401:
             try:
                 self.note_failed_logon(request, client, exchange)
@@ -408,16 +391,17 @@ class Proxy:
             self.stats.end(request, exchange)
         if access_log.isEnabledFor(logging.INFO):
             self.log_access(request, client, exchange)
-        client.fast_done(keep)
+        client.end_fast(keep)
 
     def fall_back(self, client: ClientConnection) -> None:
         """Hand the fast exchange to the connection's task (resume() goes on with relay())."""
-        request, exchange, upstream = client.fast
-        upstream.channel.on_data = None
-        client.fast_fallback((request, exchange, upstream))
+        client.exchange.connection.channel.on_data = None  # type: ignore[union-attr]  # FAST: the connection has its exchange
+        client.fall_back()
 
-    async def resume(self, client: ClientConnection) -> bool:
-        request, exchange, upstream = client.take_pending()
+    async def resume(self, client: ClientConnection, exchange: Exchange) -> bool:
+        request = exchange.request
+        upstream = exchange.connection
+        assert upstream is not None  # a fast exchange has its connection
         try:
             keep = await self.relay(request, client, upstream, exchange, None)
             self.note_failed_logon(request, client, exchange)
@@ -429,24 +413,23 @@ class Proxy:
 
     def fast_expired(self, client: ClientConnection) -> None:
         """--idle-timeout ran out while the legacy server had not answered a fast exchange."""
-        request, exchange, upstream = client.fast
-        upstream.close()
-        log.warning("%s %s: no data moved for %g s, closing both legs", request.method, log_path(request), self.config.idle_timeout)
+        exchange: Exchange = client.exchange  # type: ignore[assignment]  # FAST: the connection has its exchange
+        assert exchange.connection is not None  # a fast exchange has its connection
+        exchange.connection.close()
+        log.warning("%s %s: no data moved for %g s, closing both legs", exchange.request.method, log_path(exchange.request), self.config.idle_timeout)
         self.abort_exchange(client, exchange, 504, "The Exchange server did not answer in time.")
         self.end_fast(client, False)
 
-    def fast_abandoned(self, client: ClientConnection) -> None:
+    def fast_abandoned(self, client: ClientConnection, exchange: Exchange) -> None:
         """The client connection ended with a fast exchange in flight or handed back but not resumed."""
-        if client.fast is None and client.pending is None:
-            return
-        request, exchange, upstream = client.fast or client.pending
-        client.fast = client.pending = None
+        upstream = exchange.connection
+        assert upstream is not None  # a fast exchange has its connection
         upstream.channel.on_data = None
         upstream.close()
         client.watch_idle(0)
         if self.stats is not None:
-            self.stats.end(request, exchange)
-        self.log_access(request, client, exchange)
+            self.stats.end(exchange.request, exchange)
+        self.log_access(exchange.request, client, exchange)
 
     def start_pump(self, request: RequestHead, client: ClientConnection, upstream: UpstreamConnection, exchange: Exchange) -> asyncio.Task:
         pump = asyncio.ensure_future(self.pump_request_body(request, client, upstream, exchange))
@@ -505,6 +488,10 @@ class Proxy:
         tokens = request.connection_tokens
         if tokens and not tokens <= PLAIN_CONNECTION_TOKENS:  # the client's Connection names other headers too
             block = without_lines_named(block, tokens - PLAIN_CONNECTION_TOKENS - special)
+        if request.version < (1, 1) and not any(field[0] == b"host" for field in request.fields):
+            # An HTTP/1.0 request may come without Host; the upstream request is HTTP/1.1, which needs
+            # one (IIS answers 400 Invalid Hostname): the one an HTTP/1.1 client would have sent.
+            block += self.host_line or self.public_host_line
         address = (peer or "unknown").encode()
         forwarded = b"\r\nX-Forwarded-For: " + (forwarded_for + b", " + address if forwarded_for else address)
         framing = b"\r\nTransfer-Encoding: chunked" if request.chunked else b""
@@ -513,23 +500,35 @@ class Proxy:
     async def pump_request_body(
         self, request: RequestHead, client: ClientConnection, upstream: UpstreamConnection, exchange: Exchange
     ) -> None:
-        """Copy the client's body to the origin piece by piece, as it arrives (never buffered)."""
+        """Copy the client's body to the origin piece by piece, as it arrives (never buffered). A
+        chunked body goes through the strict ChunkedDecoder: a malformed one raises ChunkedError
+        before any byte of the offending piece is written upstream."""
         touch = client.touch
         write = upstream.write
         channel = upstream.channel
+        read_some = client.read_some
         if request.chunked:
-            async for data in client_chunks(client):
+            decoder = ChunkedDecoder()
+            feed = decoder.feed
+            while not decoder.done:
+                data = await read_some(READ_SIZE)
+                if not data:
+                    upstream.reusable = False  # client left mid-body; the origin would wait for the rest
+                    raise ConnectionResetError("the client ended the connection inside a chunked body")
                 touch()
-                exchange.bytes_in += len(data)
-                write(b"".join((b"%x\r\n" % len(data), data, b"\r\n")))  # one copy of the piece, one TLS record
+                pieces = feed(data)
+                for piece in pieces:
+                    exchange.bytes_in += len(piece)
+                    write(encode_chunk(piece))  # one copy of the piece, one TLS record
                 if channel.writing_paused:
                     await upstream.drain()
                 touch()
-            write(b"0\r\n\r\n")
+            write(LAST_CHUNK)
+            if decoder.leftover:
+                client.unread(decoder.leftover)  # the next request (pipelined)
             exchange.body_done = True
             return
         remaining = request.content_length or 0
-        read_some = client.read_some
         while remaining:
             data = await read_some(min(remaining, READ_SIZE))
             if not data:
@@ -547,12 +546,19 @@ class Proxy:
     async def relay_response(
         self, request: RequestHead, client: ClientConnection, upstream: UpstreamConnection, head: ResponseHead, exchange: Exchange
     ) -> bool:
+        origin = response_body_framing(request.method, head)
+        kind = origin.kind
+        if head.codings and kind is not Body.NONE and head.codings != b"chunked":
+            # A transfer coding other than chunked (e.g. gzip, alone and running to the close, or
+            # under chunked): no client asked for one (TE is hop-by-hop and never reaches the
+            # origin), an HTTP/1.0 client could not take one, and decoding it is not the bridge's
+            # business: refused as a protocol error rather than relayed as if it were plain.
+            raise UpstreamProtocolError(f"the legacy server {upstream.server} sent Transfer-Encoding: {head.codings.decode('latin-1')[:40]}, which the bridge does not relay")
+        framing = client_framing(origin, request.version)
+        chunked_out = framing.kind is Body.CHUNKED
         length = head.content_length
-        has_body = response_has_body(request.method, head.status)
-        chunked_out = length is None and has_body and head.chunked and request.version >= (1, 1)
-        delimited_by_close = has_body and length is None and not chunked_out
         keep = response_keeps_connection(head) and upstream.reusable
-        if not keep or delimited_by_close:
+        if not keep or framing.kind is Body.UNTIL_CLOSE:
             # The origin ends this connection: end the client's too, so it re-authenticates.
             upstream.reusable = False
             keep = False
@@ -560,26 +566,39 @@ class Proxy:
         head_bytes = self.response_head(request, head, length, chunked_out, keep)
         exchange.status = head.status
         touch = client.touch
-        if length is not None and 0 < length <= COALESCE_LIMIT and has_body:
+        if kind is Body.LENGTH and 0 < origin.length <= COALESCE_LIMIT:
             # Wait for the (small) body so that headers and body leave in one TLS record and one send.
-            body = await upstream.read_small_body(length)
-            exchange.bytes_out += length
+            body = await upstream.read_small_body(origin.length)
+            exchange.bytes_out += origin.length
             touch()
             client.write(head_bytes + body)
             exchange.answered = True
         else:
-            client.write(head_bytes)
+            pieces = upstream.body(origin)
+            first = b""
+            if kind is Body.CHUNKED:
+                # The first piece before the head: a body malformed from its first line is a 502
+                # (not a cut connection), and the head leaves with the first piece.
+                first = await anext(pieces, b"")
+                exchange.bytes_out += len(first)
+                touch()
+            if first and len(first) <= COALESCE_LIMIT:
+                client.write(head_bytes + (encode_chunk(first) if chunked_out else first))
+            else:
+                client.write(head_bytes)
+                if first:
+                    client.write(encode_chunk(first) if chunked_out else first)
             exchange.answered = True
             write = client.write
-            async for data in upstream.body(head, request.method):
+            async for data in pieces:
                 touch()
                 exchange.bytes_out += len(data)
-                write(b"".join((b"%x\r\n" % len(data), data, b"\r\n")) if chunked_out else data)
+                write(encode_chunk(data) if chunked_out else data)
                 if client.writing_paused:
                     await client.drain()
                 touch()
             if chunked_out:
-                write(b"0\r\n\r\n")
+                write(LAST_CHUNK)
         if not upstream.reusable:
             upstream.close()
         return keep
@@ -588,7 +607,7 @@ class Proxy:
         """The client's response head: the origin's header lines less hop-by-hop, Location rewritten."""
         block = head.block
         if head.fields:
-            block, rewritten = cut_response_lines(block, head.fields)
+            block, rewritten = cut_lines(block, head.fields)
         else:
             rewritten = ()
         tokens = head.connection_tokens
@@ -626,7 +645,7 @@ class Proxy:
             exchange.status = status
             exchange.answered = True
             if not client.closing:
-                client.write(local_answer(status, message, False, (1, 1)))
+                client.write(local_answer(status, message))
             return False
         client.abort()
         if not exchange.answered:
@@ -644,73 +663,6 @@ class Proxy:
         )
 
 
-async def client_chunks(client: ClientConnection) -> AsyncIterator[bytes]:
-    """The pieces of a chunked request body as they arrive; trailers are read and dropped."""
-    while True:
-        line = await _client_line(client)
-        match = CHUNK_SIZE_LINE.fullmatch(line)
-        if match is None:
-            raise ClientBodyError("malformed chunk size line")
-        remaining = int(match.group(1), 16)
-        if remaining == 0:
-            while await _client_line(client) != b"\r\n":  # trailer fields, dropped
-                pass
-            return
-        while remaining:
-            data = await client.read_some(min(remaining, READ_SIZE))
-            if not data:
-                raise ConnectionResetError("the client ended the connection inside a chunk")
-            remaining -= len(data)
-            yield data
-        if await _client_line(client) != b"\r\n":
-            raise ClientBodyError("a chunk longer than its declared size")
-
-
-async def _client_line(client: ClientConnection) -> bytes:
-    try:
-        line = await client.read_until(b"\r\n", MAX_CHUNK_LINE)
-    except LimitExceeded:
-        raise ClientBodyError("chunk line too long") from None
-    except asyncio.IncompleteReadError:
-        line = b""
-    if not line:
-        raise ConnectionResetError("the client ended the connection inside a chunked body")
-    return line
-
-
-def is_clean_path(path: str) -> bool:
-    if "\\" in path or "\x00" in path:
-        return False
-    segments = path.split("/")
-    return not any(segment in (".", "..") for segment in segments)
-
-
-def log_path(request: RequestHead) -> str:
-    """The path for logs; the query only for the RPC proxy, where it names the target server:port."""
-    target = request.raw_path
-    path, _, query = target.partition("?")
-    if query and path.lower().endswith("/rpcproxy.dll"):
-        return f"{path}?{query[:100]}"
-    return path[:300]
-
-
-def local_answer(status: int, message: str, keep: bool, version: tuple[int, int], with_body: bool = True) -> bytes:
-    """The bridge's own plain-text answer as bytes."""
-    body = (message + "\n").encode()
-    try:
-        reason = HTTPStatus(status).phrase
-    except ValueError:
-        reason = "Error"
-    lines = [f"HTTP/1.{version[1]} {status} {reason}", "Content-Type: text/plain; charset=utf-8", f"Content-Length: {len(body)}"]
-    if version >= (1, 1) and not keep:
-        lines.append("Connection: close")
-    elif version < (1, 1) and keep:
-        lines.append("Connection: keep-alive")
-    return ("\r\n".join(lines) + "\r\n" + SECURITY_LINES + "\r\n").encode("latin-1") + (body if with_body else b"")
-
-
-def _interim_bytes(head: ResponseHead) -> bytes:
-    return b"HTTP/1.1 %d %s%s\r\n\r\n" % (head.status, head.reason, head.block)
 
 
 def _location_pattern(names: set[str]) -> re.Pattern[str] | None:

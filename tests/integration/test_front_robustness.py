@@ -15,6 +15,7 @@ import pytest
 from support.bridges import raw_bridge_connection
 from support.net import wait_until
 from support.upstreams import ANSWERS, answer_each_request
+from bridge.net.front import Phase
 
 
 class Rig:
@@ -118,7 +119,7 @@ def test_drain_lets_a_fast_exchange_finish(rig):
     c = r.warmed()
     c.send(GET)
     time.sleep(0.3)
-    fast = r.on_loop(lambda: [conn.fast is not None for conn in r.front.connections])
+    fast = r.on_loop(lambda: [conn.phase is Phase.FAST for conn in r.front.connections])
     assert fast == [True]
     closer = threading.Thread(target=lambda: r.bridge.call(r.bridge.bridge.close()))
     closer.start()
@@ -142,7 +143,7 @@ def test_client_vanishes_during_fast_exchange(rig):
     c = r.warmed()
     c.send(GET)
     time.sleep(0.3)
-    assert r.on_loop(lambda: [conn.fast is not None for conn in r.front.connections]) == [True]
+    assert r.on_loop(lambda: [conn.phase is Phase.FAST for conn in r.front.connections]) == [True]
     c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
     c.close()
     assert wait_until(lambda: upstream_saw_eof, 3)
@@ -208,7 +209,7 @@ def test_a_request_arriving_as_the_keepalive_deadline_fires_is_answered(rig):
         # the sweeper tick and the client's next request are handled in the same loop iteration
         conn.check_deadlines(conn.loop.time() + 10**6)
         conn.data_received(GET)
-        return conn.fast is not None
+        return conn.phase is Phase.FAST
 
     r.on_loop(race)
     status, _, body = c.read_answer()  # answered by one path or the other, never forwarded and dropped

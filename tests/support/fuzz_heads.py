@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from bridge.net.front import HeadRefused, RequestHead, complete_head_length, parse_request_head
+from bridge.protocol.http1 import HeadRefused, RequestHead, complete_head_length, parse_request_head
 from support.bridges import BRIDGE_FQDN
 
 METHODS = ["GET", "POST", "RPC_IN_DATA", "RPC_OUT_DATA", "PROPFIND"]

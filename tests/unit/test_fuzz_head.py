@@ -14,8 +14,8 @@ import re
 
 from hypothesis import HealthCheck, given, settings
 
-from bridge.net.front import HeadRefused
-from bridge.net.gate import MAX_HEAD_BYTES
+from bridge.protocol.http1 import HeadRefused
+from bridge.protocol.http1 import MAX_HEAD_BYTES
 from support.fuzz_heads import parse, request_heads
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "300"))

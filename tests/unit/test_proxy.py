@@ -16,7 +16,7 @@ def _head_writer():
 
 
 def test_forwarded_for_chain_leaves_out_empty_values():
-    from bridge.net.front import parse_request_head
+    from bridge.protocol.http1 import parse_request_head
 
     request = parse_request_head(b"GET /owa/ HTTP/1.1\r\nHost: a.example\r\nX-Forwarded-For:\r\nX-Forwarded-For: 9.9.9.9\r\n\r\n")
     head = _head_writer().request_head(request, "10.0.0.1")
@@ -24,8 +24,8 @@ def test_forwarded_for_chain_leaves_out_empty_values():
 
 
 def test_a_security_header_the_origin_marks_hop_by_hop_is_replaced_by_the_bridges():
-    from bridge.net.front import parse_request_head
-    from bridge.net.upstream import parse_response_head
+    from bridge.protocol.http1 import parse_request_head
+    from bridge.protocol.http1 import parse_response_head
 
     request = parse_request_head(b"GET /owa/ HTTP/1.1\r\nHost: a.example\r\n\r\n")
     origin = parse_response_head(b"HTTP/1.1 200 OK\r\nConnection: x-frame-options\r\nX-Frame-Options: ALLOWALL\r\nContent-Length: 0\r\n\r\n", None)
