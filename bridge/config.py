@@ -442,7 +442,8 @@ class BridgeConfig:
                                     reload=True, group="operations")
     header_timeout: float = _setting(15.0, "--header-timeout", "S", "seconds a client has to send a request head (then 408)", parse=_seconds, reload=True,
                                      group="operations")
-    drain_timeout: float = _setting(30.0, "--drain-timeout", "S", "on SIGTERM, or when the migration window closes, seconds open requests get to finish", parse=_seconds, reload=True, group="operations")
+    drain_timeout: float = _setting(30.0, "--drain-timeout", "S", "on SIGTERM, or when the migration window closes, seconds open requests get to finish",
+                                    parse=_seconds, reload=True, group="operations")
     ban_threshold: int = _setting(10, "--ban-threshold", "N", "failed logons from one address that trigger a ban", parse=_count, reload=True, group="operations")
     ban_window: float = _setting(600.0, "--ban-window", "S", "seconds in which those failures must occur", parse=_seconds, reload=True, group="operations")
     ban_duration: float = _setting(3600.0, "--ban-duration", "S", "seconds a ban lasts", parse=_seconds, reload=True, group="operations")

@@ -307,6 +307,15 @@ class Supervisor:
         for worker in self.workers.values():
             send(worker.writer, ("reload", self.worker_config(worker.index)))
 
+    def ranges_refreshed(self) -> None:
+        """`bridge allow refresh` wrote a new Exchange Online list: the workers get it with their settings."""
+        from bridge.config import EXCHANGE_ONLINE
+        from bridge.ops.allowlist import announce_list
+
+        if EXCHANGE_ONLINE in self.config.allow:
+            self.reload_workers()
+            announce_list(self.config.state_dir, "applied")
+
     # ---- signals ---------------------------------------------------------------------------------
     def reload_certificate(self) -> None:
         """SIGHUP's second half (bridge.runtime.app.on_sighup): the parent validates the files, then tells the workers."""
@@ -403,7 +412,7 @@ async def serve_with_workers(config: BridgeConfig, reload_config: Callable[[], B
         await check_upstream(build_upstream(config))
         supervisor.window.configure(config, starting=True)
         supervisor.background.append(asyncio.create_task(supervisor.window.run(), name="migration-window"))
-        supervisor.background.append(asyncio.create_task(RangeWatcher(config.state_dir, supervisor.reload_workers).run(), name="exchange-online-ranges"))
+        supervisor.background.append(asyncio.create_task(RangeWatcher(config.state_dir, supervisor.ranges_refreshed).run(), name="exchange-online-ranges"))
         supervisor.bans.restore_hooks()
         supervisor.background.append(asyncio.create_task(supervisor.bans.run_forever(), name="ban-housekeeping"))
         supervisor.background.append(asyncio.create_task(supervisor.keep_bans_in_step(), name="ban-push"))
