@@ -25,6 +25,7 @@ SUBCOMMANDS = {
     "preflight": ("bridge.preflight.command", "check the legacy server and the bridge before creating the migration batch"),
     "status": ("bridge.ops.status", "show a running bridge's status page (connections, traffic, bans) live in the terminal"),
     "ban": ("bridge.ops.bans", "list, add or lift bans of client addresses (kept in the state dir)"),
+    "allow": ("bridge.ops.allowlist", "refresh or show Exchange Online's address ranges for --allow exchange-online"),
 }
 
 

@@ -12,6 +12,7 @@ wrong and what to do; the CLI prints it and exits 2.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import difflib
 import ipaddress
 import os
@@ -41,6 +42,11 @@ DEFAULT_FORWARD_PATHS = (
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 _FINGERPRINT = re.compile(r"^(?:sha256:)?([0-9A-Fa-f]{2}(?::?[0-9A-Fa-f]{2}){31})$")
 KEY_TYPES = ("ecdsa-p256", "rsa-2048", "rsa-3072")
+# --allow keywords: named address lists expanded by bridge.ops.allowlist (kept as the word in the configuration).
+EXCHANGE_ONLINE = "exchange-online"
+ALLOW_KEYWORDS = (EXCHANGE_ONLINE,)
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])", re.IGNORECASE)
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -241,6 +247,61 @@ def _network(flag: str, value: Any) -> Network:
         raise ConfigError(f"{flag} {text!r} is not an address or CIDR range; write e.g. 203.0.113.7 or 40.96.0.0/13.") from None
 
 
+def _allow_source(flag: str, value: Any) -> Network | str:
+    """An --allow entry: an address or CIDR range, or a keyword such as exchange-online."""
+    text = str(value).strip()
+    if text.lower() in ALLOW_KEYWORDS:
+        return text.lower()
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ConfigError(
+            f"{flag} {text!r} is not an address, a CIDR range or {EXCHANGE_ONLINE}; write e.g. 203.0.113.7, 40.96.0.0/13 or {EXCHANGE_ONLINE}."
+        ) from None
+
+
+def parse_duration(flag: str, value: Any) -> float:
+    """A duration such as 90m, 72h, 14d, 2w or 1d12h, in seconds (a unit is required: 72 alone is ambiguous)."""
+    text = str(value).strip()
+    compact = text.replace(" ", "")
+    pieces = _DURATION.findall(compact)
+    if not pieces or "".join(number + unit for number, unit in pieces) != compact:
+        raise ConfigError(f"{flag} {text!r} is not a duration; write a number with a unit, e.g. 90m, 72h or 14d.")
+    seconds = sum(float(number) * _DURATION_UNITS[unit.lower()] for number, unit in pieces)
+    if seconds <= 0:
+        raise ConfigError(f"{flag} {text!r} is not a positive duration; write e.g. 72h or 14d.")
+    return seconds
+
+
+def parse_expire_at(flag: str, value: Any) -> dt.datetime:
+    """An ISO 8601 date or date-time, as an aware UTC datetime. A date alone means the end of that day
+    (midnight UTC after it); a date-time without a zone is UTC. TOML's own date and date-time values
+    are taken as they are."""
+    if isinstance(value, dt.datetime):
+        moment = value
+    elif isinstance(value, dt.date):
+        return dt.datetime.combine(value + dt.timedelta(days=1), dt.time(), dt.UTC)
+    else:
+        text = str(value).strip()
+        try:
+            if len(text) == 10:
+                return parse_expire_at(flag, dt.date.fromisoformat(text))
+            moment = dt.datetime.fromisoformat(text)
+        except ValueError:
+            raise ConfigError(
+                f"{flag} {text!r} is not an ISO 8601 date or date-time; write e.g. 2025-07-01 (the end of that day, UTC) or 2025-07-01T18:00Z."
+            ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    return moment.astimezone(dt.UTC)
+
+
+def format_moment(moment: dt.datetime) -> str:
+    """A deadline as logs, answers and the status page show it: 2025-07-01 18:00 UTC (seconds when there are any)."""
+    utc = moment.astimezone(dt.UTC)
+    return utc.strftime("%Y-%m-%d %H:%M:%S UTC" if utc.second else "%Y-%m-%d %H:%M UTC")
+
+
 def _forward_path(flag: str, prefix: Any) -> str:
     text = "/" + str(prefix).strip().strip("/")
     if text == "/":
@@ -373,19 +434,31 @@ class BridgeConfig:
     # Operations and security
     status_bind: str = _setting("127.0.0.1:8404", "--status-bind", "ADDR:PORT", "status page and /metrics listener (`off` disables it)", parse=_status_bind,
                                 group="operations")
-    allow: tuple[Network, ...] = _setting((), "--allow", "CIDR", "accept connections only from these sources (others are closed before TLS)", parse=_network,
-                                          shown="any source", reload=True, repeatable=True, group="operations")
+    allow: tuple[Network | str, ...] = _setting(
+        (), "--allow", "CIDR", "accept connections only from these sources (others are closed before TLS); `exchange-online` stands for Microsoft's "
+        "published Exchange Online ranges (see below)", parse=_allow_source, shown="any source", reload=True, repeatable=True, group="operations",
+    )
     max_connections: int = _setting(1000, "--max-connections", "N", "open client connections (all workers together) before new ones get 503", parse=_count,
                                     reload=True, group="operations")
     header_timeout: float = _setting(15.0, "--header-timeout", "S", "seconds a client has to send a request head (then 408)", parse=_seconds, reload=True,
                                      group="operations")
-    drain_timeout: float = _setting(30.0, "--drain-timeout", "S", "on SIGTERM, seconds open requests get to finish", parse=_seconds, reload=True, group="operations")
+    drain_timeout: float = _setting(30.0, "--drain-timeout", "S", "on SIGTERM, or when the migration window closes, seconds open requests get to finish",
+                                    parse=_seconds, reload=True, group="operations")
     ban_threshold: int = _setting(10, "--ban-threshold", "N", "failed logons from one address that trigger a ban", parse=_count, reload=True, group="operations")
     ban_window: float = _setting(600.0, "--ban-window", "S", "seconds in which those failures must occur", parse=_seconds, reload=True, group="operations")
     ban_duration: float = _setting(3600.0, "--ban-duration", "S", "seconds a ban lasts", parse=_seconds, reload=True, group="operations")
     ban_command: str | None = _setting(None, "--ban-command", "CMD", "run `CMD ban IP SECONDS` and `CMD unban IP` on each ban and unban", parse=_command_line,
                                        reload=True, group="operations")
     never_ban: tuple[Network, ...] = _setting((), "--never-ban", "CIDR", "addresses never banned", parse=_network, reload=True, repeatable=True, group="operations")
+    # The migration window (bridge.ops.window)
+    expire_at: dt.datetime | None = _setting(
+        None, "--expire-at", "DATE", "stop forwarding at this ISO 8601 date or date-time (a date alone: the end of that day; no zone: UTC)",
+        parse=parse_expire_at, reload=True, group="operations",
+    )
+    expire_after: float | None = _setting(
+        None, "--expire-after", "DURATION", "stop forwarding this long (e.g. `72h`, `14d`) after the bridge first ran with it (kept in the state dir, "
+        "so restarts do not extend it)", parse=parse_duration, reload=True, group="operations",
+    )
 
     @property
     def legacy_hostnames(self) -> set[str]:
@@ -499,6 +572,8 @@ def build_config(values: dict[str, Any], *, require_fqdn: bool = True, require_l
         raise ConfigError("No legacy server given: pass --legacy with the Exchange 2007 host, e.g. --legacy owa.customer.example.")
     if bool(config.cert) != bool(config.key):
         raise ConfigError("--cert and --key go together; give both (the certificate chain and its private key) or neither.")
+    if config.expire_at is not None and config.expire_after is not None:
+        raise ConfigError("--expire-at and --expire-after both set the end of the migration window; give one of them.")
     if bool(config.acme_eab_kid) != bool(config.acme_eab_hmac_key):
         raise ConfigError("--acme-eab-kid and --acme-eab-hmac-key go together; give both as your CA shows them, or neither.")
     return config

@@ -30,3 +30,7 @@ class AcmeError(UserError):
 
 class PreflightUsageError(UserError):
     """A preflight flag is missing or wrong."""
+
+
+class AllowListError(UserError):
+    """Exchange Online's address list could not be fetched, read or trusted (`bridge allow refresh`)."""

@@ -34,6 +34,8 @@ LEGACY=()
 EMAIL=
 FINGERPRINT=
 ACME_DIRECTORY=
+EXPIRE_AT=
+EXPIRE_AFTER=
 OVERWRITE_CONFIG=no
 USE_SYSTEMD=yes
 START=yes
@@ -53,6 +55,9 @@ Settings written to /etc/exchange-bridge/bridge.toml (needed the first time, or 
   --legacy-fingerprint sha256:HEX
                               pin the legacy server's certificate (see `bridge preflight`)
   --acme-directory DIR        letsencrypt (default) | letsencrypt-staging | https://... directory URL
+  --expire-at DATE            end of the migration window: ISO 8601 date (end of that day, UTC)
+                              or date-time, e.g. 2025-07-01 or 2025-07-01T18:00Z
+  --expire-after DURATION     ...or its length from the bridge's first start, e.g. 14d or 72h
   --overwrite-config          replace an existing bridge.toml
 
 Installation:
@@ -83,6 +88,8 @@ while [ "$#" -gt 0 ]; do
         --email) need_value "$@"; EMAIL=$2; shift 2 ;;
         --legacy-fingerprint) need_value "$@"; FINGERPRINT=$2; shift 2 ;;
         --acme-directory) need_value "$@"; ACME_DIRECTORY=$2; shift 2 ;;
+        --expire-at) need_value "$@"; EXPIRE_AT=$2; shift 2 ;;
+        --expire-after) need_value "$@"; EXPIRE_AFTER=$2; shift 2 ;;
         --overwrite-config) OVERWRITE_CONFIG=yes; shift ;;
         --package) need_value "$@"; PACKAGE=$2; shift 2 ;;
         --constraints) need_value "$@"; CONSTRAINTS=$2; shift 2 ;;
@@ -140,6 +147,8 @@ LEGACY_RE='^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?)(:
 EMAIL_RE='^[A-Za-z0-9.!#$%&*+/=?^_`{|}~-]+@([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}$'
 FINGERPRINT_RE='^(sha256:)?[0-9A-Fa-f]{2}(:?[0-9A-Fa-f]{2}){31}$'
 ACME_RE='^(letsencrypt|letsencrypt-staging|https://[^[:space:]"\\]+)$'
+EXPIRE_AT_RE='^[0-9]{4}-[0-9]{2}-[0-9]{2}([T ][0-9]{2}:[0-9]{2}(:[0-9]{2})?(Z|[+-][0-9]{2}:[0-9]{2})?)?$'
+EXPIRE_AFTER_RE='^([0-9]+[smhdw])+$'
 
 FQDN=$(printf '%s' "$FQDN" | tr '[:upper:]' '[:lower:]')
 FQDN=${FQDN%.}
@@ -150,13 +159,16 @@ done
 [ -z "$EMAIL" ] || [[ "$EMAIL" =~ $EMAIL_RE ]] || die "--email '$EMAIL' is not an e-mail address."
 [ -z "$FINGERPRINT" ] || [[ "$FINGERPRINT" =~ $FINGERPRINT_RE ]] || die "--legacy-fingerprint '$FINGERPRINT' is not sha256: followed by 64 hex digits."
 [ -z "$ACME_DIRECTORY" ] || [[ "$ACME_DIRECTORY" =~ $ACME_RE ]] || die "--acme-directory '$ACME_DIRECTORY' is not letsencrypt, letsencrypt-staging or an https:// URL."
+[ -z "$EXPIRE_AT" ] || [[ "$EXPIRE_AT" =~ $EXPIRE_AT_RE ]] || die "--expire-at '$EXPIRE_AT' is not an ISO 8601 date or date-time such as 2025-07-01 or 2025-07-01T18:00Z."
+[ -z "$EXPIRE_AFTER" ] || [[ "$EXPIRE_AFTER" =~ $EXPIRE_AFTER_RE ]] || die "--expire-after '$EXPIRE_AFTER' is not a duration such as 14d, 72h or 90m."
+[ -z "$EXPIRE_AT" ] || [ -z "$EXPIRE_AFTER" ] || die "give --expire-at or --expire-after, not both: each sets the end of the migration window."
 
 WRITE_CONFIG=no
 if [ ! -e "$CONFIG" ] || [ "$OVERWRITE_CONFIG" = yes ]; then
     WRITE_CONFIG=yes
     [ -n "$FQDN" ] || die "$CONFIG is to be written: give --fqdn (the bridge's public name)."
     [ "${#LEGACY[@]}" -gt 0 ] || die "$CONFIG is to be written: give --legacy (the Exchange 2007 server), once per server."
-elif [ -n "$FQDN$EMAIL$FINGERPRINT$ACME_DIRECTORY" ] || [ "${#LEGACY[@]}" -gt 0 ]; then
+elif [ -n "$FQDN$EMAIL$FINGERPRINT$ACME_DIRECTORY$EXPIRE_AT$EXPIRE_AFTER" ] || [ "${#LEGACY[@]}" -gt 0 ]; then
     say "keeping the existing $CONFIG; pass --overwrite-config to replace it with the settings given."
 fi
 
@@ -245,6 +257,8 @@ if [ "$WRITE_CONFIG" = yes ]; then
         [ -z "$EMAIL" ] || printf 'acme_email = "%s"\n' "$EMAIL"
         [ -z "$ACME_DIRECTORY" ] || printf 'acme_directory = "%s"\n' "$ACME_DIRECTORY"
         [ -z "$FINGERPRINT" ] || printf 'legacy_fingerprint = "%s"\n' "$FINGERPRINT"
+        [ -z "$EXPIRE_AT" ] || printf 'expire_at = "%s"\n' "$EXPIRE_AT"
+        [ -z "$EXPIRE_AFTER" ] || printf 'expire_after = "%s"\n' "$EXPIRE_AFTER"
     } >"$tmp"
     # Let the installed bridge check the file before it goes live.
     "$VENV/bin/python" - "$tmp" <<'EOF' || die "the settings given were refused (see above); nothing was changed."

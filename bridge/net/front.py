@@ -436,3 +436,17 @@ class FrontServer:
         if self.sweeper is not None:
             self.sweeper.cancel()
             await asyncio.gather(self.sweeper, return_exceptions=True)
+
+    async def finish_requests(self, timeout: float) -> int:
+        """Requests in progress get ``timeout`` seconds, then their connections are cut; the listeners
+        stay open (the migration window closing: new requests are the handler's to refuse). Returns
+        how many connections were still in a request when cut."""
+        busy = [c.task for c in self.connections if c.in_request and c.task is not None]
+        if not busy:
+            return 0
+        _, pending = await asyncio.wait(busy, timeout=timeout)
+        cut = sum(1 for c in list(self.connections) if c.in_request and c.task in pending)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        return cut

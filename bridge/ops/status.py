@@ -116,8 +116,10 @@ def snapshot(bridge: Any) -> dict[str, Any]:
     for server, health in bridge.proxy.pool.health.items():
         down = bool(health.last_error)
         legacy.append({"server": str(server), "state": "down" if down else "up", "error": health.last_error})
+    from bridge.ops.allowlist import describe
     from bridge.ops.bans import summary
 
+    window = getattr(bridge, "window", None)
     return {
         "version": __version__,
         "fqdn": bridge.config.fqdn,
@@ -137,6 +139,8 @@ def snapshot(bridge: Any) -> dict[str, Any]:
         "bans_total": bans.bans_total if bans else 0,
         "banned_requests": bans.refused_total if bans else 0,
         "bans": summary(bans.active().items()) if bans else [],
+        "window": window.describe(now) if window is not None else {"expires_at": None, "expires": None, "basis": "", "seconds_left": None, "expired": False},
+        "allow": describe(bridge.config.allow, bridge.config.state_dir),
     }
 
 
@@ -174,6 +178,10 @@ class SnapshotCollector:
         yield _counter("bridge_bans", "Bans made by the brute-force guard since start.", data["bans_total"])
         yield _counter("bridge_banned_requests", "Requests refused with 403 because the client is banned.", data["banned_requests"])
         yield _gauge("bridge_bans_active", "Addresses banned right now.", len(data["bans"]))
+        window = data["window"]
+        yield _gauge("bridge_window_expired", "1 once the migration window (--expire-at/--expire-after) has closed: requests get 503.", 1 if window["expired"] else 0)
+        if window["seconds_left"] is not None:
+            yield _gauge("bridge_window_seconds_left", "Seconds until the migration window closes (0 once closed).", window["seconds_left"])
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
@@ -303,6 +311,28 @@ def human_duration(seconds: float) -> str:
     return f"{minutes}m {seconds}s"
 
 
+def window_text(window: dict[str, Any]) -> tuple[str, str]:
+    """The migration window in words, and the page's CSS class for it."""
+    if window["expires"] is None:
+        return "none set (forwards until stopped)", "up"
+    if window["expired"]:
+        return f"CLOSED at {window['expires']}: requests get 503; extend it with a later expire_at and SIGHUP", "down"
+    return f"closes at {window['expires']}, in {human_duration(window['seconds_left'])} ({window['basis']})", "up"
+
+
+def allow_text(allow: dict[str, Any]) -> str:
+    if not allow["sources"]:
+        return "any source"
+    text = ", ".join(allow["sources"])
+    listed = allow["exchange_online"]
+    if listed is not None:
+        if "error" in listed:
+            return f"{text} ({listed['error']})"
+        origin = "packaged snapshot" if listed["packaged"] else "refreshed"
+        text += f" (Exchange Online: {listed['ranges']} ranges of {listed['date']}, {origin}, from {listed['source']})"
+    return text
+
+
 def render_html(data: dict[str, Any]) -> str:
     e = html.escape
     cert = data["certificate"]
@@ -319,6 +349,8 @@ def render_html(data: dict[str, Any]) -> str:
         f"<tr><td>{e(ban['address'])}</td><td>{human_duration(ban['seconds_left'])}</td><td>{e(ban['reason'])}</td></tr>" for ban in data["bans"]
     ) or "<tr><td colspan=3>none</td></tr>"
     connections = "-" if data["connections_open"] is None else f"{data['connections_open']} of {data['connections_limit']}"
+    window, window_class = window_text(data["window"])
+    allow = allow_text(data["allow"])
     return f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><meta http-equiv="refresh" content="{REFRESH_SECONDS}">
 <title>exchange-bridge {e(data['fqdn'])}</title>
@@ -329,6 +361,8 @@ td,th{{border:1px solid #bbb;padding:.25em .6em;text-align:left}}th{{background:
 <table>
 <tr><th>uptime</th><td id="uptime">{human_duration(data['uptime_seconds'])}</td></tr>
 <tr><th>certificate</th><td id="certificate">{e(cert['subject'])} ({e(days)})</td></tr>
+<tr><th>migration window</th><td id="window" class="{window_class}">{e(window)}</td></tr>
+<tr><th>allowed sources</th><td id="allow">{e(allow)}</td></tr>
 <tr><th>client connections</th><td id="connections">{connections}</td></tr>
 <tr><th>RPC channels</th><td id="rpc">{data['rpc_channels_open']}</td></tr>
 <tr><th>bytes from clients</th><td id="bytes-in">{data['bytes_in']} ({human_bytes(data['bytes_in'])})</td></tr>
@@ -404,6 +438,8 @@ def render_rich(data: dict[str, Any]) -> Any:
     overview.add_row("bridge", f"{data['fqdn']} (exchange-bridge {data['version']}), up {human_duration(data['uptime_seconds'])}")
     days = "-" if cert["days_left"] is None else f"{cert['days_left']:.0f} days left"
     overview.add_row("certificate", f"{cert['subject']}, {days}")
+    overview.add_row("window", window_text(data["window"])[0])
+    overview.add_row("allowed", allow_text(data["allow"]))
     overview.add_row("connections", f"{data['connections_open']} of {data['connections_limit']}, RPC channels {data['rpc_channels_open']}")
     overview.add_row("traffic", f"{human_bytes(data['bytes_in'])} from clients, {human_bytes(data['bytes_out'])} to clients")
     overview.add_row("logons", f"{data['auth_failures']} failed, {data['bans_total']} bans, {data['banned_requests']} requests refused")
@@ -476,7 +512,7 @@ async def attach_operations(bridge: Any, guard: Any, https_runner: Any) -> None:
     attach_counters(bridge, guard, BanGuard(config.state_dir, policy_from_config(config)))
     https_runner.drain_timeout = config.drain_timeout
     if config.allow:
-        log.info("only %s may connect (--allow)", ", ".join(str(network) for network in config.allow))
+        log.info("only %s may connect (--allow)", ", ".join(str(entry) for entry in config.allow))
     bridge.bans.restore_hooks()
     bridge.background.append(asyncio.create_task(bridge.bans.run_forever(), name="ban-housekeeping"))
     started = await start_status_listener(bridge)
@@ -489,13 +525,18 @@ def reload_settings(bridge: Any, new: Any) -> None:
     """Apply a re-read configuration (SIGHUP) without dropping connections: one process, the --workers
     parent (whose ``guard`` is the workers' totals) and each worker alike."""
     from bridge.config import apply_reload
+    from bridge.ops.allowlist import expand_allow
     from bridge.ops.bans import policy_from_config
 
+    allow = expand_allow(new.allow, bridge.config.state_dir)  # first: a list that cannot be read keeps the whole running configuration
     changed = apply_reload(bridge.config, new)
     if changed:
         log.warning("SIGHUP: %s changed; restart the bridge to apply %s", ", ".join(changed), "them" if len(changed) > 1 else "it")
     if bridge.guard is not None:
-        bridge.guard.apply(new.allow, new.max_connections, new.header_timeout)
+        bridge.guard.apply(allow, new.max_connections, new.header_timeout)
+    window = getattr(bridge, "window", None)
+    if window is not None:
+        window.configure(bridge.config)
     if bridge.bans is not None:
         bridge.bans.policy = policy_from_config(new)
     bridge.proxy.pool.connect_timeout = new.connect_timeout

@@ -95,6 +95,7 @@ class Proxy:
         self.bans = None
         self.stats = None
         self.guard = None
+        self.closed_message: str | None = None  # the migration window has closed (bridge.ops.window): 503 with this
         # What refuse() decided per path: clients repeat a handful of paths (EWS, OWA, the RPC proxy).
         self.path_verdicts: dict[str, tuple[int, str, bool] | None] = {}
 
@@ -143,6 +144,8 @@ class Proxy:
     # ---- what may pass ---------------------------------------------------------------------
     def refuse(self, request: RequestHead, client: ClientConnection) -> tuple[int, str, bool] | None:
         """(status, message, close) for requests that must not reach the legacy server, else None."""
+        if self.closed_message is not None:
+            return 503, self.closed_message, True
         if self.bans is not None and self.bans.is_banned(client.peer):
             return 403, "Forbidden: too many failed logons from this address; try again later.", True
         return self.cached_path_verdict(request.raw_path)
@@ -319,7 +322,7 @@ class Proxy:
             return False
         # Refused or possibly banned requests are the task's to answer (and count).
         bans = self.bans
-        return (bans is None or not bans.has_bans()) and self.cached_path_verdict(request.raw_path) is None
+        return (bans is None or not bans.has_bans()) and self.closed_message is None and self.cached_path_verdict(request.raw_path) is None
 
     def continue_fast(self, client: ClientConnection) -> None:
         """Upstream data for a fast exchange: answer once the whole (small) response is here."""

@@ -13,13 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bridge.config import BridgeConfig, public_origin
+from bridge.config import EXCHANGE_ONLINE, BridgeConfig, public_origin
 from bridge.errors import ConfigError, StartupError
 from bridge.net.front import FrontServer
 from bridge.net.gate import ConnectionGuard
 from bridge.net.tls import front_context, legacy_context, load_front_certificate
 from bridge.net.upstream import LegacyPool
+from bridge.ops.allowlist import RangeWatcher, announce_list, apply_to_guard, expand_allow
 from bridge.ops.status import attach_operations, reload_settings
+from bridge.ops.window import Window
 from bridge.proxy.port80 import Redirector
 from bridge.proxy.relay import Proxy
 
@@ -66,6 +68,7 @@ class RunningBridge:
     status_port: int = 0
     certificate_path: Path | None = None
     key_path: Path | None = None
+    window: Any = None  # bridge.ops.window.Window: the migration window (--expire-at/--expire-after)
 
     async def close(self) -> None:
         for task in self.background:
@@ -107,7 +110,10 @@ async def start_bridge(config: BridgeConfig, certificate_source: CertificateSour
         pool = build_upstream(config)
         await check_upstream(pool)
         proxy = Proxy(config, pool)
+        window = Window(proxy)
+        window.configure(config, starting=True)  # before 443 listens: a bridge restarted after its window answers 503 from the first request
         front = build_front(config, proxy, ssl_context)
+        window.fronts.append(front)
         runners.append(front)
         try:
             await front.listen(config.bind, config.https_port)
@@ -117,7 +123,9 @@ async def start_bridge(config: BridgeConfig, certificate_source: CertificateSour
         for runner in reversed(runners):
             await runner.cleanup()
         raise
-    bridge = RunningBridge(config, proxy, front.port, http_runner.port, ssl_context, runners, certificate_path=cert, key_path=key)
+    bridge = RunningBridge(config, proxy, front.port, http_runner.port, ssl_context, runners, certificate_path=cert, key_path=key, window=window)
+    bridge.background.append(asyncio.create_task(window.run(), name="migration-window"))
+    bridge.background.append(asyncio.create_task(RangeWatcher(config.state_dir, lambda: apply_to_guard(bridge)).run(), name="exchange-online-ranges"))
     publish_https_port(bridge.https_port, proxy, front, redirector)
     try:
         await attach_operations(bridge, front.guard, front)
@@ -187,8 +195,10 @@ async def check_upstream(pool: LegacyPool) -> None:
 
 def build_front(config: BridgeConfig, proxy: Proxy, ssl_context: Any) -> FrontServer:
     """The HTTPS front end for ``proxy`` (not yet listening), with its ConnectionGuard from the configuration."""
+    if EXCHANGE_ONLINE in config.allow:
+        announce_list(config.state_dir, "in use")
     guard = ConnectionGuard(
-        allow=tuple(config.allow), max_connections=config.max_connections, header_timeout=config.header_timeout, public_origin=proxy.public_origin,
+        allow=expand_allow(config.allow, config.state_dir), max_connections=config.max_connections, header_timeout=config.header_timeout, public_origin=proxy.public_origin,
     )
     return FrontServer(proxy.handle, guard, ssl_context, keepalive_timeout=config.idle_timeout, drain_timeout=config.drain_timeout, fast=proxy)
 

@@ -173,6 +173,7 @@ class Supervisor:
 
     def __init__(self, config: BridgeConfig, sockets: list[socket.socket], cert: Path, key: Path, ssl_context: Any) -> None:
         from bridge.ops.bans import BanGuard, policy_from_config
+        from bridge.ops.window import Window
 
         self.config = config
         self.sockets = sockets
@@ -191,12 +192,20 @@ class Supervisor:
         self.background: list[asyncio.Task] = []
         self.renewal: Any = None
         self.status_port = 0
+        self.window = Window()  # keeps the time for the logs and the status page; each worker closes its own proxy
         self._pushed_bans: dict[str, float] | None = None
 
     # ---- what each worker gets -----------------------------------------------------------------
     def worker_config(self, index: int) -> BridgeConfig:
+        """Worker ``index``'s settings: its share of the connections, the allow-list with its keywords
+        expanded and the migration window as the parent resolved it (one absolute deadline for all)."""
+        from bridge.ops.allowlist import expand_allow
+
         share = connection_share(self.config.max_connections, self.config.workers, index)
-        return replace(self.config, cert=self.certificate_path, key=self.key_path, max_connections=share)
+        return replace(
+            self.config, cert=self.certificate_path, key=self.key_path, max_connections=share,
+            allow=expand_allow(self.config.allow, self.config.state_dir), expire_at=self.window.deadline, expire_after=None,
+        )
 
     def ban_set(self) -> dict[str, float]:
         return {address: ban.until for address, ban in self.bans.active().items() if not self.bans.exempt(address)}
@@ -298,6 +307,15 @@ class Supervisor:
         for worker in self.workers.values():
             send(worker.writer, ("reload", self.worker_config(worker.index)))
 
+    def ranges_refreshed(self) -> None:
+        """`bridge allow refresh` wrote a new Exchange Online list: the workers get it with their settings."""
+        from bridge.config import EXCHANGE_ONLINE
+        from bridge.ops.allowlist import announce_list
+
+        if EXCHANGE_ONLINE in self.config.allow:
+            self.reload_workers()
+            announce_list(self.config.state_dir, "applied")
+
     # ---- signals ---------------------------------------------------------------------------------
     def reload_certificate(self) -> None:
         """SIGHUP's second half (bridge.runtime.app.on_sighup): the parent validates the files, then tells the workers."""
@@ -376,6 +394,7 @@ def bind_https(config: BridgeConfig, backlog: int = 1024) -> list[socket.socket]
 async def serve_with_workers(config: BridgeConfig, reload_config: Callable[[], BridgeConfig] | None = None) -> int:
     """`bridge up` with --workers N > 1; returns the exit code."""
     from bridge.net.tls import front_context
+    from bridge.ops.allowlist import RangeWatcher
     from bridge.ops.status import start_status_listener
     from bridge.runtime.app import build_upstream, check_upstream, handle_signals, obtain_certificate, on_sighup, ready_line, serve_until, start_redirector
 
@@ -391,6 +410,9 @@ async def serve_with_workers(config: BridgeConfig, reload_config: Callable[[], B
         supervisor.http_port = http_runner.port
         redirector.set_https_port(supervisor.https_port)
         await check_upstream(build_upstream(config))
+        supervisor.window.configure(config, starting=True)
+        supervisor.background.append(asyncio.create_task(supervisor.window.run(), name="migration-window"))
+        supervisor.background.append(asyncio.create_task(RangeWatcher(config.state_dir, supervisor.ranges_refreshed).run(), name="exchange-online-ranges"))
         supervisor.bans.restore_hooks()
         supervisor.background.append(asyncio.create_task(supervisor.bans.run_forever(), name="ban-housekeeping"))
         supervisor.background.append(asyncio.create_task(supervisor.keep_bans_in_step(), name="ban-push"))
@@ -469,6 +491,7 @@ async def serve_worker(index: int, control_fd: int, listen_fds: list[int]) -> in
     from bridge.net.tls import front_context
     from bridge.ops.bans import policy_from_config
     from bridge.ops.status import attach_counters
+    from bridge.ops.window import Window
     from bridge.proxy.relay import Proxy
     from bridge.runtime.app import RunningBridge, build_front, build_upstream, handle_signals, on_sighup, publish_https_port, settle_garbage_collector, setup_logging
 
@@ -484,11 +507,14 @@ async def serve_worker(index: int, control_fd: int, listen_fds: list[int]) -> in
         handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s %(name)s[worker {index}]: %(message)s"))
     ssl_context = front_context(config.cert, config.key)  # type: ignore[arg-type]  # the supervisor gives workers a config with the certificate files
     proxy = Proxy(config, build_upstream(config))
+    window = Window(proxy, announce=False)  # the parent logs the window; this worker closes its own proxy and drains its connections
+    window.configure(config, starting=True)
     runner = build_front(config, proxy, ssl_context)
+    window.fronts.append(runner)
     publish_https_port(settings["public_port"], proxy, runner)
     for sock in (socket.socket(fileno=fd) for fd in listen_fds):
         await runner.listen(None, 0, sock=sock)
-    bridge = RunningBridge(config, proxy, settings["public_port"], 0, ssl_context, [runner])
+    bridge = RunningBridge(config, proxy, settings["public_port"], 0, ssl_context, [runner], window=window)
     attach_counters(bridge, runner.guard, WorkerBans(writer, settings["bans"], policy_from_config(config)))
 
     stop = asyncio.Event()
@@ -507,7 +533,7 @@ async def serve_worker(index: int, control_fd: int, listen_fds: list[int]) -> in
             send(writer, ("stats", worker_report(bridge)))
             await asyncio.sleep(STATS_INTERVAL)
 
-    tasks = [asyncio.create_task(obey_parent()), asyncio.create_task(report())]
+    tasks = [asyncio.create_task(obey_parent()), asyncio.create_task(report()), asyncio.create_task(window.run())]
     settle_garbage_collector()
     log.info("worker %d (pid %d) serving https on port %d", index, os.getpid(), settings["public_port"])
     send(writer, ("ready", settings["public_port"]))  # after the line: the parent's ready line follows every worker's

@@ -8,6 +8,8 @@ locals {
     ["--package", var.bridge_package, "--fqdn", var.fqdn, "--email", var.acme_email, "--acme-directory", var.acme_directory],
     flatten([for host in var.legacy_hosts : ["--legacy", host]]),
     var.legacy_fingerprint == "" ? [] : ["--legacy-fingerprint", var.legacy_fingerprint],
+    var.expire_at == "" ? [] : ["--expire-at", var.expire_at],
+    var.expire_after == "" ? [] : ["--expire-after", var.expire_after],
   )
 
   cloud_init = templatefile("${path.module}/cloud-init.yaml.tftpl", {

@@ -6,6 +6,11 @@ locals {
     "ubuntu-24.04" = { publisher = "Canonical", offer = "ubuntu-24_04-lts", sku = "server" }
   }
 
+  # HTTPS sources of the network security group: allowed_cidrs, and with https_from_exchange_online
+  # Exchange Online's published IPv4 ranges from the package's snapshot (the public IP is IPv4 only).
+  exchange_online_ranges = [for cidr in jsondecode(file("${path.module}/../../bridge/ops/data/exchange-online.json")).ranges : cidr if !strcontains(cidr, ":")]
+  https_sources          = var.https_from_exchange_online ? distinct(concat(local.exchange_online_ranges, var.allowed_cidrs)) : var.allowed_cidrs
+
   # Name of the A record inside the zone: "@" for the zone apex.
   dns_record_name = var.dns_zone_name == null ? null : (var.fqdn == var.dns_zone_name ? "@" : trimsuffix(var.fqdn, ".${var.dns_zone_name}"))
 }
@@ -41,14 +46,14 @@ resource "azurerm_network_security_group" "bridge" {
   # Exchange Online's migration service (and users, if wanted) reach the bridge over TLS 1.2/1.3.
   security_rule {
     name                       = "allow-https"
-    description                = "HTTPS to the bridge from allowed_cidrs"
+    description                = "HTTPS to the bridge from allowed_cidrs (and Exchange Online with https_from_exchange_online)"
     priority                   = 100
     direction                  = "Inbound"
     access                     = "Allow"
     protocol                   = "Tcp"
     source_port_range          = "*"
     destination_port_range     = "443"
-    source_address_prefixes    = var.allowed_cidrs
+    source_address_prefixes    = local.https_sources
     destination_address_prefix = "*"
   }
 

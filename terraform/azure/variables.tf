@@ -62,17 +62,55 @@ variable "bridge_package" {
   }
 }
 
+variable "expire_at" {
+  description = "End of the migration window: an ISO 8601 date (the end of that day, UTC) or date-time (UTC unless it names a zone), e.g. 2025-07-01 or 2025-07-01T18:00Z. Then the bridge stops forwarding (503) but keeps its status page, port 80 and renewal; extend it in /etc/exchange-bridge/bridge.toml and `systemctl reload exchange-bridge`. Empty: no end date (see expire_after)."
+  type        = string
+  default     = ""
+
+  validation {
+    condition     = var.expire_at == "" || can(regex("^[0-9]{4}-[0-9]{2}-[0-9]{2}([T ][0-9]{2}:[0-9]{2}(:[0-9]{2})?(Z|[+-][0-9]{2}:[0-9]{2})?)?$", var.expire_at))
+    error_message = "The expire_at must be an ISO 8601 date or date-time such as 2025-07-01 or 2025-07-01T18:00Z, or empty."
+  }
+}
+
+variable "expire_after" {
+  description = "Length of the migration window counted from the bridge's first start on the VM (kept in its state directory, so restarts do not extend it), e.g. 14d or 72h. Empty: no end (the bridge logs a recommendation). Give expire_at or expire_after, not both."
+  type        = string
+  default     = ""
+
+  validation {
+    condition     = var.expire_after == "" || can(regex("^([0-9]+[smhdw])+$", var.expire_after))
+    error_message = "The expire_after must be a duration such as 14d, 72h or 90m, or empty."
+  }
+
+  validation {
+    condition     = var.expire_after == "" || var.expire_at == ""
+    error_message = "Give expire_at or expire_after, not both: each sets the end of the migration window."
+  }
+}
+
 # ----------------------------------------------------------------------------- network access
 
 variable "allowed_cidrs" {
-  description = "Sources allowed to reach HTTPS (443). Default: anywhere, because Exchange Online connects from many Microsoft 365 address ranges; narrow it to those ranges if you keep them current."
+  description = "Sources allowed to reach HTTPS (443). Default: anywhere, because Exchange Online connects from many Microsoft 365 address ranges; narrow it to those ranges if you keep them current, or set https_from_exchange_online and list only your own address here."
   type        = list(string)
   default     = ["0.0.0.0/0"]
 
   validation {
-    condition     = length(var.allowed_cidrs) > 0 && alltrue([for c in var.allowed_cidrs : can(cidrhost(c, 0)) && try(cidrhost(c, 0) == split("/", c)[0], false)])
+    condition     = (length(var.allowed_cidrs) > 0 || var.https_from_exchange_online) && alltrue([for c in var.allowed_cidrs : can(cidrhost(c, 0)) && try(cidrhost(c, 0) == split("/", c)[0], false)])
     error_message = "Each entry of allowed_cidrs must be a CIDR block written with its network address, e.g. 0.0.0.0/0 or 40.92.0.0/15."
   }
+
+  validation {
+    condition     = !var.https_from_exchange_online || !contains(var.allowed_cidrs, "0.0.0.0/0")
+    error_message = "With https_from_exchange_online, allowed_cidrs adds sources beside Exchange Online's ranges: give your own address (e.g. [\"198.51.100.7/32\"]) or [] instead of 0.0.0.0/0."
+  }
+}
+
+variable "https_from_exchange_online" {
+  description = "Open HTTPS (443) in the network security group only to Exchange Online's published IPv4 ranges (the package's snapshot, bridge/ops/data/exchange-online.json, dated inside it) plus allowed_cidrs. Off by default. The snapshot changes only with the package: re-apply after upgrading it, and compare with `bridge allow show` after `bridge allow refresh` on the VM."
+  type        = bool
+  default     = false
 }
 
 variable "admin_cidrs" {

@@ -135,9 +135,21 @@ def test_cloud_init_without_fingerprint(console_module):
     assert "--legacy-fingerprint" not in document["runcmd"][0]
 
 
+def test_cloud_init_passes_the_migration_window(console_module):
+    for assignment, pair in (("expire_after=14d", ["--expire-after", "14d"]), ("expire_at=2026-12-31T18:00Z", ["--expire-at", "2026-12-31T18:00Z"])):
+        args = yaml.safe_load(render_cloud_init(console_module, assignment))["runcmd"][0]
+        index = args.index(pair[0])
+        assert args[index : index + 2] == pair
+    assert not {"--expire-at", "--expire-after"} & set(yaml.safe_load(render_cloud_init(console_module))["runcmd"][0])
+
+
 @pytest.mark.parametrize(
     "assignment, message",
     [
+        ("expire_at=next-friday", "ISO 8601 date or date-time"),
+        ("expire_after=14", "a duration such as 14d"),
+        ("expire_after=14d", "not both"),
+        ("https_from_exchange_online=true", "instead of 0.0.0.0/0"),
         ('admin_cidrs=["0.0.0.0/0"]', "SSH is not opened to the whole internet"),
         ("admin_cidrs=[]", "at least one CIDR block for SSH"),
         ('admin_cidrs=["198.51.100.7/24"]', "network address"),
@@ -158,6 +170,8 @@ def test_variable_validation_refuses(console_module, assignment, message):
     extra = [assignment]
     if assignment == "dns_zone_name=fabrikam.com":
         extra.append("dns_zone_resource_group_name=dns-rg")
+    if assignment == "expire_after=14d":
+        extra.append("expire_at=2026-12-31")  # both at once
     result = console(console_module, "local.install_args", *extra)
     # terraform console reports a failed validation as an error diagnostic but may still exit 0 (it
     # goes on evaluating), so the diagnostic is what is checked.

@@ -138,7 +138,12 @@ def test_nsg_rules(module):
     assert len({rule["priority"] for rule in rules}) == len(rules)
     for rule in rules:
         assert (rule["direction"], rule["access"], rule["protocol"]) == ("Inbound", "Allow", "Tcp")
-    assert by_port["443"]["source_address_prefixes"] == "${var.allowed_cidrs}"
+    assert by_port["443"]["source_address_prefixes"] == "${local.https_sources}"
+    # allowed_cidrs, plus Exchange Online's IPv4 ranges from the package's snapshot with https_from_exchange_online.
+    https_sources = module["locals"]["https_sources"]
+    assert "var.https_from_exchange_online ?" in https_sources and "local.exchange_online_ranges" in https_sources and https_sources.endswith(": var.allowed_cidrs}")
+    ranges = module["locals"]["exchange_online_ranges"]
+    assert "bridge/ops/data/exchange-online.json" in ranges and 'strcontains(cidr, ":")' in ranges
     assert by_port["443"].get("source_address_prefix") is None
     assert by_port["80"]["source_address_prefix"] == "*"
     ssh = by_port["22"]
@@ -159,6 +164,10 @@ def test_variables(module):
     for name in ("fqdn", "legacy_hosts", "acme_email", "allowed_cidrs", "admin_cidrs", "bridge_package", "ssh_public_key", "dns_zone_name", "legacy_fingerprint"):
         assert variables[name].get("validation"), f"variable {name} has no validation"
     assert variables["allowed_cidrs"]["default"] == ["0.0.0.0/0"]
+    assert variables["https_from_exchange_online"]["default"] is False, "the NSG follows allowed_cidrs unless asked"
+    assert variables["expire_at"]["default"] == variables["expire_after"]["default"] == ""
+    for name in ("expire_at", "expire_after"):
+        assert variables[name].get("validation"), f"variable {name} has no validation"
     assert "default" not in variables["admin_cidrs"], "SSH sources must be given, never defaulted"
     assert variables["vm_size"]["default"].startswith("Standard_")
     assert variables["dns_zone_name"]["default"] is None
