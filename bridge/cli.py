@@ -29,7 +29,6 @@ SUBCOMMANDS = {
 }
 
 
-
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line naming --help instead of the whole usage block."""
 

@@ -109,14 +109,10 @@ def validate_fqdn(name: str) -> str:
     if not candidate:
         raise ConfigError("No FQDN given: pass --fqdn with the public name of the bridge, e.g. --fqdn owa-bridge.example.com.")
     if is_ip_address(candidate):
-        raise ConfigError(
-            f"--fqdn {name} is an IP address; public CAs only certify DNS names, so give a name whose A record points at this machine."
-        )
+        raise ConfigError(f"--fqdn {name} is an IP address; public CAs only certify DNS names, so give a name whose A record points at this machine.")
     labels = candidate.split(".")
     if len(candidate) > 253 or len(labels) < 2 or not all(_LABEL.match(label) for label in labels):
-        raise ConfigError(
-            f"--fqdn {name!r} is not a valid fully qualified domain name; use letters, digits and hyphens in dot-separated labels, e.g. owa-bridge.example.com."
-        )
+        raise ConfigError(f"--fqdn {name!r} is not a valid fully qualified domain name; use letters, digits and hyphens in dot-separated labels, e.g. owa-bridge.example.com.")
     return candidate
 
 
@@ -153,9 +149,7 @@ def parse_legacy(spec: str) -> LegacyServer:
 def parse_fingerprint(text: str) -> str:
     match = _FINGERPRINT.match(text.strip())
     if not match:
-        raise ConfigError(
-            f"--legacy-fingerprint {text!r} is not a SHA-256 fingerprint; write sha256: followed by 64 hex digits (colons allowed), as printed in the bridge's startup warning."
-        )
+        raise ConfigError(f"--legacy-fingerprint {text!r} is not a SHA-256 fingerprint; write sha256: followed by 64 hex digits (colons allowed), as printed in the bridge's startup warning.")
     return match.group(1).replace(":", "").lower()
 
 
@@ -255,9 +249,7 @@ def _allow_source(flag: str, value: Any) -> Network | str:
     try:
         return ipaddress.ip_network(text, strict=False)
     except ValueError:
-        raise ConfigError(
-            f"{flag} {text!r} is not an address, a CIDR range or {EXCHANGE_ONLINE}; write e.g. 203.0.113.7, 40.96.0.0/13 or {EXCHANGE_ONLINE}."
-        ) from None
+        raise ConfigError(f"{flag} {text!r} is not an address, a CIDR range or {EXCHANGE_ONLINE}; write e.g. 203.0.113.7, 40.96.0.0/13 or {EXCHANGE_ONLINE}.") from None
 
 
 def parse_duration(flag: str, value: Any) -> float:
@@ -288,9 +280,7 @@ def parse_expire_at(flag: str, value: Any) -> dt.datetime:
                 return parse_expire_at(flag, dt.date.fromisoformat(text))
             moment = dt.datetime.fromisoformat(text)
         except ValueError:
-            raise ConfigError(
-                f"{flag} {text!r} is not an ISO 8601 date or date-time; write e.g. 2025-07-01 (the end of that day, UTC) or 2025-07-01T18:00Z."
-            ) from None
+            raise ConfigError(f"{flag} {text!r} is not an ISO 8601 date or date-time; write e.g. 2025-07-01 (the end of that day, UTC) or 2025-07-01T18:00Z.") from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=dt.UTC)
     return moment.astimezone(dt.UTC)
@@ -369,12 +359,22 @@ class Setting:
 
 
 def _setting(
-    default: Any, flag: str, metavar: str, help: str, *, parse: Parser = _text, shown: str | None = None, reload: bool = False,
-    repeatable: bool = False, group: str = "up", commands: tuple[str, ...] = ("up",), toml: bool = True, factory: Callable[[], Any] | None = None,
+    default: Any,
+    flag: str,
+    metavar: str,
+    help: str,
+    *,
+    parse: Parser = _text,
+    shown: str | None = None,
+    reload: bool = False,
+    repeatable: bool = False,
+    group: str = "up",
+    commands: tuple[str, ...] = ("up",),
+    toml: bool = True,
+    factory: Callable[[], Any] | None = None,
 ) -> Any:
     """A BridgeConfig field carrying its row of the settings table (see SETTINGS)."""
-    row = dict(flag=flag, metavar=metavar, help=help, parse=parse, shown_default=shown, reload=reload, repeatable=repeatable,
-               group=group, commands=commands, toml=toml)
+    row = dict(flag=flag, metavar=metavar, help=help, parse=parse, shown_default=shown, reload=reload, repeatable=repeatable, group=group, commands=commands, toml=toml)
     if factory is not None:
         return field(default_factory=factory, metadata={"setting": row})
     return field(default=default, metadata={"setting": row})
@@ -385,79 +385,119 @@ _BOTH = ("up", "cert")
 
 @dataclass
 class BridgeConfig:
-    fqdn: str = _setting("", "--fqdn", "NAME", "public name of the bridge (Exchange Online's \"RPC proxy server\")",
-                         parse=lambda flag, value: validate_fqdn(str(value)), shown="required", commands=_BOTH)
+    fqdn: str = _setting(
+        "", "--fqdn", "NAME", "public name of the bridge (Exchange Online's \"RPC proxy server\")", parse=lambda flag, value: validate_fqdn(str(value)), shown="required", commands=_BOTH
+    )
     legacy: list[LegacyServer] = _setting(
-        None, "--legacy", "HOST[:PORT]",
+        None,
+        "--legacy",
+        "HOST[:PORT]",
         "Exchange 2007 CAS; several are used round robin per client connection, with failover on connect failure (never inside a request)",
-        parse=lambda flag, value: parse_legacy(str(value)), shown="required", repeatable=True, factory=list,
+        parse=lambda flag, value: parse_legacy(str(value)),
+        shown="required",
+        repeatable=True,
+        factory=list,
     )
     bind: str | None = _setting(None, "--bind", "ADDR", "listening address", shown="all addresses", commands=_BOTH)
     https_port: int = _setting(443, "--https-port", "N", "HTTPS port", parse=_port)
     http_port: int = _setting(80, "--http-port", "N", "HTTP port: redirects to https and answers ACME HTTP-01 challenges", parse=_port, commands=_BOTH)
-    cert: Path | None = _setting(None, "--cert", "FILE", "serve this certificate chain (e.g. certbot's fullchain.pem) instead of one from ACME; re-read on SIGHUP",
-                                 parse=_path, shown="ACME", reload=True)
+    cert: Path | None = _setting(
+        None, "--cert", "FILE", "serve this certificate chain (e.g. certbot's fullchain.pem) instead of one from ACME; re-read on SIGHUP", parse=_path, shown="ACME", reload=True
+    )
     key: Path | None = _setting(None, "--key", "FILE", "the private key of --cert (e.g. certbot's privkey.pem)", parse=_path, shown="ACME", reload=True)
-    state_dir: Path = _setting(None, "--state-dir", "DIR", "certificates and state", parse=_path, commands=_BOTH, factory=default_state_dir,
-                               shown="`/var/lib/exchange-bridge` (root), else `$XDG_STATE_HOME/exchange-bridge`")
+    state_dir: Path = _setting(
+        None, "--state-dir", "DIR", "certificates and state", parse=_path, commands=_BOTH, factory=default_state_dir, shown="`/var/lib/exchange-bridge` (root), else `$XDG_STATE_HOME/exchange-bridge`"
+    )
     legacy_fingerprint: str | None = _setting(  # normalised lower-case hex without colons
-        None, "--legacy-fingerprint", "sha256:HEX", "pin the legacy certificate (the startup warning prints the exact flag)",
+        None,
+        "--legacy-fingerprint",
+        "sha256:HEX",
+        "pin the legacy certificate (the startup warning prints the exact flag)",
         parse=lambda flag, value: parse_fingerprint(str(value)),
     )
     legacy_ca: Path | None = _setting(None, "--legacy-ca", "FILE", "verify the legacy certificate against this CA instead", parse=_ca_file("the legacy certificate"))
     legacy_host_header: str | None = _setting(None, "--legacy-host-header", "NAME", "Host header sent to the legacy server", shown="client's Host")
     idle_timeout: float = _setting(
-        30 * 60.0, "--idle-timeout", "S",  # Outlook Anywhere keeps channels open with a 900 s keep-alive: stay well above it
-        "seconds without a byte moving, either way, before a connection closes (Outlook Anywhere's keep-alive is 900 s)", parse=_seconds, reload=True,
+        30 * 60.0,
+        "--idle-timeout",
+        "S",  # Outlook Anywhere keeps channels open with a 900 s keep-alive: stay well above it
+        "seconds without a byte moving, either way, before a connection closes (Outlook Anywhere's keep-alive is 900 s)",
+        parse=_seconds,
+        reload=True,
     )
     connect_timeout: float = _setting(10.0, "--connect-timeout", "S", "seconds to connect to the legacy server", parse=_seconds, reload=True)
     forward_paths: tuple[str, ...] = _setting(
-        DEFAULT_FORWARD_PATHS, "--forward-path", "PREFIX", "replace the forwarded list (case-insensitive)", parse=_forward_path,
-        shown=f"the {len(DEFAULT_FORWARD_PATHS)} Exchange 2007 directories", repeatable=True,
+        DEFAULT_FORWARD_PATHS,
+        "--forward-path",
+        "PREFIX",
+        "replace the forwarded list (case-insensitive)",
+        parse=_forward_path,
+        shown=f"the {len(DEFAULT_FORWARD_PATHS)} Exchange 2007 directories",
+        repeatable=True,
     )
     config: Path | None = _setting(
-        None, "--config", "FILE", "TOML file with any of these settings (`https_port = 443`, `legacy = [\"a\", \"b\"]`, ...); flags win; re-read on SIGHUP",
-        parse=_path, commands=_BOTH, toml=False,
+        None,
+        "--config",
+        "FILE",
+        "TOML file with any of these settings (`https_port = 443`, `legacy = [\"a\", \"b\"]`, ...); flags win; re-read on SIGHUP",
+        parse=_path,
+        commands=_BOTH,
+        toml=False,
     )
     log_level: str = _setting("info", "--log-level", "LEVEL", "debug, info or warning", parse=_lower, reload=True, commands=_BOTH)
     workers: int = _setting(1, "--workers", "N", "HTTPS worker processes sharing the one port (`auto`: one per CPU)", parse=lambda flag, value: parse_workers(value))
     # ACME (used when no --cert/--key are given)
-    acme_directory: str = _setting("letsencrypt", "--acme-directory", "URL", "`letsencrypt`, `letsencrypt-staging` or any RFC 8555 directory URL",
-                                   parse=_acme_directory, group="certificates", commands=_BOTH)
+    acme_directory: str = _setting(
+        "letsencrypt", "--acme-directory", "URL", "`letsencrypt`, `letsencrypt-staging` or any RFC 8555 directory URL", parse=_acme_directory, group="certificates", commands=_BOTH
+    )
     acme_email: str | None = _setting(None, "--acme-email", "ADDR", "contact for the ACME account", group="certificates", commands=_BOTH)
     acme_eab_kid: str | None = _setting(None, "--acme-eab-kid", "ID", "External Account Binding key id (ZeroSSL, enterprise CAs)", group="certificates", commands=_BOTH)
     acme_eab_hmac_key: str | None = _setting(None, "--acme-eab-hmac-key", "KEY", "External Account Binding HMAC key, with --acme-eab-kid", group="certificates", commands=_BOTH)
-    acme_ca_bundle: Path | None = _setting(None, "--acme-ca-bundle", "FILE", "trust for a private ACME server", parse=_ca_file("the ACME server's certificate"),
-                                           shown="system store", group="certificates", commands=_BOTH)
-    key_type: str = _setting("ecdsa-p256", "--key-type", "TYPE", "the certificate's key: `ecdsa-p256`, `rsa-2048` or `rsa-3072`", parse=_key_type,
-                             group="certificates", commands=_BOTH)
-    # Operations and security
-    status_bind: str = _setting("127.0.0.1:8404", "--status-bind", "ADDR:PORT", "status page and /metrics listener (`off` disables it)", parse=_status_bind,
-                                group="operations")
-    allow: tuple[Network | str, ...] = _setting(
-        (), "--allow", "CIDR", "accept connections only from these sources (others are closed before TLS); `exchange-online` stands for Microsoft's "
-        "published Exchange Online ranges (see below)", parse=_allow_source, shown="any source", reload=True, repeatable=True, group="operations",
+    acme_ca_bundle: Path | None = _setting(
+        None, "--acme-ca-bundle", "FILE", "trust for a private ACME server", parse=_ca_file("the ACME server's certificate"), shown="system store", group="certificates", commands=_BOTH
     )
-    max_connections: int = _setting(1000, "--max-connections", "N", "open client connections (all workers together) before new ones get 503", parse=_count,
-                                    reload=True, group="operations")
-    header_timeout: float = _setting(15.0, "--header-timeout", "S", "seconds a client has to send a request head (then 408)", parse=_seconds, reload=True,
-                                     group="operations")
-    drain_timeout: float = _setting(30.0, "--drain-timeout", "S", "on SIGTERM, or when the migration window closes, seconds open requests get to finish",
-                                    parse=_seconds, reload=True, group="operations")
+    key_type: str = _setting("ecdsa-p256", "--key-type", "TYPE", "the certificate's key: `ecdsa-p256`, `rsa-2048` or `rsa-3072`", parse=_key_type, group="certificates", commands=_BOTH)
+    # Operations and security
+    status_bind: str = _setting("127.0.0.1:8404", "--status-bind", "ADDR:PORT", "status page and /metrics listener (`off` disables it)", parse=_status_bind, group="operations")
+    allow: tuple[Network | str, ...] = _setting(
+        (),
+        "--allow",
+        "CIDR",
+        "accept connections only from these sources (others are closed before TLS); `exchange-online` stands for Microsoft's published Exchange Online ranges (see below)",
+        parse=_allow_source,
+        shown="any source",
+        reload=True,
+        repeatable=True,
+        group="operations",
+    )
+    max_connections: int = _setting(1000, "--max-connections", "N", "open client connections (all workers together) before new ones get 503", parse=_count, reload=True, group="operations")
+    header_timeout: float = _setting(15.0, "--header-timeout", "S", "seconds a client has to send a request head (then 408)", parse=_seconds, reload=True, group="operations")
+    drain_timeout: float = _setting(
+        30.0, "--drain-timeout", "S", "on SIGTERM, or when the migration window closes, seconds open requests get to finish", parse=_seconds, reload=True, group="operations"
+    )
     ban_threshold: int = _setting(10, "--ban-threshold", "N", "failed logons from one address that trigger a ban", parse=_count, reload=True, group="operations")
     ban_window: float = _setting(600.0, "--ban-window", "S", "seconds in which those failures must occur", parse=_seconds, reload=True, group="operations")
     ban_duration: float = _setting(3600.0, "--ban-duration", "S", "seconds a ban lasts", parse=_seconds, reload=True, group="operations")
-    ban_command: str | None = _setting(None, "--ban-command", "CMD", "run `CMD ban IP SECONDS` and `CMD unban IP` on each ban and unban", parse=_command_line,
-                                       reload=True, group="operations")
+    ban_command: str | None = _setting(None, "--ban-command", "CMD", "run `CMD ban IP SECONDS` and `CMD unban IP` on each ban and unban", parse=_command_line, reload=True, group="operations")
     never_ban: tuple[Network, ...] = _setting((), "--never-ban", "CIDR", "addresses never banned", parse=_network, reload=True, repeatable=True, group="operations")
     # The migration window (bridge.ops.window)
     expire_at: dt.datetime | None = _setting(
-        None, "--expire-at", "DATE", "stop forwarding at this ISO 8601 date or date-time (a date alone: the end of that day; no zone: UTC)",
-        parse=parse_expire_at, reload=True, group="operations",
+        None,
+        "--expire-at",
+        "DATE",
+        "stop forwarding at this ISO 8601 date or date-time (a date alone: the end of that day; no zone: UTC)",
+        parse=parse_expire_at,
+        reload=True,
+        group="operations",
     )
     expire_after: float | None = _setting(
-        None, "--expire-after", "DURATION", "stop forwarding this long (e.g. `72h`, `14d`) after the bridge first ran with it (kept in the state dir, "
-        "so restarts do not extend it)", parse=parse_duration, reload=True, group="operations",
+        None,
+        "--expire-after",
+        "DURATION",
+        "stop forwarding this long (e.g. `72h`, `14d`) after the bridge first ran with it (kept in the state dir, so restarts do not extend it)",
+        parse=parse_duration,
+        reload=True,
+        group="operations",
     )
 
     @property
@@ -513,7 +553,11 @@ def add_setting_arguments(parser: argparse.ArgumentParser, command: str = "up") 
             title = GROUPS[setting.group]
             groups[setting.group] = parser if title is None else parser.add_argument_group(title)
         groups[setting.group].add_argument(
-            setting.flag, dest=setting.name, metavar=setting.metavar, help=setting.help_line(), action="append" if setting.repeatable else "store",
+            setting.flag,
+            dest=setting.name,
+            metavar=setting.metavar,
+            help=setting.help_line(),
+            action="append" if setting.repeatable else "store",
         )
 
 

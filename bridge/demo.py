@@ -86,8 +86,10 @@ async def demo(args: argparse.Namespace) -> int:
             console.print(try_it_yourself(setup, lab))
             if bridge.status_port:
                 password_file = config.state_dir / "status-password"
-                console.print(f"Status page: http://127.0.0.1:{bridge.status_port}/ (user admin, password in {password_file}); "
-                              f"or `bridge status --status-bind 127.0.0.1:{bridge.status_port} --state-dir {config.state_dir}`.")
+                console.print(
+                    f"Status page: http://127.0.0.1:{bridge.status_port}/ (user admin, password in {password_file}); "
+                    f"or `bridge status --status-bind 127.0.0.1:{bridge.status_port} --state-dir {config.state_dir}`."
+                )
             await wait_for_signal()
             return 0
         finally:

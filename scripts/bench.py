@@ -403,12 +403,11 @@ def start_bed(bed: Bed, settings: Settings) -> None:
     # As root, nginx would switch its workers to "nobody", who cannot read the private temp directory.
     user = "user root;\n" if os.geteuid() == 0 else ""
     conf = directory / "nginx.conf"
-    conf.write_text(
-        NGINX_CONF.format(user=user, dir=directory, port=bed.nginx_port, cert=legacy_cert, key=legacy_key, uploads=bed.uploads)
-    )
+    conf.write_text(NGINX_CONF.format(user=user, dir=directory, port=bed.nginx_port, cert=legacy_cert, key=legacy_key, uploads=bed.uploads))
     bed.nginx = subprocess.Popen(
         [tool_path("nginx"), "-c", str(conf), "-p", str(directory), "-e", str(directory / "nginx-error.log"), "-g", "daemon off;"],
-        stdout=subprocess.DEVNULL, stderr=open(directory / "nginx-stderr.log", "wb"),
+        stdout=subprocess.DEVNULL,
+        stderr=open(directory / "nginx-stderr.log", "wb"),
     )
     wait_for_port(bed.nginx_port, bed.nginx, "nginx")
 
@@ -418,26 +417,51 @@ def start_bed(bed: Bed, settings: Settings) -> None:
     bridge_log = directory / "bridge.log"
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     bridge = subprocess.Popen(
-        [sys.executable, "-m", "bridge.cli", "up", "--fqdn", FQDN, "--legacy", f"127.0.0.1:{bed.nginx_port}",
-         "--bind", "127.0.0.1", "--https-port", str(bridge_port), "--http-port", str(free_port()),
-         "--cert", str(front_cert), "--key", str(front_key), "--state-dir", str(directory / "state"),
-         "--legacy-fingerprint", pin, "--log-level", "warning",
-         # No status listener (it would take 127.0.0.1:8404); as many connections as HAProxy's maxconn.
-         "--status-bind", "off", "--max-connections", str(settings.idle_connections + 1000),
-         "--workers", str(settings.bridge_workers)],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=open(bridge_log, "wb"),
+        [
+            sys.executable,
+            "-m",
+            "bridge.cli",
+            "up",
+            "--fqdn",
+            FQDN,
+            "--legacy",
+            f"127.0.0.1:{bed.nginx_port}",
+            "--bind",
+            "127.0.0.1",
+            "--https-port",
+            str(bridge_port),
+            "--http-port",
+            str(free_port()),
+            "--cert",
+            str(front_cert),
+            "--key",
+            str(front_key),
+            "--state-dir",
+            str(directory / "state"),
+            "--legacy-fingerprint",
+            pin,
+            "--log-level",
+            "warning",
+            # No status listener (it would take 127.0.0.1:8404); as many connections as HAProxy's maxconn.
+            "--status-bind",
+            "off",
+            "--max-connections",
+            str(settings.idle_connections + 1000),
+            "--workers",
+            str(settings.bridge_workers),
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(bridge_log, "wb"),
     )
     bed.proxies["bridge"] = Proxy("bridge", bridge_port, bridge, bridge_log)
 
     haproxy_port = free_port()
     haproxy_conf = directory / "haproxy.cfg"
-    haproxy_conf.write_text(
-        HAPROXY_CONF.format(maxconn=settings.idle_connections + 1000, port=haproxy_port, pem=directory / "haproxy.pem", nginx_port=bed.nginx_port, ciphers=LEGACY_CIPHERS)
-    )
+    haproxy_conf.write_text(HAPROXY_CONF.format(maxconn=settings.idle_connections + 1000, port=haproxy_port, pem=directory / "haproxy.pem", nginx_port=bed.nginx_port, ciphers=LEGACY_CIPHERS))
     haproxy_log = directory / "haproxy.log"
-    haproxy = subprocess.Popen(
-        [tool_path("haproxy"), "-db", "-f", str(haproxy_conf)], stdout=subprocess.DEVNULL, stderr=open(haproxy_log, "wb")
-    )
+    haproxy = subprocess.Popen([tool_path("haproxy"), "-db", "-f", str(haproxy_conf)], stdout=subprocess.DEVNULL, stderr=open(haproxy_log, "wb"))
     bed.proxies["haproxy"] = Proxy("haproxy", haproxy_port, haproxy, haproxy_log)
     for proxy in bed.proxies.values():
         wait_for_port(proxy.port, proxy.process, proxy.name)
@@ -457,9 +481,16 @@ def check_path(bed: Bed, proxy: Proxy) -> None:
 
 def run_curl(bed: Bed, proxy: Proxy, extra: list[str], timeout: float = 900) -> dict[str, Any]:
     command = [
-        tool_path("curl"), "-sS", "--http1.1", "--cacert", str(bed.ca_file),
-        "--resolve", f"{FQDN}:{proxy.port}:127.0.0.1",
-        "-w", "%{http_code} %{size_download} %{size_upload} %{time_total}", *extra,
+        tool_path("curl"),
+        "-sS",
+        "--http1.1",
+        "--cacert",
+        str(bed.ca_file),
+        "--resolve",
+        f"{FQDN}:{proxy.port}:127.0.0.1",
+        "-w",
+        "%{http_code} %{size_download} %{size_upload} %{time_total}",
+        *extra,
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
@@ -480,8 +511,14 @@ def _ms(text: str) -> float:
 
 def measure_small(bed: Bed, proxy: Proxy, settings: Settings) -> dict[str, float]:
     command = [
-        tool_path("wrk"), f"-t{settings.wrk_threads}", f"-c{settings.wrk_connections}", f"-d{settings.wrk_seconds:g}s",
-        "--latency", "-H", f"Host: {FQDN}", f"https://127.0.0.1:{proxy.port}/owa/small",
+        tool_path("wrk"),
+        f"-t{settings.wrk_threads}",
+        f"-c{settings.wrk_connections}",
+        f"-d{settings.wrk_seconds:g}s",
+        "--latency",
+        "-H",
+        f"Host: {FQDN}",
+        f"https://127.0.0.1:{proxy.port}/owa/small",
     ]
     cpu_before = cpu_seconds(proxy.pid)
     result = subprocess.run(command, capture_output=True, text=True, timeout=settings.wrk_seconds + 60)
@@ -525,8 +562,7 @@ def measure_stream(bed: Bed, proxy: Proxy, settings: Settings, direction: str) -
     if direction == "download":
         extra = ["-o", "/dev/null", url(proxy, "/owa/large")]
     else:
-        extra = ["-o", "/dev/null", "-H", "Expect:", "-H", "Content-Type: application/octet-stream",
-                 "-T", str(bed.directory / "upload.bin"), url(proxy, "/EWS/upload/blob")]
+        extra = ["-o", "/dev/null", "-H", "Expect:", "-H", "Content-Type: application/octet-stream", "-T", str(bed.directory / "upload.bin"), url(proxy, "/EWS/upload/blob")]
     cpu_before = cpu_seconds(proxy.pid)
     with RssSampler(proxy.pid) as rss:
         started = time.perf_counter()
@@ -567,9 +603,7 @@ async def _open_idle(port: int, ca_file: Path, count: int) -> tuple[list[asyncio
         nonlocal failures
         async with semaphore:
             try:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection("127.0.0.1", port, ssl=context, server_hostname=FQDN), 30
-                )
+                reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port, ssl=context, server_hostname=FQDN), 30)
                 writer.write(request)
                 head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
                 length = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))  # type: ignore[union-attr]
@@ -663,8 +697,13 @@ def summarise(samples: dict[str, dict[str, list[Any]]], settings: Settings) -> d
         if metric.check and ratio is None and metric.target.startswith("ratio"):
             met = bridge <= 0
         results[metric.key] = {
-            "label": metric.label, "unit": metric.unit, "bridge": round(bridge, 3), "haproxy": round(haproxy, 3),
-            "ratio": round(ratio, 3) if ratio is not None else None, "target": metric.target, "met": met,
+            "label": metric.label,
+            "unit": metric.unit,
+            "bridge": round(bridge, 3),
+            "haproxy": round(haproxy, 3),
+            "ratio": round(ratio, 3) if ratio is not None else None,
+            "target": metric.target,
+            "met": met,
         }
     return {
         "machine": machine_info(),
@@ -677,9 +716,7 @@ def summarise(samples: dict[str, dict[str, list[Any]]], settings: Settings) -> d
 
 def print_report(report: dict[str, Any]) -> None:
     machine, found = report["machine"], report["versions"]
-    console.print(
-        f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_mib']} MiB, {machine['os']}, Linux {machine['kernel']}"
-    )
+    console.print(f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_mib']} MiB, {machine['os']}, Linux {machine['kernel']}")
     console.print("versions: " + ", ".join(f"{name} {version}" for name, version in found.items()))
     s = report["settings"]
     console.print(

@@ -69,7 +69,8 @@ def start_nginx(directory: Path) -> tuple[subprocess.Popen, int, Path]:
     conf.write_text(bench.NGINX_CONF.format(user=user, dir=directory, port=port, cert=legacy_cert, key=legacy_key, uploads=uploads))
     process = subprocess.Popen(
         [bench.tool_path("nginx"), "-c", str(conf), "-p", str(directory), "-e", str(directory / "nginx-error.log"), "-g", "daemon off;"],
-        stdout=subprocess.DEVNULL, stderr=open(directory / "nginx-stderr.log", "wb"),
+        stdout=subprocess.DEVNULL,
+        stderr=open(directory / "nginx-stderr.log", "wb"),
     )
     return process, port, legacy_cert
 
@@ -89,20 +90,47 @@ def start_bridge(directory: Path, args: argparse.Namespace, nginx_port: int, leg
     pin = bench.pin_flag(bench.fingerprint(der)).split(" ", 1)[1]
     port = bench.free_port()
     command = [
-        "valgrind", "--tool=callgrind", "--dump-instr=no", f"--callgrind-out-file={directory}/callgrind.out.%p",
-        str(args.python), str(args.bridge), "up",
-        "--fqdn", bench.FQDN, "--legacy", f"127.0.0.1:{nginx_port}", "--legacy-fingerprint", pin,
-        "--bind", "127.0.0.1", "--https-port", str(port), "--http-port", str(bench.free_port()),
-        "--cert", str(cert), "--key", str(key), "--state-dir", str(directory / "state"),
-        "--status-bind", "off", "--log-level", "warning",
+        "valgrind",
+        "--tool=callgrind",
+        "--dump-instr=no",
+        f"--callgrind-out-file={directory}/callgrind.out.%p",
+        str(args.python),
+        str(args.bridge),
+        "up",
+        "--fqdn",
+        bench.FQDN,
+        "--legacy",
+        f"127.0.0.1:{nginx_port}",
+        "--legacy-fingerprint",
+        pin,
+        "--bind",
+        "127.0.0.1",
+        "--https-port",
+        str(port),
+        "--http-port",
+        str(bench.free_port()),
+        "--cert",
+        str(cert),
+        "--key",
+        str(key),
+        "--state-dir",
+        str(directory / "state"),
+        "--status-bind",
+        "off",
+        "--log-level",
+        "warning",
     ]
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)  # the bridge comes from the venv of --python, nothing else
     if args.hash_seed != "random":
         env["PYTHONHASHSEED"] = args.hash_seed
     process = subprocess.Popen(
-        command, cwd=directory, env=env, stdin=subprocess.DEVNULL,
-        stdout=open(directory / "bridge-stdout.log", "wb"), stderr=open(directory / "bridge.log", "wb"),
+        command,
+        cwd=directory,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=open(directory / "bridge-stdout.log", "wb"),
+        stderr=open(directory / "bridge.log", "wb"),
     )
     return process, port
 
@@ -300,10 +328,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     low, high = args.requests_low, args.requests_high
     extra = high - low
     (total_low, objects_low), (total_high, objects_high) = totals[low], totals[high]
-    per_object = {
-        name: (objects_high.get(name, 0) - objects_low.get(name, 0)) / extra
-        for name in set(objects_low) | set(objects_high)
-    }
+    per_object = {name: (objects_high.get(name, 0) - objects_low.get(name, 0)) / extra for name in set(objects_low) | set(objects_high)}
     return {
         "instructions_per_request": round((total_high - total_low) / extra),
         "requests_low": low,

@@ -14,8 +14,7 @@ check() {  # check HINT COMMAND...
   "$@" || { echo "$hint" >&2; exit 1; }
 }
 check "ruff found problems: run .venv/bin/ruff check --fix bridge scripts tests" .venv/bin/ruff check bridge scripts tests
-# TODO: enable after the tree is formatted
-# check "ruff format would change files: run .venv/bin/ruff format bridge scripts tests" .venv/bin/ruff format --check bridge scripts tests
+check "ruff format would change files: run .venv/bin/ruff format bridge scripts tests" .venv/bin/ruff format --check bridge scripts tests
 check "mypy found type errors: run .venv/bin/mypy bridge (settings in pyproject.toml [tool.mypy])" .venv/bin/mypy bridge
 check "an import breaks the layers: run .venv/bin/lint-imports (contract in pyproject.toml [tool.importlinter])" .venv/bin/lint-imports
 check "dependencies and imports differ: run .venv/bin/python scripts/check_deps.py and fix [project] dependencies" .venv/bin/python scripts/check_deps.py

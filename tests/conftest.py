@@ -6,8 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from bridge.certs.keys import LocalCA, new_private_key, write_pair
 from support.bridges import BRIDGE_FQDN, BackgroundBridge, bridge_config
 from support.lab import LabFactory
 from support.legacy_tls import Rc4OnlyServer
@@ -15,6 +13,8 @@ from support.net import free_port
 from support.pebble import PebbleServer, require_pebble
 from support.processes import BridgeProcess, bridge_command
 from support.upstreams import ScriptedUpstream
+
+from bridge.certs.keys import LocalCA, new_private_key, write_pair
 
 
 @pytest.fixture(scope="module")

@@ -262,14 +262,16 @@ class AcmeSession:
     def register(self) -> messages.RegistrationResource:
         config = self.config
         if self.client.external_account_required() and not config.acme_eab_kid:
-            raise AcmeError(
-                f"The CA at {self.url} requires External Account Binding; pass --acme-eab-kid and --acme-eab-hmac-key as shown in your account at the CA."
-            )
+            raise AcmeError(f"The CA at {self.url} requires External Account Binding; pass --acme-eab-kid and --acme-eab-hmac-key as shown in your account at the CA.")
         binding = None
         if config.acme_eab_kid and config.acme_eab_hmac_key:
             try:
-                binding = messages.ExternalAccountBinding.from_data(self.net.key.public_key(),  # type: ignore[union-attr]  # the key is set in __init__
-                                                                   config.acme_eab_kid, config.acme_eab_hmac_key, self.client.directory)
+                binding = messages.ExternalAccountBinding.from_data(
+                    self.net.key.public_key(),  # type: ignore[union-attr]  # the key is set in __init__
+                    config.acme_eab_kid,
+                    config.acme_eab_hmac_key,
+                    self.client.directory,
+                )
             except (binascii.Error, ValueError):
                 raise AcmeError("--acme-eab-hmac-key is not base64url text; copy the HMAC key exactly as the CA shows it.") from None
         registration = messages.NewRegistration.from_data(email=config.acme_email, terms_of_service_agreed=True, external_account_binding=binding)
@@ -397,15 +399,11 @@ def explain(exc: Exception, *, stage: str, fqdn: str, url: str, retry_after: str
     if isinstance(exc, errors.IssuanceError):
         return _problem(exc.error, stage="certificate issuance", fqdn=fqdn, url=url, retry_after=retry_after)
     if isinstance(exc, errors.TimeoutError):
-        return AcmeError(
-            f"The CA did not finish validating {fqdn} within {ORDER_SECONDS} s; check that http://{fqdn}/ reaches this machine on port 80 from the internet, then retry."
-        )
+        return AcmeError(f"The CA did not finish validating {fqdn} within {ORDER_SECONDS} s; check that http://{fqdn}/ reaches this machine on port 80 from the internet, then retry.")
     if isinstance(exc, messages.Error):
         return _problem(exc, stage=stage, fqdn=fqdn, url=url, retry_after=retry_after)
     if isinstance(exc, requests.exceptions.SSLError):
-        return AcmeError(
-            f"The ACME server {url} presented a certificate this machine does not trust ({_network_reason(exc)}); for a private CA pass its root with --acme-ca-bundle."
-        )
+        return AcmeError(f"The ACME server {url} presented a certificate this machine does not trust ({_network_reason(exc)}); for a private CA pass its root with --acme-ca-bundle.")
     if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
         return AcmeError(f"The ACME directory {url} is unreachable ({_network_reason(exc)}); check the URL, DNS and outbound HTTPS (firewall or proxy) from this machine.")
     if isinstance(exc, (errors.ClientError, ValueError, jose.DeserializationError)) and stage == "directory":
@@ -423,9 +421,7 @@ def _validation_problem(problem: messages.Error, fqdn: str) -> AcmeError:
         return AcmeError(
             f"The CA could not reach http://{fqdn}/ on port 80 (the CA said: {said}); open port 80 to the internet (firewall, NAT, cloud security group) and check that {fqdn} points at this machine."
         )
-    return AcmeError(
-        f"The CA reached http://{fqdn}/ but did not get this bridge's HTTP-01 answer (the CA said: {said}); point {fqdn} at this machine and let port 80 reach the bridge directly."
-    )
+    return AcmeError(f"The CA reached http://{fqdn}/ but did not get this bridge's HTTP-01 answer (the CA said: {said}); point {fqdn} at this machine and let port 80 reach the bridge directly.")
 
 
 def _problem(problem: messages.Error, *, stage: str, fqdn: str, url: str, retry_after: str | None) -> AcmeError:
@@ -439,18 +435,14 @@ def _problem(problem: messages.Error, *, stage: str, fqdn: str, url: str, retry_
     if code == "externalAccountRequired":
         return AcmeError(f"The CA at {url} requires External Account Binding (the CA said: {said}); pass --acme-eab-kid and --acme-eab-hmac-key from your CA account.")
     if stage == "account" or code in ("unauthorized", "accountDoesNotExist", "invalidContact", "unsupportedContact"):
-        return AcmeError(
-            f"The CA refused the ACME account (the CA said: {said}); check --acme-email and, if the CA uses them, --acme-eab-kid and --acme-eab-hmac-key."
-        )
+        return AcmeError(f"The CA refused the ACME account (the CA said: {said}); check --acme-email and, if the CA uses them, --acme-eab-kid and --acme-eab-hmac-key.")
     if code in ("rejectedIdentifier", "unsupportedIdentifier"):
         return AcmeError(f"The CA will not issue a certificate for {fqdn} (the CA said: {said}); use a name the CA accepts.")
     return AcmeError(f"The CA refused the {stage} for {fqdn} (the CA said: {said}); fix what it names, or rerun with --log-level debug.")
 
 
 def _caa(fqdn: str, said: str) -> AcmeError:
-    return AcmeError(
-        f"A DNS CAA record forbids this CA to issue for {fqdn} (the CA said: {said}); add a CAA 'issue' record for the CA (e.g. 0 issue \"letsencrypt.org\") or remove the restriction."
-    )
+    return AcmeError(f"A DNS CAA record forbids this CA to issue for {fqdn} (the CA said: {said}); add a CAA 'issue' record for the CA (e.g. 0 issue \"letsencrypt.org\") or remove the restriction.")
 
 
 def _when(retry_after: str | None) -> str:

@@ -83,9 +83,7 @@ def self_signed(
     return builder.sign(key, hash_algorithm or hashes.SHA256())  # type: ignore[arg-type]  # cryptography's stubs list only its SHA-2/SHA-3 classes
 
 
-def _server_certificate(
-    names: list[str], subject: x509.Name, issuer: x509.Name, key: PrivateKey, days: int, not_before: dt.datetime | None
-) -> x509.CertificateBuilder:
+def _server_certificate(names: list[str], subject: x509.Name, issuer: x509.Name, key: PrivateKey, days: int, not_before: dt.datetime | None) -> x509.CertificateBuilder:
     """A TLS server certificate for names, valid for days from not_before (default: 5 minutes ago)."""
     start = not_before or dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
     return (
@@ -211,9 +209,25 @@ def legacy_self_signed(directory: Path, names: list[str], *, days: int = 365, ex
         atomic_write(key, key_pem(private), mode=0o600)
         atomic_write(cert, cert_pem(self_signed(names, private, days=399, not_before=start)))
         return cert, key
-    command = ["openssl", "req", "-x509", "-newkey", f"rsa:{key_bits}", "-sha1", "-nodes", "-keyout", str(key), "-out", str(cert),
-               "-subj", f"/CN={names[0]}", "-addext", f"subjectAltName={san}", "-days", str(days)]
+    command = [
+        "openssl",
+        "req",
+        "-x509",
+        "-newkey",
+        f"rsa:{key_bits}",
+        "-sha1",
+        "-nodes",
+        "-keyout",
+        str(key),
+        "-out",
+        str(cert),
+        "-subj",
+        f"/CN={names[0]}",
+        "-addext",
+        f"subjectAltName={san}",
+        "-days",
+        str(days),
+    ]
     subprocess.run(command, check=True, capture_output=True)
     key.chmod(0o600)
     return cert, key
-

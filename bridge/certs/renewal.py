@@ -187,4 +187,3 @@ class Renewer:
         """SIGHUP: re-read the files now and re-plan the renewal."""
         self.swap()
         self._wake.set()
-

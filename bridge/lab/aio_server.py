@@ -62,7 +62,6 @@ class AnyMethodRequestHandler(RequestHandler):
         super().connection_lost(exc)
 
 
-
 class AnyMethodServer(web.Server):
     """web.Server whose connections use AnyMethodRequestHandler."""
 

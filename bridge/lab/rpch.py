@@ -73,7 +73,7 @@ def target_port(target: str) -> int | None:
 
 
 def opening_of(prefix: bytes) -> str | None:
-    """"CONN/A1" or "CONN/B1" when these bytes are exactly that RTS PDU, else None."""
+    """ "CONN/A1" or "CONN/B1" when these bytes are exactly that RTS PDU, else None."""
     try:
         name = rts.classify(prefix)
     except rts.RpcProtocolError:
@@ -272,4 +272,3 @@ class VirtualConnectionTable:
         if self.connections.get((vc.target.lower(), vc.cookie)) is vc:
             del self.connections[(vc.target.lower(), vc.cookie)]
         vc.close()
-

@@ -234,9 +234,7 @@ def write_ntlm_user_file(path: Path, accounts: list[Account], hostname: str) -> 
     lines = []
     for account in accounts:
         if ":" in account.password:
-            raise StartupError(
-                f"The password of {account.logon_name} contains ':', which pyspnego's NTLM user file cannot hold; choose another password."
-            )
+            raise StartupError(f"The password of {account.logon_name} contains ':', which pyspnego's NTLM user file cannot hold; choose another password.")
         lines.append(f"{account.domain}:{account.user}:{account.password}")
         lines.append(f":{account.user}:{account.password}")
         lines += [f":{account.user}@{suffix}:{account.password}" for suffix in upn_suffixes(account, hostname)]
@@ -303,6 +301,7 @@ def certificate_fingerprint(cert_path: Path) -> str:
 
 
 # --------------------------------------------------------------------------- authentication
+
 
 @dataclass
 class AuthOutcome:
@@ -1022,8 +1021,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--delay", type=float, default=0.0, metavar="S", help="seconds before every answer: a slow server (default 0)")
     parser.add_argument("--refuse-bind", action="store_true", help="Outlook Anywhere: answer every RPC bind with bind_nak (the Exchange interface is not reachable)")
     parser.add_argument("--close-out-early", action="store_true", help="Outlook Anywhere: close the RPC_OUT_DATA channel right after CONN/A3 (a load balancer or timeout cutting it)")
-    parser.add_argument("--user", dest="users", type=_user_argument, action="append", metavar="'DOMAIN\\user:password'",
-                        help="a mailbox user, repeatable (default LAB\\alice:Passw0rd!)")
+    parser.add_argument("--user", dest="users", type=_user_argument, action="append", metavar="'DOMAIN\\user:password'", help="a mailbox user, repeatable (default LAB\\alice:Passw0rd!)")
 
 
 def options_from_args(args: argparse.Namespace) -> LabOptions:

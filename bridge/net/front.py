@@ -365,9 +365,7 @@ class ClientConnection(Channel):
 class FrontServer:
     """The HTTPS listener(s), its open connections and the drain on shutdown."""
 
-    def __init__(
-        self, handler: Handler, guard: ConnectionGuard, ssl_context: Any, keepalive_timeout: float, drain_timeout: float = 30.0, fast: FastPath | None = None
-    ) -> None:
+    def __init__(self, handler: Handler, guard: ConnectionGuard, ssl_context: Any, keepalive_timeout: float, drain_timeout: float = 30.0, fast: FastPath | None = None) -> None:
         self.handler = handler
         self.fast = fast
         self.guard = guard

@@ -158,9 +158,7 @@ class Gate(asyncio.Protocol):
             return
         handshaking = Handshaking()
         try:
-            tls_transport = await asyncio.get_running_loop().start_tls(
-                transport, handshaking, self.ssl_context, server_side=True, ssl_handshake_timeout=self.guard.header_timeout
-            )
+            tls_transport = await asyncio.get_running_loop().start_tls(transport, handshaking, self.ssl_context, server_side=True, ssl_handshake_timeout=self.guard.header_timeout)
         except Exception:
             self.guard.reject("tls-handshake")
             self.release()
@@ -303,9 +301,7 @@ class BusyResponder(asyncio.Protocol):
             return
         self.guard.reject("max-connections")
         log.warning("503 for %s: --max-connections %d reached", peer_address(transport), self.guard.max_connections)
-        transport.write(
-            local_answer(503, "The bridge has too many open connections; try again shortly.", extra_headers=[("Retry-After", str(BUSY_RETRY_AFTER))])
-        )
+        transport.write(local_answer(503, "The bridge has too many open connections; try again shortly.", extra_headers=[("Retry-After", str(BUSY_RETRY_AFTER))]))
         transport.close()
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -314,5 +310,3 @@ class BusyResponder(asyncio.Protocol):
         self.transport = None
         if self.on_close is not None:
             self.on_close()
-
-

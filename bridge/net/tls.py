@@ -36,21 +36,15 @@ def load_front_certificate(context: ssl.SSLContext, cert: Path, key: Path) -> No
         try:
             path.open("rb").close()
         except PermissionError:
-            raise CertificateError(
-                f"The {what} file {path} is not readable by this user; run the bridge as a user that can read it or fix its permissions."
-            ) from None
+            raise CertificateError(f"The {what} file {path} is not readable by this user; run the bridge as a user that can read it or fix its permissions.") from None
     try:
         context.load_cert_chain(str(cert), str(key))
     except ssl.SSLError as exc:
         reason = (exc.reason or str(exc)).upper()
         if "KEY_VALUES_MISMATCH" in reason or "X509_CHECK_PRIVATE_KEY" in reason:
-            raise CertificateError(
-                f"The private key {key} does not belong to the certificate {cert}; give the key that was generated with that certificate."
-            ) from None
+            raise CertificateError(f"The private key {key} does not belong to the certificate {cert}; give the key that was generated with that certificate.") from None
         if "PEM" in reason or "NO_START_LINE" in reason or "BAD_BASE64" in reason or "ASN1" in reason:
-            raise CertificateError(
-                f"{cert} or {key} is not a PEM certificate/private key ({exc.reason}); give the PEM files (for certbot: fullchain.pem and privkey.pem)."
-            ) from None
+            raise CertificateError(f"{cert} or {key} is not a PEM certificate/private key ({exc.reason}); give the PEM files (for certbot: fullchain.pem and privkey.pem).") from None
         raise CertificateError(f"OpenSSL refused the certificate {cert} with key {key} ({exc.reason}); check both files.") from None
 
 

@@ -281,7 +281,9 @@ class LegacyPool:
             state.warned_unpinned = True
             log.warning(
                 "legacy %s is not verified: its certificate has fingerprint sha256:%s; pin it with %s",
-                server, observed, pin_flag(observed),
+                server,
+                observed,
+                pin_flag(observed),
             )
 
     async def _explain_handshake_failure(self, server: LegacyServer, exc: ssl.SSLError) -> str:
@@ -292,9 +294,7 @@ class LegacyPool:
         if state.suite_explanation is None:
             offered = await probe_obsolete_suites(server.host, server.port, self.connect_timeout)
             state.suite_explanation = (
-                f"it offers only {', '.join(offered)}, which this machine's OpenSSL no longer has; enable AES suites on the legacy server (Windows 2003: KB948963)"
-                if offered
-                else ""
+                f"it offers only {', '.join(offered)}, which this machine's OpenSSL no longer has; enable AES suites on the legacy server (Windows 2003: KB948963)" if offered else ""
             )
         return state.suite_explanation or reason
 
@@ -379,12 +379,6 @@ def _client_hello(host: str, suites: list[int]) -> bytes:
         extensions += struct.pack("!HH", 0x0000, len(server_name_list)) + server_name_list
     extensions += struct.pack("!HHB", 0xFF01, 1, 0)  # renegotiation_info, empty
     cipher_bytes = b"".join(struct.pack("!H", s) for s in suites)
-    body = (
-        b"\x03\x01" + os.urandom(32) + b"\x00"
-        + struct.pack("!H", len(cipher_bytes)) + cipher_bytes
-        + b"\x01\x00"
-        + struct.pack("!H", len(extensions)) + extensions
-    )
+    body = b"\x03\x01" + os.urandom(32) + b"\x00" + struct.pack("!H", len(cipher_bytes)) + cipher_bytes + b"\x01\x00" + struct.pack("!H", len(extensions)) + extensions
     handshake = b"\x01" + struct.pack("!I", len(body))[1:] + body
     return b"\x16\x03\x01" + struct.pack("!H", len(handshake)) + handshake
-

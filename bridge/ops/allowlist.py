@@ -182,8 +182,7 @@ def describe(allow: Iterable[Network | str], state_dir: Path) -> dict[str, Any]:
             info["exchange_online"] = {"error": str(exc)}
         else:
             v4, v6 = ranges.counts()
-            info["exchange_online"] = {"date": ranges.date, "source": ranges.source, "ranges": len(ranges.ranges), "ipv4": v4, "ipv6": v6,
-                                       "file": str(ranges.path), "packaged": ranges.packaged}
+            info["exchange_online"] = {"date": ranges.date, "source": ranges.source, "ranges": len(ranges.ranges), "ipv4": v4, "ipv6": v6, "file": str(ranges.path), "packaged": ranges.packaged}
     return info
 
 
@@ -283,8 +282,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=("refresh", "show"), help="fetch the current Exchange Online ranges into the state dir, or show the list in use")
     parser.add_argument("--state-dir", type=Path, help="the bridge's state directory (default: as for bridge up)")
     parser.add_argument("--config", type=Path, help="the bridge's TOML config, to find state_dir")
-    parser.add_argument("--endpoints-url", metavar="URL", help="the endpoints web service (default: Microsoft's worldwide instance, "
-                        f"{ENDPOINTS_URL}?serviceAreas=Exchange&clientrequestid=<new uuid>)")
+    parser.add_argument("--endpoints-url", metavar="URL", help=f"the endpoints web service (default: Microsoft's worldwide instance, {ENDPOINTS_URL}?serviceAreas=Exchange&clientrequestid=<new uuid>)")
     parser.add_argument("--ca-bundle", type=Path, metavar="FILE", help="trust for the endpoints service (default: the system store)")
     parser.add_argument("--timeout", type=float, default=20.0, metavar="S", help="seconds to wait for the endpoints service (default 20)")
 
@@ -310,6 +308,8 @@ def run(args: argparse.Namespace) -> int:
     path = store(state_dir, url, ranges)
     added, removed = len(set(ranges) - before), len(before - set(ranges))
     v4 = sum(1 for network in ranges if network.version == 4)
-    print(f"stored {len(ranges)} Exchange Online ranges ({v4} IPv4, {len(ranges) - v4} IPv6; {added} added, {removed} removed) in {path}; "
-          f"a running bridge applies them to new connections within {WATCH_INTERVAL:g} s")
+    print(
+        f"stored {len(ranges)} Exchange Online ranges ({v4} IPv4, {len(ranges) - v4} IPv6; {added} added, {removed} removed) in {path}; "
+        f"a running bridge applies them to new connections within {WATCH_INTERVAL:g} s"
+    )
     return 0

@@ -378,7 +378,4 @@ def _left(seconds: float) -> str:
 
 def summary(bans: Iterable[tuple[str, Ban]]) -> list[dict[str, Any]]:
     now = time.time()
-    return [
-        {"address": address, "seconds_left": int(ban.until - now), "failures": ban.failures, "reason": ban.reason}
-        for address, ban in sorted(bans, key=lambda item: item[1].until)
-    ]
+    return [{"address": address, "seconds_left": int(ban.until - now), "failures": ban.failures, "reason": ban.reason} for address, ban in sorted(bans, key=lambda item: item[1].until)]

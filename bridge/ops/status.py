@@ -131,9 +131,7 @@ def snapshot(bridge: Any) -> dict[str, Any]:
         "rpc_channels_open": stats.rpc_channels,
         "bytes_in": stats.bytes_in,
         "bytes_out": stats.bytes_out,
-        "requests": [
-            {"route": route, "status": status, "count": count} for (route, status), count in sorted(stats.requests.items())
-        ],
+        "requests": [{"route": route, "status": status, "count": count} for (route, status), count in sorted(stats.requests.items())],
         "rejected": dict(sorted(guard.rejections.items())) if guard else {},
         "auth_failures": bans.failures_total if bans else 0,
         "bans_total": bans.bans_total if bans else 0,
@@ -337,17 +335,10 @@ def render_html(data: dict[str, Any]) -> str:
     e = html.escape
     cert = data["certificate"]
     days = "-" if cert["days_left"] is None else f"{cert['days_left']:.0f} days left"
-    legacy_rows = "".join(
-        f"<tr><td>{e(entry['server'])}</td><td class='{e(entry['state'])}'>{e(entry['state'])}</td><td>{e(entry['error'])}</td></tr>"
-        for entry in data["legacy"]
-    )
-    request_rows = "".join(
-        f"<tr><td>{e(entry['route'])}</td><td>{entry['status']}</td><td>{entry['count']}</td></tr>" for entry in data["requests"]
-    ) or "<tr><td colspan=3>none yet</td></tr>"
+    legacy_rows = "".join(f"<tr><td>{e(entry['server'])}</td><td class='{e(entry['state'])}'>{e(entry['state'])}</td><td>{e(entry['error'])}</td></tr>" for entry in data["legacy"])
+    request_rows = "".join(f"<tr><td>{e(entry['route'])}</td><td>{entry['status']}</td><td>{entry['count']}</td></tr>" for entry in data["requests"]) or "<tr><td colspan=3>none yet</td></tr>"
     rejected_rows = "".join(f"<tr><td>{e(reason)}</td><td>{count}</td></tr>" for reason, count in data["rejected"].items()) or "<tr><td colspan=2>none</td></tr>"
-    ban_rows = "".join(
-        f"<tr><td>{e(ban['address'])}</td><td>{human_duration(ban['seconds_left'])}</td><td>{e(ban['reason'])}</td></tr>" for ban in data["bans"]
-    ) or "<tr><td colspan=3>none</td></tr>"
+    ban_rows = "".join(f"<tr><td>{e(ban['address'])}</td><td>{human_duration(ban['seconds_left'])}</td><td>{e(ban['reason'])}</td></tr>" for ban in data["bans"]) or "<tr><td colspan=3>none</td></tr>"
     connections = "-" if data["connections_open"] is None else f"{data['connections_open']} of {data['connections_limit']}"
     window, window_class = window_text(data["window"])
     allow = allow_text(data["allow"])

@@ -69,9 +69,7 @@ def first_start(state_dir: Path, now: float) -> dt.datetime:
     try:
         atomic_write(path, (started.isoformat() + "\n").encode(), mode=0o644)
     except OSError as exc:
-        raise StartupError(
-            f"Cannot record the start of the migration window in {path} ({exc.strerror or exc}); make the state directory writable or use --expire-at."
-        ) from None
+        raise StartupError(f"Cannot record the start of the migration window in {path} ({exc.strerror or exc}); make the state directory writable or use --expire-at.") from None
     return started
 
 
@@ -123,13 +121,19 @@ class Window:
         self.warned = {before for before in WARN_BEFORE if remaining is not None and remaining <= before}
         if deadline is None:
             if starting:
-                self._log(logging.INFO, "no migration window set: the bridge forwards until it is stopped; "
-                          "consider --expire-after 14d or --expire-at DATE so that a forgotten bridge closes itself")
+                self._log(logging.INFO, "no migration window set: the bridge forwards until it is stopped; consider --expire-after 14d or --expire-at DATE so that a forgotten bridge closes itself")
             else:
                 self._log(logging.WARNING, "migration window removed (SIGHUP): the bridge forwards until it is stopped")
         elif remaining is not None and remaining > 0:
-            self._log(logging.WARNING, "migration window %s at %s (in %s; %s): then new requests get 503 and open ones get %g s (--drain-timeout)",
-                      "closes" if starting else "now closes", format_moment(deadline), human_span(remaining), basis, config.drain_timeout)
+            self._log(
+                logging.WARNING,
+                "migration window %s at %s (in %s; %s): then new requests get 503 and open ones get %g s (--drain-timeout)",
+                "closes" if starting else "now closes",
+                format_moment(deadline),
+                human_span(remaining),
+                basis,
+                config.drain_timeout,
+            )
         if self.closed and (remaining is None or remaining > 0):
             self.reopen()
         elif self.closed and deadline is not None and self.proxy is not None:  # still over, at another time
@@ -151,9 +155,13 @@ class Window:
         self.closed_at = self.deadline
         if self.proxy is not None:
             self.proxy.closed_message = closed_sentence(self.deadline)
-        self._log(logging.WARNING, "migration window closed at %s: new requests get 503, open requests get up to %g s to finish (--drain-timeout); "
-                  "port 80, certificate renewal and the status page keep running; extend it with a later expire_at and SIGHUP",
-                  format_moment(self.deadline), self.drain_timeout)
+        self._log(
+            logging.WARNING,
+            "migration window closed at %s: new requests get 503, open requests get up to %g s to finish (--drain-timeout); "
+            "port 80, certificate renewal and the status page keep running; extend it with a later expire_at and SIGHUP",
+            format_moment(self.deadline),
+            self.drain_timeout,
+        )
         for front in self.fronts:
             task = asyncio.get_running_loop().create_task(self.drain(front), name="window-drain")
             self.drains.append(task)
@@ -187,8 +195,7 @@ class Window:
             if remaining <= before and before not in self.warned:
                 self.warned.add(before)
                 assert self.deadline is not None
-                self._log(logging.WARNING, "migration window closes in %s, at %s; to extend it, set a later expire_at and send SIGHUP",
-                          human_span(remaining), format_moment(self.deadline))
+                self._log(logging.WARNING, "migration window closes in %s, at %s; to extend it, set a later expire_at and send SIGHUP", human_span(remaining), format_moment(self.deadline))
         due = [remaining] + [remaining - before for before in WARN_BEFORE if before not in self.warned]
         return max(0.01, min(MAX_SLEEP, *due))
 

@@ -234,13 +234,19 @@ def evaluate_path(name: str, settings: Settings, answer: HttpAnswer | None, erro
     schemes = ", ".join(answer.schemes) or "none"
     if answer.status == 404:
         if name == "rpc":
-            return "fail", f"{path} answers 404: Outlook Anywhere (RPC over HTTP) is not published", details, (
-                "Install the Windows 'RPC over HTTP Proxy' feature and run Enable-OutlookAnywhere on the Client Access Server."
+            return (
+                "fail",
+                f"{path} answers 404: Outlook Anywhere (RPC over HTTP) is not published",
+                details,
+                ("Install the Windows 'RPC over HTTP Proxy' feature and run Enable-OutlookAnywhere on the Client Access Server."),
             )
         return "warn", f"{path} answers 404", details, f"Create or re-enable the {path.strip('/').split('/')[0]} virtual directory if the migration or users need it."
     if side == "bridge" and answer.status in (502, 504):
-        return "fail", f"{path} answers {answer.status}: the bridge cannot reach the legacy server", details, (
-            "Check that the bridge's machine can reach the legacy server (journalctl -u exchange-bridge shows why)."
+        return (
+            "fail",
+            f"{path} answers {answer.status}: the bridge cannot reach the legacy server",
+            details,
+            ("Check that the bridge's machine can reach the legacy server (journalctl -u exchange-bridge shows why)."),
         )
     if answer.status >= 500:
         return "fail", f"{path} answers {answer.status}", details, "Look at the Exchange server's event log and IIS logs for this virtual directory."
@@ -248,8 +254,11 @@ def evaluate_path(name: str, settings: Settings, answer: HttpAnswer | None, erro
         missing = [scheme for scheme in wanted_schemes(settings.auth) if not offers(answer.schemes, scheme)]
         if settings.auth != "both" and missing:
             label = "Basic" if missing[0] == "basic" else "NTLM"
-            return "fail", f"{path} offers {schemes}, not {label}", details, (
-                f"Enable {label} authentication on {path.split('/')[1]} ({enable_command(name, missing[0])}), or run with the --auth the server offers."
+            return (
+                "fail",
+                f"{path} offers {schemes}, not {label}",
+                details,
+                (f"Enable {label} authentication on {path.split('/')[1]} ({enable_command(name, missing[0])}), or run with the --auth the server offers."),
             )
         if settings.auth == "both" and len(missing) == 2:
             return "fail", f"{path} offers neither Basic nor NTLM ({schemes})", details, f"Enable Basic or NTLM authentication on this virtual directory ({enable_command(name, 'ntlm')})."
@@ -326,32 +335,46 @@ def outlook_anywhere_fix(probe: VirtualConnectionProbe, server: str, scheme: str
     assert step is not None
     where = f"{server}:{probe.port}"
     if step.problem == "http" and step.http_status == 503:
-        return (f"The RPC proxy refuses {where} (503): add {server}:6001-6004 (with its NetBIOS and its FQDN form) to the ValidPorts "
-                "registry value of the RPC proxy (HKLM\\SOFTWARE\\Microsoft\\Rpc\\RpcProxy), and check that the name resolves on the Client Access Server.")
+        return (
+            f"The RPC proxy refuses {where} (503): add {server}:6001-6004 (with its NetBIOS and its FQDN form) to the ValidPorts "
+            "registry value of the RPC proxy (HKLM\\SOFTWARE\\Microsoft\\Rpc\\RpcProxy), and check that the name resolves on the Client Access Server."
+        )
     if step.problem == "http" and step.http_status == 401:
         label = "Ntlm" if scheme == "ntlm" else "Basic"
-        return (f"The RPC proxy refused the logon on the {step.name.split('_')[0].upper()} channel: set its authentication to what the migration "
-                f"endpoint uses (Set-OutlookAnywhere -ClientAuthenticationMethod {label}) and check the IIS authentication of /rpc.")
+        return (
+            f"The RPC proxy refused the logon on the {step.name.split('_')[0].upper()} channel: set its authentication to what the migration "
+            f"endpoint uses (Set-OutlookAnywhere -ClientAuthenticationMethod {label}) and check the IIS authentication of /rpc."
+        )
     if step.problem == "http":
         return "Check the RPC over HTTP Proxy feature and Outlook Anywhere on the Client Access Server (its IIS log shows this request)."
     if step.problem in ("connect",) or (step.problem == "timeout" and step.name.endswith("_channel")):
         if step.name == "in_channel" and step.problem == "timeout":
-            return ("The IN channel (RPC_IN_DATA, Expect: 100-continue) got no 100 Continue: something in between holds the request back "
-                    "(a load balancer or reverse proxy that waits for the 1 GiB body); let it pass 100 Continue and stream the body.")
+            return (
+                "The IN channel (RPC_IN_DATA, Expect: 100-continue) got no 100 Continue: something in between holds the request back "
+                "(a load balancer or reverse proxy that waits for the 1 GiB body); let it pass 100 Continue and stream the body."
+            )
         return "Check that the server answers HTTPS on /rpc/rpcproxy.dll (the other checks above show how it answers)."
     if step.name in ("conn_a3", "conn_c2") or step.problem == "closed":
         seen = {True: "the IN channel did get its 100 Continue", False: "the IN channel got no 100 Continue", None: "the IN channel was not opened"}[probe.in_continued]
         if step.problem == "closed":
-            return ("The OUT channel (RPC_OUT_DATA) was closed early: something in between cuts the long response (a load balancer's or firewall's "
-                    f"response or idle timeout, or the bridge's --idle-timeout); let RPC_OUT_DATA stream for hours ({seen}).")
+            return (
+                "The OUT channel (RPC_OUT_DATA) was closed early: something in between cuts the long response (a load balancer's or firewall's "
+                f"response or idle timeout, or the bridge's --idle-timeout); let RPC_OUT_DATA stream for hours ({seen})."
+            )
         if step.name == "conn_a3":
-            return ("CONN/A3 did not come although the OUT channel answered 200: something in between buffers the 1 GiB RPC_OUT_DATA response "
-                    f"instead of streaming it (a load balancer or reverse proxy); switch response buffering off for /rpc ({seen}).")
-        return ("CONN/A3 came but CONN/C2 did not: the RPC proxy never saw the IN channel's CONN/B1 (something in between holds back the "
-                f"RPC_IN_DATA body or its 100 Continue), or it cannot reach {where} ({seen}).")
+            return (
+                "CONN/A3 did not come although the OUT channel answered 200: something in between buffers the 1 GiB RPC_OUT_DATA response "
+                f"instead of streaming it (a load balancer or reverse proxy); switch response buffering off for /rpc ({seen})."
+            )
+        return (
+            "CONN/A3 came but CONN/C2 did not: the RPC proxy never saw the IN channel's CONN/B1 (something in between holds back the "
+            f"RPC_IN_DATA body or its 100 Continue), or it cannot reach {where} ({seen})."
+        )
     if step.problem in ("bind_nak", "rejected"):
-        return (f"The Exchange {probe.interface} interface is not reachable on {where}: check that the {INTERFACE_SERVICES.get(probe.interface, probe.interface)} "
-                f"service runs on {server} and that Outlook Anywhere's fixed port {probe.port} is in use (Enable-OutlookAnywhere; restart the service after changing ports).")
+        return (
+            f"The Exchange {probe.interface} interface is not reachable on {where}: check that the {INTERFACE_SERVICES.get(probe.interface, probe.interface)} "
+            f"service runs on {server} and that Outlook Anywhere's fixed port {probe.port} is in use (Enable-OutlookAnywhere; restart the service after changing ports)."
+        )
     if step.problem == "fault":
         return f"The Exchange server answered a fault on {where}: look at its application event log (MSExchangeIS / MSExchangeSA) for this time."
     if step.problem == "protocol":
@@ -362,9 +385,16 @@ def outlook_anywhere_fix(probe: VirtualConnectionProbe, server: str, scheme: str
 def evaluate_outlook_anywhere(server: str, scheme: str, probes: list[VirtualConnectionProbe], elapsed: float) -> tuple[str, str, dict[str, Any], str]:
     """(status, summary, details, fix) of the Outlook Anywhere connection test: fail when EMSMDB or NSPI
     fails (naming the step and its fix), warn when only RFR does, pass otherwise."""
-    channels = {str(probe.port): {"interface": probe.interface, "required": probe.required, "in_continue": probe.in_continued,
-                                  "failed_step": probe.failed.name if probe.failed else None, "steps": [step.as_json() for step in probe.steps]}
-                for probe in probes}
+    channels = {
+        str(probe.port): {
+            "interface": probe.interface,
+            "required": probe.required,
+            "in_continue": probe.in_continued,
+            "failed_step": probe.failed.name if probe.failed else None,
+            "steps": [step.as_json() for step in probe.steps],
+        }
+        for probe in probes
+    }
 
     def bind_state(probe: VirtualConnectionProbe) -> str:
         bind = next((step for step in probe.steps if step.name == "bind"), None)
@@ -373,8 +403,13 @@ def evaluate_outlook_anywhere(server: str, scheme: str, probes: list[VirtualConn
     failures = [probe for probe in probes if probe.failed]
     outcome = "; ".join(f"{p.port} {p.interface}: {p.failed.name} {p.failed.problem}" for p in failures if p.failed) or "ok"
     details: dict[str, Any] = {
-        "server": server, "scheme": scheme, "path": "/rpc/rpcproxy.dll", "duration_ms": round(elapsed * 1000, 1), "outcome": outcome,
-        "binds": {f"{probe.port} {probe.interface}": bind_state(probe) for probe in probes}, "channels": channels,
+        "server": server,
+        "scheme": scheme,
+        "path": "/rpc/rpcproxy.dll",
+        "duration_ms": round(elapsed * 1000, 1),
+        "outcome": outcome,
+        "binds": {f"{probe.port} {probe.interface}": bind_state(probe) for probe in probes},
+        "channels": channels,
     }
 
     def done_part(probe: VirtualConnectionProbe) -> str:
@@ -399,8 +434,12 @@ def evaluate_outlook_anywhere(server: str, scheme: str, probes: list[VirtualConn
     total = f"{elapsed * 1000:.0f} ms"
     if failures:
         optional = failures[0]
-        return "warn", f"Outlook Anywhere to {server} works ({working}, {total}); {failed_part(optional)}", details, (
-            f"Outlook uses RFR for address book referrals; the migration does not need it. {outlook_anywhere_fix(optional, server, scheme)}")
+        return (
+            "warn",
+            f"Outlook Anywhere to {server} works ({working}, {total}); {failed_part(optional)}",
+            details,
+            (f"Outlook uses RFR for address book referrals; the migration does not need it. {outlook_anywhere_fix(optional, server, scheme)}"),
+        )
     return "pass", f"Outlook Anywhere to {server} works: {working}, each on its own virtual connection, closed cleanly ({total})", details, ""
 
 
@@ -467,8 +506,16 @@ class Preflight:
             return
         names = ", ".join(str(server) for server in others)
         commands = "; ".join(f"bridge preflight --legacy {server}" for server in others)
-        self.record(Check("legacy.others", "legacy", "warn", f"the bridge config lists {len(others)} more legacy server(s), not probed in this run: {names}",
-                          {"servers": [str(server) for server in others]}, f"Check each one too: {commands}."))
+        self.record(
+            Check(
+                "legacy.others",
+                "legacy",
+                "warn",
+                f"the bridge config lists {len(others)} more legacy server(s), not probed in this run: {names}",
+                {"servers": [str(server) for server in others]},
+                f"Check each one too: {commands}.",
+            )
+        )
 
     # ---- legacy side ---------------------------------------------------------------------------
     async def legacy_side(self) -> None:
@@ -511,8 +558,16 @@ class Preflight:
             summary = f"{host} is an IP address" if is_ip_address(host) else f"{host} resolves to {', '.join(addresses)}"
             self.record(Check("legacy.dns", side, "pass", summary, {"addresses": addresses}))
         else:
-            self.record(Check("legacy.dns", side, "fail", f"{host} does not resolve ({resolve_error})", {"error": resolve_error},
-                              "Check the --legacy name and this machine's DNS; use the name the bridge will use."))
+            self.record(
+                Check(
+                    "legacy.dns",
+                    side,
+                    "fail",
+                    f"{host} does not resolve ({resolve_error})",
+                    {"error": resolve_error},
+                    "Check the --legacy name and this machine's DNS; use the name the bridge will use.",
+                )
+            )
         address = connect_to or (addresses[0] if addresses else None)
         if address is None:
             self.skip_remaining(f"{side}.", f"skipped: {host} does not resolve")
@@ -521,14 +576,23 @@ class Preflight:
             elapsed = await (connecting or tcp_connect(address, port, timeout))
         except Exception as exc:  # noqa: BLE001
             reason = reason_of(exc)
-            self.record(Check(f"{side}.tcp", side, "fail", f"{address} port {port} cannot be reached: {reason}", {"address": address, "port": port, "error": reason},
-                              f"Make sure {what} listens on port {port} and that firewalls let this machine in."))
+            self.record(
+                Check(
+                    f"{side}.tcp",
+                    side,
+                    "fail",
+                    f"{address} port {port} cannot be reached: {reason}",
+                    {"address": address, "port": port, "error": reason},
+                    f"Make sure {what} listens on port {port} and that firewalls let this machine in.",
+                )
+            )
             if side == "bridge":
                 await self.port80_checks(address)
             self.skip_remaining(f"{side}.", f"skipped: port {port} cannot be reached")
             return None
-        self.record(Check(f"{side}.tcp", side, "pass", f"{address} port {port} accepts connections ({elapsed * 1000:.0f} ms)",
-                          {"address": address, "port": port, "connect_ms": round(elapsed * 1000, 1)}))
+        self.record(
+            Check(f"{side}.tcp", side, "pass", f"{address} port {port} accepts connections ({elapsed * 1000:.0f} ms)", {"address": address, "port": port, "connect_ms": round(elapsed * 1000, 1)})
+        )
         return address
 
     async def legacy_without_tls(self, address: str, exc: BaseException) -> None:
@@ -568,8 +632,16 @@ class Preflight:
         except Exception as exc:  # noqa: BLE001
             reason = reason_of(exc)
             if "UNSAFE_LEGACY_RENEGOTIATION" in reason.upper():
-                self.record(Check("legacy.renegotiation", "legacy", "warn", "no RFC 5746 secure renegotiation: the bridge connects anyway (legacy server connect)",
-                                  {"rfc5746": False}, "Install the Windows update for MS10-049 (KB980436) on the legacy server when convenient; the migration works without it."))
+                self.record(
+                    Check(
+                        "legacy.renegotiation",
+                        "legacy",
+                        "warn",
+                        "no RFC 5746 secure renegotiation: the bridge connects anyway (legacy server connect)",
+                        {"rfc5746": False},
+                        "Install the Windows update for MS10-049 (KB980436) on the legacy server when convenient; the migration works without it.",
+                    )
+                )
             else:
                 self.record(Check("legacy.renegotiation", "legacy", "warn", f"could not tell whether RFC 5746 is supported ({reason})", {"error": reason}, ""))
             return
@@ -582,9 +654,16 @@ class Preflight:
         info = inspect_certificate(x509.load_der_x509_certificate(gate.der))
         observed = fingerprint(gate.der)
         details = {
-            "subject": info.subject, "sans": info.sans, "issuer": info.issuer, "not_before": info.not_before.isoformat(),
-            "not_after": info.not_after.isoformat(), "days_left": int(info.days_left), "key": info.key_type,
-            "signature_algorithm": info.signature_algorithm, "sha256": observed, "pin_flag": pin_flag(observed),
+            "subject": info.subject,
+            "sans": info.sans,
+            "issuer": info.issuer,
+            "not_before": info.not_before.isoformat(),
+            "not_after": info.not_after.isoformat(),
+            "days_left": int(info.days_left),
+            "key": info.key_type,
+            "signature_algorithm": info.signature_algorithm,
+            "sha256": observed,
+            "pin_flag": pin_flag(observed),
             "self_signed": info.subject == info.issuer,
         }
         now = dt.datetime.now(dt.UTC)
@@ -602,25 +681,55 @@ class Preflight:
             details["names_host"] = False
         described = f"{info.subject}, issued by {'itself' if details['self_signed'] else info.issuer}, {info.key_type}, {info.signature_algorithm}"
         if self.settings.legacy_fingerprint and self.settings.legacy_fingerprint != observed:
-            self.record(Check("legacy.certificate", "legacy", "fail", f"{described}: not the certificate pinned in the bridge config", details,
-                              f"If the certificate was renewed on purpose, set {pin_flag(observed)} (legacy_fingerprint in bridge.toml) and restart the bridge."))
+            self.record(
+                Check(
+                    "legacy.certificate",
+                    "legacy",
+                    "fail",
+                    f"{described}: not the certificate pinned in the bridge config",
+                    details,
+                    f"If the certificate was renewed on purpose, set {pin_flag(observed)} (legacy_fingerprint in bridge.toml) and restart the bridge.",
+                )
+            )
         elif info.not_after < now:
             # The bridge pins the fingerprint and ignores dates, and Exchange Online never sees this
             # certificate, so expiry does not fail the batch; it still deserves attention.
-            self.record(Check("legacy.certificate", "legacy", "warn", f"{described}: expired on {info.not_after:%Y-%m-%d}; the bridge still connects (it pins, it does not check dates)", details,
-                              "Nothing blocks the migration; if other clients use this server, renew it (New-ExchangeCertificate, then Enable-ExchangeCertificate -Services IIS) and pin the new one."))
+            self.record(
+                Check(
+                    "legacy.certificate",
+                    "legacy",
+                    "warn",
+                    f"{described}: expired on {info.not_after:%Y-%m-%d}; the bridge still connects (it pins, it does not check dates)",
+                    details,
+                    "Nothing blocks the migration; if other clients use this server, renew it (New-ExchangeCertificate, then Enable-ExchangeCertificate -Services IIS) and pin the new one.",
+                )
+            )
         elif bits is not None and bits < 1024:
             # The legacy leg crosses the Internet with RSA key exchange and no forward secrecy: a key
             # this small can be factored, exposing every recorded session's credentials and mail.
-            self.record(Check("legacy.certificate", "legacy", "fail", f"{described}: a {bits}-bit RSA key can be factored, which exposes recorded logons and mail on the legacy leg", details,
-                              "Replace the certificate with one of a 2048-bit key (New-ExchangeCertificate -KeySize 2048, then Enable-ExchangeCertificate -Services IIS), "
-                              "then pin the new one on the bridge."))
+            self.record(
+                Check(
+                    "legacy.certificate",
+                    "legacy",
+                    "fail",
+                    f"{described}: a {bits}-bit RSA key can be factored, which exposes recorded logons and mail on the legacy leg",
+                    details,
+                    "Replace the certificate with one of a 2048-bit key (New-ExchangeCertificate -KeySize 2048, then Enable-ExchangeCertificate -Services IIS), then pin the new one on the bridge.",
+                )
+            )
         elif info.not_before > now:
-            self.record(Check("legacy.certificate", "legacy", "fail", f"{described}: not valid before {info.not_before:%Y-%m-%d}", details,
-                              "Fix the legacy server's clock or certificate."))
+            self.record(Check("legacy.certificate", "legacy", "fail", f"{described}: not valid before {info.not_before:%Y-%m-%d}", details, "Fix the legacy server's clock or certificate."))
         elif notes:
-            self.record(Check("legacy.certificate", "legacy", "warn", f"{described} ({', '.join(notes)}), {int(info.days_left)} days left; fine behind the bridge", details,
-                              f"Pin it on the bridge with {pin_flag(observed)} (legacy_fingerprint in bridge.toml)"))
+            self.record(
+                Check(
+                    "legacy.certificate",
+                    "legacy",
+                    "warn",
+                    f"{described} ({', '.join(notes)}), {int(info.days_left)} days left; fine behind the bridge",
+                    details,
+                    f"Pin it on the bridge with {pin_flag(observed)} (legacy_fingerprint in bridge.toml)",
+                )
+            )
         else:
             self.record(Check("legacy.certificate", "legacy", "pass", f"{described}, {int(info.days_left)} days left", details, ""))
 
@@ -709,8 +818,7 @@ class Preflight:
         label = "Basic" if scheme == "basic" else "NTLM"
         answer, error = await self.exchange(target, "GET", LOGON_PATH, credentials=credentials, scheme=scheme)
         if answer is None:
-            done(f"logon.{scheme}", "fail", f"{label} logon as {credentials.username}: {error}", {"outcome": "error", "error": error},
-                 "Check that the server answers HTTPS on /EWS.")
+            done(f"logon.{scheme}", "fail", f"{label} logon as {credentials.username}: {error}", {"outcome": "error", "error": error}, "Check that the server answers HTTPS on /EWS.")
             return
         details = {"outcome": "ok" if answer.status == 200 else "refused", "http_status": answer.status, "auth_schemes": answer.schemes, "user": credentials.username}
         if answer.status == 200:
@@ -723,8 +831,13 @@ class Preflight:
             else:
                 done(f"logon.{scheme}", "fail", summary, details, f"Enable {label} authentication on EWS ({enable_command('ews', scheme)}), or use --auth with a scheme the server offers.")
         elif answer.status == 401:
-            done(f"logon.{scheme}", "fail", f"{label} logon as {credentials.username} was refused (401): wrong user name or password, or the account is locked or disabled", details,
-                 "Check the user name (DOMAIN\\user or UPN) and password with the customer; try the same account in OWA.")
+            done(
+                f"logon.{scheme}",
+                "fail",
+                f"{label} logon as {credentials.username} was refused (401): wrong user name or password, or the account is locked or disabled",
+                details,
+                "Check the user name (DOMAIN\\user or UPN) and password with the customer; try the same account in OWA.",
+            )
         else:
             done(f"logon.{scheme}", "fail", f"{label} logon as {credentials.username} answered {answer.status}", details, "Check the EWS virtual directory in IIS.")
 
@@ -747,11 +860,21 @@ class Preflight:
         if answer is None:
             return "fail", f"Autodiscover POST for {credentials.email}: {error}", {"error": error}, fix, {}
         if answer.status == 404:
-            return "fail", f"Autodiscover is not published ({path} answers 404)", {"http_status": 404}, (
-                "Publish Autodiscover (New-AutodiscoverVirtualDirectory on the Client Access Server) or create the migration endpoint with manual settings."), {}
+            return (
+                "fail",
+                f"Autodiscover is not published ({path} answers 404)",
+                {"http_status": 404},
+                ("Publish Autodiscover (New-AutodiscoverVirtualDirectory on the Client Access Server) or create the migration endpoint with manual settings."),
+                {},
+            )
         if answer.status == 401:
-            return "fail", f"Autodiscover POST for {credentials.email} answered 401 with {scheme.upper() if scheme == 'ntlm' else 'Basic'}", {"http_status": 401, "auth_schemes": answer.schemes}, (
-                f"Enable the scheme on Autodiscover ({enable_command('autodiscover', scheme)}).") + " " + fix, {}
+            return (
+                "fail",
+                f"Autodiscover POST for {credentials.email} answered 401 with {scheme.upper() if scheme == 'ntlm' else 'Basic'}",
+                {"http_status": 401, "auth_schemes": answer.schemes},
+                (f"Enable the scheme on Autodiscover ({enable_command('autodiscover', scheme)}).") + " " + fix,
+                {},
+            )
         if answer.status != 200:
             return "fail", f"Autodiscover POST for {credentials.email} answered {answer.status}", {"http_status": answer.status}, fix, {}
         try:
@@ -763,14 +886,24 @@ class Preflight:
         if found.get("error"):
             return "fail", f"Autodiscover for {credentials.email} answered an error: {found['error']}", details, fix, {}
         if found.get("action"):
-            return "warn", f"Autodiscover for {credentials.email} redirects ({found['action']} to {found.get('redirect')})", details, (
-                "Run preflight with the address Autodiscover redirects to, or give the Exchange server with --exchange-server."), {}
+            return (
+                "warn",
+                f"Autodiscover for {credentials.email} redirects ({found['action']} to {found.get('redirect')})",
+                details,
+                ("Run preflight with the address Autodiscover redirects to, or give the Exchange server with --exchange-server."),
+                {},
+            )
         if not found.get("exchange_server"):
             return "fail", f"Autodiscover for {credentials.email} has no EXCH settings", details, fix, {}
         summary = f"Exchange server {found['exchange_server']}, legacy DN {found.get('legacy_dn')}, auth package {found.get('auth_package')}"
         if not found.get("expr_server"):
-            return "warn", f"{summary}; no EXPR (Outlook Anywhere) block", details, (
-                "Run Enable-OutlookAnywhere so Autodiscover publishes EXPR, or create the migration endpoint with manual settings (shown below)."), found
+            return (
+                "warn",
+                f"{summary}; no EXPR (Outlook Anywhere) block",
+                details,
+                ("Run Enable-OutlookAnywhere so Autodiscover publishes EXPR, or create the migration endpoint with manual settings (shown below)."),
+                found,
+            )
         return "pass", f"{summary}; EXPR {found['expr_server']}", details, "", found
 
     async def rpc_echo(self, target: HttpTarget, scheme: str, server: str, port: int, done: Callable[..., None]) -> None:
@@ -798,18 +931,25 @@ class Preflight:
         credentials = self.settings.credentials
         assert credentials is not None
         started = time.monotonic()
-        probes = await asyncio.gather(*(
-            probe_virtual_connection(target, server, port, name, syntax, credentials, scheme, call=call, required=required)
-            for port, name, syntax, required, call in OUTLOOK_ANYWHERE
-        ))
+        probes = await asyncio.gather(
+            *(probe_virtual_connection(target, server, port, name, syntax, credentials, scheme, call=call, required=required) for port, name, syntax, required, call in OUTLOOK_ANYWHERE)
+        )
         done("outlook_anywhere", *evaluate_outlook_anywhere(server, scheme, list(probes), time.monotonic() - started))
 
     # ---- bridge side ---------------------------------------------------------------------------
     async def bridge_side(self) -> None:
         settings = self.settings
         if not settings.fqdn:
-            self.record(Check("bridge.fqdn", "bridge", "skip", "skipped: no --fqdn given, the bridge was not checked", {},
-                              "Rerun with --fqdn (and --bridge-addr before its DNS record exists) to check the bridge too."))
+            self.record(
+                Check(
+                    "bridge.fqdn",
+                    "bridge",
+                    "skip",
+                    "skipped: no --fqdn given, the bridge was not checked",
+                    {},
+                    "Rerun with --fqdn (and --bridge-addr before its DNS record exists) to check the bridge too.",
+                )
+            )
             return
         address = await self.reach("bridge", settings.fqdn, settings.https_port, "the bridge", connect_to=settings.bridge_addr)
         if address is None:
@@ -833,15 +973,33 @@ class Preflight:
         details: dict[str, Any] = {"addresses": addresses, "expect_ip": settings.expect_ip, "bridge_addr": settings.bridge_addr}
         if not addresses:
             probed = f"; probing {settings.bridge_addr} as given with --bridge-addr" if settings.bridge_addr else ""
-            return Check("bridge.dns", "bridge", "fail", f"{fqdn} does not resolve ({error}){probed}", details | {"error": error},
-                         f"Publish an A record for {fqdn} pointing at the bridge's public IP before creating the migration endpoint.")
+            return Check(
+                "bridge.dns",
+                "bridge",
+                "fail",
+                f"{fqdn} does not resolve ({error}){probed}",
+                details | {"error": error},
+                f"Publish an A record for {fqdn} pointing at the bridge's public IP before creating the migration endpoint.",
+            )
         listing = ", ".join(addresses)
         if settings.expect_ip and settings.expect_ip not in addresses:
-            return Check("bridge.dns", "bridge", "fail", f"{fqdn} resolves to {listing}, not {settings.expect_ip}", details,
-                         f"Point the A record of {fqdn} at {settings.expect_ip} (and wait for the old record's TTL).")
+            return Check(
+                "bridge.dns",
+                "bridge",
+                "fail",
+                f"{fqdn} resolves to {listing}, not {settings.expect_ip}",
+                details,
+                f"Point the A record of {fqdn} at {settings.expect_ip} (and wait for the old record's TTL).",
+            )
         if settings.bridge_addr and settings.bridge_addr not in addresses:
-            return Check("bridge.dns", "bridge", "warn", f"{fqdn} resolves to {listing}, not to the probed --bridge-addr {settings.bridge_addr}", details,
-                         f"Point the A record of {fqdn} at {settings.bridge_addr} if that is the bridge Exchange Online should use.")
+            return Check(
+                "bridge.dns",
+                "bridge",
+                "warn",
+                f"{fqdn} resolves to {listing}, not to the probed --bridge-addr {settings.bridge_addr}",
+                details,
+                f"Point the A record of {fqdn} at {settings.bridge_addr} if that is the bridge Exchange Online should use.",
+            )
         return Check("bridge.dns", "bridge", "pass", f"{fqdn} resolves to {listing}", details)
 
     async def port80_checks(self, address: str) -> None:
@@ -861,8 +1019,16 @@ class Preflight:
         if status in (301, 302, 307, 308) and location.startswith(f"https://{settings.fqdn}"):
             self.record(Check("bridge.port80.redirect", "bridge", "pass", f"port {port} redirects ({status}) to {location}", details))
         else:
-            self.record(Check("bridge.port80.redirect", "bridge", "warn", f"port {port} answers {status} without redirecting to https://{settings.fqdn}", details,
-                              "Let the bridge itself listen on port 80 (it redirects and answers ACME challenges)."))
+            self.record(
+                Check(
+                    "bridge.port80.redirect",
+                    "bridge",
+                    "warn",
+                    f"port {port} answers {status} without redirecting to https://{settings.fqdn}",
+                    details,
+                    "Let the bridge itself listen on port 80 (it redirects and answers ACME challenges).",
+                )
+            )
         token = "preflight-" + secrets.token_urlsafe(12)
         try:
             headers, status = await plain_http_get(address, port, host, ACME_PREFIX + token, settings.timeout)  # type: ignore[arg-type]  # bridge checks run only with --fqdn
@@ -873,8 +1039,16 @@ class Preflight:
         if status in (200, 404):
             self.record(Check("bridge.port80.acme", "bridge", "pass", f"the ACME challenge path is served on port {port} (unknown token: {status})", details))
         else:
-            self.record(Check("bridge.port80.acme", "bridge", "warn", f"the ACME challenge path answers {status} instead of being served", details,
-                              "Nothing may redirect or rewrite /.well-known/acme-challenge/ on port 80 in front of the bridge; certificate renewal needs it."))
+            self.record(
+                Check(
+                    "bridge.port80.acme",
+                    "bridge",
+                    "warn",
+                    f"the ACME challenge path answers {status} instead of being served",
+                    details,
+                    "Nothing may redirect or rewrite /.well-known/acme-challenge/ on port 80 in front of the bridge; certificate renewal needs it.",
+                )
+            )
 
     async def bridge_tls_versions(self, address: str) -> None:
         settings = self.settings
@@ -898,14 +1072,30 @@ class Preflight:
         elif results["TLS 1.2"][0]:
             self.record(Check("bridge.tls.modern", "bridge", "warn", "accepts TLS 1.2 but not TLS 1.3", details, "Run the bridge on a system whose OpenSSL has TLS 1.3."))
         else:
-            self.record(Check("bridge.tls.modern", "bridge", "fail", f"refuses TLS 1.2 ({results['TLS 1.2'][1]})" + (f", accepts {', '.join(modern_ok)}" if modern_ok else ""), details,
-                              "Exchange Online connects with TLS 1.2: make sure the bridge itself (not another service) answers on this port."))
+            self.record(
+                Check(
+                    "bridge.tls.modern",
+                    "bridge",
+                    "fail",
+                    f"refuses TLS 1.2 ({results['TLS 1.2'][1]})" + (f", accepts {', '.join(modern_ok)}" if modern_ok else ""),
+                    details,
+                    "Exchange Online connects with TLS 1.2: make sure the bridge itself (not another service) answers on this port.",
+                )
+            )
         obsolete = {label: results[label] for label in ("TLS 1.0", "TLS 1.1")}
         accepted = [label for label, (ok, _) in obsolete.items() if ok]
         unknown = [label for label, (ok, _) in obsolete.items() if ok is None]
         if accepted:
-            self.record(Check("bridge.tls.obsolete", "bridge", "fail", f"accepts {' and '.join(accepted)}, which the bridge never offers", details,
-                              "Something other than the bridge answers on this port, or a TLS offloader in front of it allows old versions: allow TLS 1.2+ only."))
+            self.record(
+                Check(
+                    "bridge.tls.obsolete",
+                    "bridge",
+                    "fail",
+                    f"accepts {' and '.join(accepted)}, which the bridge never offers",
+                    details,
+                    "Something other than the bridge answers on this port, or a TLS offloader in front of it allows old versions: allow TLS 1.2+ only.",
+                )
+            )
         elif unknown:
             self.record(Check("bridge.tls.obsolete", "bridge", "skip", f"skipped: could not test {' and '.join(unknown)} ({obsolete[unknown[0]][1]})", details))
         else:
@@ -920,22 +1110,47 @@ class Preflight:
             self.record(Check("bridge.certificate", "bridge", "fail", f"no TLS 1.2+ handshake to read the certificate ({reason_of(exc)})", {}, ""))
             return
         info = inspect_certificate(x509.load_der_x509_certificate(served.der or b""))
-        details = {"subject": info.subject, "sans": info.sans, "issuer": info.issuer, "not_after": info.not_after.isoformat(),
-                   "days_left": int(info.days_left), "key": info.key_type, "sha256": info.sha256, "ca_bundle": str(settings.ca_bundle) if settings.ca_bundle else None}
+        details = {
+            "subject": info.subject,
+            "sans": info.sans,
+            "issuer": info.issuer,
+            "not_after": info.not_after.isoformat(),
+            "days_left": int(info.days_left),
+            "key": info.key_type,
+            "sha256": info.sha256,
+            "ca_bundle": str(settings.ca_bundle) if settings.ca_bundle else None,
+        }
         try:
             await tls_handshake(address, settings.https_port, trusting_context(settings.ca_bundle), fqdn, settings.timeout)
         except ssl.SSLCertVerificationError as exc:
             message = exc.verify_message or str(exc)
             details["verify_error"] = message
             if "hostname mismatch" in message.lower() or "ip address mismatch" in message.lower():
-                self.record(Check("bridge.certificate", "bridge", "fail", f"the certificate does not cover {fqdn} (it names {', '.join(info.sans) or info.subject})", details,
-                                  f"Obtain a certificate for {fqdn} (bridge cert) or run the bridge with --fqdn {fqdn}."))
+                self.record(
+                    Check(
+                        "bridge.certificate",
+                        "bridge",
+                        "fail",
+                        f"the certificate does not cover {fqdn} (it names {', '.join(info.sans) or info.subject})",
+                        details,
+                        f"Obtain a certificate for {fqdn} (bridge cert) or run the bridge with --fqdn {fqdn}.",
+                    )
+                )
             elif info.days_left < 0:
-                self.record(Check("bridge.certificate", "bridge", "fail", f"the certificate expired on {info.not_after:%Y-%m-%d}", details,
-                                  "Renew it: bridge cert renew, then restart or SIGHUP the bridge."))
+                self.record(
+                    Check("bridge.certificate", "bridge", "fail", f"the certificate expired on {info.not_after:%Y-%m-%d}", details, "Renew it: bridge cert renew, then restart or SIGHUP the bridge.")
+                )
             else:
-                self.record(Check("bridge.certificate", "bridge", "fail", f"the certificate chain is not trusted ({message}); issuer {info.issuer}", details,
-                                  "Serve the full chain (fullchain.pem) from a publicly trusted CA; for a staging or private CA pass it with --ca-bundle."))
+                self.record(
+                    Check(
+                        "bridge.certificate",
+                        "bridge",
+                        "fail",
+                        f"the certificate chain is not trusted ({message}); issuer {info.issuer}",
+                        details,
+                        "Serve the full chain (fullchain.pem) from a publicly trusted CA; for a staging or private CA pass it with --ca-bundle.",
+                    )
+                )
             return
         except Exception as exc:  # noqa: BLE001
             self.record(Check("bridge.certificate", "bridge", "fail", f"the verifying handshake failed ({reason_of(exc)})", details, ""))
@@ -966,8 +1181,16 @@ class Preflight:
             try:
                 second = await connection.request("GET", "/owa/", request_headers("GET"))
             except ProbeError as exc:
-                self.record(Check("bridge.idle", "bridge", "fail", f"an idle connection did not survive {hold:g} s ({exc})", {"hold_seconds": hold},
-                                  "Raise the idle timeout of the bridge (--idle-timeout, default 1800 s) and of any load balancer or firewall in front of it to well above 15 minutes."))
+                self.record(
+                    Check(
+                        "bridge.idle",
+                        "bridge",
+                        "fail",
+                        f"an idle connection did not survive {hold:g} s ({exc})",
+                        {"hold_seconds": hold},
+                        "Raise the idle timeout of the bridge (--idle-timeout, default 1800 s) and of any load balancer or firewall in front of it to well above 15 minutes.",
+                    )
+                )
                 return
             note = "" if hold >= 900 else "; rerun with --hold 960 to prove the 15 minutes Outlook Anywhere channels may idle"
             self.record(Check("bridge.idle", "bridge", "pass", f"an idle connection survived {hold:g} s (answer {second.status} after the pause){note}", {"hold_seconds": hold}))
@@ -1026,8 +1249,14 @@ def security_headers_check(answer: HttpAnswer) -> Check:
     found = {name: answer.header(name) for name, _ in SECURITY_HEADERS}
     missing = [name for name, value in found.items() if not value]
     if missing:
-        return Check("bridge.headers", "bridge", "warn", f"missing security header(s) {', '.join(missing)} on GET /owa/", {"headers": found},
-                     "Run the bridge itself on this port: it adds X-Frame-Options and X-Content-Type-Options.")
+        return Check(
+            "bridge.headers",
+            "bridge",
+            "warn",
+            f"missing security header(s) {', '.join(missing)} on GET /owa/",
+            {"headers": found},
+            "Run the bridge itself on this port: it adds X-Frame-Options and X-Content-Type-Options.",
+        )
     return Check("bridge.headers", "bridge", "pass", f"{' and '.join(found)} present", {"headers": found})
 
 

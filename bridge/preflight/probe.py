@@ -135,9 +135,7 @@ class Handshake:
 
 
 async def tls_handshake(address: str, port: int, context: ssl.SSLContext, sni: str, timeout: float) -> Handshake:
-    _, writer = await asyncio.wait_for(
-        asyncio.open_connection(address, port, ssl=context, server_hostname=sni, ssl_handshake_timeout=timeout), timeout
-    )
+    _, writer = await asyncio.wait_for(asyncio.open_connection(address, port, ssl=context, server_hostname=sni, ssl_handshake_timeout=timeout), timeout)
     try:
         ssl_object = writer.get_extra_info("ssl_object")
         return Handshake(ssl_object.version(), ssl_object.cipher()[0], ssl_object.getpeercert(binary_form=True))
@@ -196,8 +194,12 @@ class HttpConnection:
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(
-                    target.address, target.port, ssl=target.context, server_hostname=target.sni,
-                    ssl_handshake_timeout=target.timeout, limit=MAX_HEAD,
+                    target.address,
+                    target.port,
+                    ssl=target.context,
+                    server_hostname=target.sni,
+                    ssl_handshake_timeout=target.timeout,
+                    limit=MAX_HEAD,
                 ),
                 target.timeout,
             )
@@ -408,8 +410,16 @@ class RpcChannel:
 
     @classmethod
     async def open(
-        cls, target: HttpTarget, method: str, path: str, credentials: Credentials, scheme: str, *,
-        content_length: int, opening: bytes, expect_continue: bool,
+        cls,
+        target: HttpTarget,
+        method: str,
+        path: str,
+        credentials: Credentials,
+        scheme: str,
+        *,
+        content_length: int,
+        opening: bytes,
+        expect_continue: bool,
     ) -> tuple[RpcChannel, ChannelHead]:
         connection = await HttpConnection.open(target)
         channel = cls(connection, method)
@@ -547,8 +557,16 @@ class VirtualConnectionProbe:
 
 
 async def probe_virtual_connection(
-    target: HttpTarget, server: str, port: int, interface: str, syntax: rts.SyntaxId, credentials: Credentials, scheme: str,
-    *, call: tuple[int, bytes] | None = None, required: bool = True,
+    target: HttpTarget,
+    server: str,
+    port: int,
+    interface: str,
+    syntax: rts.SyntaxId,
+    credentials: Credentials,
+    scheme: str,
+    *,
+    call: tuple[int, bytes] | None = None,
+    required: bool = True,
 ) -> VirtualConnectionProbe:
     """Open a virtual connection to ``server:port`` as Outlook does, bind ``syntax``, make ``call``
     (opnum, stub) when given, and close. Every network wait is bounded by the target's timeout."""

@@ -214,9 +214,7 @@ def _shorten(text: str, limit: int) -> str:
 def _details_html(details: dict[str, Any]) -> str:
     if not details:
         return ""
-    rows = "".join(
-        f"<dt>{html.escape(str(key))}</dt><dd>{html.escape(value if isinstance(value, str) else json.dumps(value))}</dd>" for key, value in details.items()
-    )
+    rows = "".join(f"<dt>{html.escape(str(key))}</dt><dd>{html.escape(value if isinstance(value, str) else json.dumps(value))}</dd>" for key, value in details.items())
     return f"<details><summary>details</summary><dl>{rows}</dl></details>"
 
 

@@ -113,23 +113,25 @@ class CommonHeader:
 
     def encode(self) -> bytes:
         return _COMMON.pack(
-            RPC_VERS, RPC_VERS_MINOR, self.ptype, self.pfc_flags, DREP_LE,
-            self.frag_length, self.auth_length, self.call_id,
+            RPC_VERS,
+            RPC_VERS_MINOR,
+            self.ptype,
+            self.pfc_flags,
+            DREP_LE,
+            self.frag_length,
+            self.auth_length,
+            self.call_id,
         )
 
 
 def _check_prefix(data: bytes | bytearray) -> None:
     """Reject what cannot start a PDU as early as the bytes allow (used by parse and the reader)."""
     if len(data) >= 1 and data[0] != RPC_VERS:
-        raise RpcProtocolError(
-            f"expected an RPC PDU (version 5) but the data starts with {bytes(data[:12])!r}."
-        )
+        raise RpcProtocolError(f"expected an RPC PDU (version 5) but the data starts with {bytes(data[:12])!r}.")
     if len(data) >= 2 and data[1] != RPC_VERS_MINOR:
         raise RpcProtocolError(f"the RPC PDU has minor version {data[1]}, only 5.0 is spoken here.")
     if len(data) >= 5 and data[4] & 0xF0 != 0x10:
-        raise RpcProtocolError(
-            "the RPC PDU uses big-endian data representation, which this implementation does not speak."
-        )
+        raise RpcProtocolError("the RPC PDU uses big-endian data representation, which this implementation does not speak.")
 
 
 def parse_header(pdu: bytes) -> CommonHeader:
@@ -140,9 +142,7 @@ def parse_header(pdu: bytes) -> CommonHeader:
     _check_prefix(pdu)
     _v, _m, ptype, flags, _drep, frag_length, auth_length, call_id = _COMMON.unpack_from(pdu)
     if frag_length != len(pdu):
-        raise RpcProtocolError(
-            f"the RPC PDU says it is {frag_length} bytes long but {len(pdu)} bytes were given."
-        )
+        raise RpcProtocolError(f"the RPC PDU says it is {frag_length} bytes long but {len(pdu)} bytes were given.")
     return CommonHeader(ptype, flags, frag_length, auth_length, call_id)
 
 
@@ -281,9 +281,7 @@ class FlowControlAck(_Cmd):
     channel_cookie: uuid.UUID
 
     def encode(self) -> bytes:
-        return struct.pack("<III", self.TYPE, self.bytes_received, self.available_window) + (
-            self.channel_cookie.bytes_le
-        )
+        return struct.pack("<III", self.TYPE, self.bytes_received, self.available_window) + (self.channel_cookie.bytes_le)
 
 
 @dataclass(frozen=True)
@@ -412,8 +410,20 @@ class PingTrafficSentNotify(_Cmd):
 
 
 RtsCommand = (
-    ReceiveWindowSize | FlowControlAck | ConnectionTimeout | Cookie | ChannelLifetime | ClientKeepalive
-    | Version | Empty | Padding | NegativeANCE | ANCE | ClientAddress | AssociationGroupId | Destination
+    ReceiveWindowSize
+    | FlowControlAck
+    | ConnectionTimeout
+    | Cookie
+    | ChannelLifetime
+    | ClientKeepalive
+    | Version
+    | Empty
+    | Padding
+    | NegativeANCE
+    | ANCE
+    | ClientAddress
+    | AssociationGroupId
+    | Destination
     | PingTrafficSentNotify
 )
 
@@ -518,15 +528,11 @@ def parse_rts(pdu: bytes) -> RtsPdu:
     """One whole RTS PDU into flags and commands; anything else raises RpcProtocolError."""
     header = parse_header(pdu)
     if header.ptype != PTYPE_RTS:
-        raise RpcProtocolError(
-            f"expected an RTS PDU but got a {PTYPE_NAMES.get(header.ptype, header.ptype)} PDU."
-        )
+        raise RpcProtocolError(f"expected an RTS PDU but got a {PTYPE_NAMES.get(header.ptype, header.ptype)} PDU.")
     if header.auth_length != 0:
         raise RpcProtocolError("the RTS PDU has a non-zero auth_length, which RTS PDUs never have.")
     if header.pfc_flags != PFC_WHOLE or header.call_id != 0:  # [MS-RPCH] 2.2.3.6.1
-        raise RpcProtocolError(
-            "the RTS PDU is not marked first and last fragment with call_id 0, as RTS PDUs must be."
-        )
+        raise RpcProtocolError("the RTS PDU is not marked first and last fragment with call_id 0, as RTS PDUs must be.")
     if len(pdu) < RTS_HEADER_SIZE:
         raise RpcProtocolError(f"an RTS PDU needs at least 20 bytes, got {len(pdu)}.")
     flags, count = struct.unpack_from("<HH", pdu, COMMON_HEADER_SIZE)
@@ -537,9 +543,7 @@ def parse_rts(pdu: bytes) -> RtsPdu:
         command, offset = _decode_command(body, offset)
         commands.append(command)
     if offset != len(body):
-        raise RpcProtocolError(
-            f"the RTS PDU has {len(body) - offset} bytes after its {count} commands."
-        )
+        raise RpcProtocolError(f"the RTS PDU has {len(body) - offset} bytes after its {count} commands.")
     return RtsPdu(flags, tuple(commands))
 
 
@@ -553,8 +557,7 @@ _RTS_SHAPES: dict[str, tuple[int, tuple[int, ...]]] = {
     # 2.2.4.5, client -> inbound proxy, first bytes of the RPC_IN_DATA body.
     "CONN/B1": (
         RTS_FLAG_NONE,
-        (CMD_VERSION, CMD_COOKIE, CMD_COOKIE, CMD_CHANNEL_LIFETIME, CMD_CLIENT_KEEPALIVE,
-         CMD_ASSOCIATION_GROUP_ID),
+        (CMD_VERSION, CMD_COOKIE, CMD_COOKIE, CMD_CHANNEL_LIFETIME, CMD_CLIENT_KEEPALIVE, CMD_ASSOCIATION_GROUP_ID),
     ),
     # 2.2.4.4, outbound proxy -> client, first PDU of the RPC_OUT_DATA response body.
     "CONN/A3": (RTS_FLAG_NONE, (CMD_CONNECTION_TIMEOUT,)),
@@ -645,10 +648,15 @@ def conn_a1(
     version: int = RPC_OVER_HTTP_VERSION,
 ) -> bytes:
     """CONN/A1 ([MS-RPCH] 2.2.4.2): the client's first bytes on the OUT channel (76 bytes)."""
-    return RtsPdu(RTS_FLAG_NONE, (
-        Version(version), Cookie(virtual_connection_cookie), Cookie(out_channel_cookie),
-        ReceiveWindowSize(receive_window_size),
-    )).encode()
+    return RtsPdu(
+        RTS_FLAG_NONE,
+        (
+            Version(version),
+            Cookie(virtual_connection_cookie),
+            Cookie(out_channel_cookie),
+            ReceiveWindowSize(receive_window_size),
+        ),
+    ).encode()
 
 
 def conn_b1(
@@ -660,11 +668,17 @@ def conn_b1(
     version: int = RPC_OVER_HTTP_VERSION,
 ) -> bytes:
     """CONN/B1 ([MS-RPCH] 2.2.4.5): the client's first bytes on the IN channel (104 bytes)."""
-    return RtsPdu(RTS_FLAG_NONE, (
-        Version(version), Cookie(virtual_connection_cookie), Cookie(in_channel_cookie),
-        ChannelLifetime(channel_lifetime), ClientKeepalive(client_keepalive),
-        AssociationGroupId(association_group_id),
-    )).encode()
+    return RtsPdu(
+        RTS_FLAG_NONE,
+        (
+            Version(version),
+            Cookie(virtual_connection_cookie),
+            Cookie(in_channel_cookie),
+            ChannelLifetime(channel_lifetime),
+            ClientKeepalive(client_keepalive),
+            AssociationGroupId(association_group_id),
+        ),
+    ).encode()
 
 
 def conn_a3(connection_timeout: int = DEFAULT_CONNECTION_TIMEOUT_MS) -> bytes:
@@ -682,10 +696,14 @@ def conn_c2(
     receive_window_size is the inbound proxy's window for the IN channel: how many bytes of RPC PDUs
     the client may send before it must wait for a FlowControlAck.
     """
-    return RtsPdu(RTS_FLAG_NONE, (
-        Version(version), ReceiveWindowSize(receive_window_size),
-        ConnectionTimeout(connection_timeout),
-    )).encode()
+    return RtsPdu(
+        RTS_FLAG_NONE,
+        (
+            Version(version),
+            ReceiveWindowSize(receive_window_size),
+            ConnectionTimeout(connection_timeout),
+        ),
+    ).encode()
 
 
 def ping() -> bytes:
@@ -757,23 +775,17 @@ class AuthVerifier:
     auth_pad_length: int = 0
 
 
-def _encode_pdu(
-    ptype: int, pfc_flags: int, call_id: int, body: bytes, auth: AuthVerifier | None = None
-) -> bytes:
+def _encode_pdu(ptype: int, pfc_flags: int, call_id: int, body: bytes, auth: AuthVerifier | None = None) -> bytes:
     trailer = b""
     auth_length = 0
     if auth is not None:
         pad = -(COMMON_HEADER_SIZE + len(body)) % 4
         body += b"\x00" * pad
-        trailer = struct.pack(
-            "<BBBBI", auth.auth_type, auth.auth_level, pad, 0, auth.auth_context_id
-        ) + auth.auth_value
+        trailer = struct.pack("<BBBBI", auth.auth_type, auth.auth_level, pad, 0, auth.auth_context_id) + auth.auth_value
         auth_length = len(auth.auth_value)
     frag_length = COMMON_HEADER_SIZE + len(body) + len(trailer)
     if frag_length > MAX_FRAG_LENGTH:
-        raise RpcProtocolError(
-            f"the PDU would be {frag_length} bytes, more than one fragment can hold (65535)."
-        )
+        raise RpcProtocolError(f"the PDU would be {frag_length} bytes, more than one fragment can hold (65535).")
     return CommonHeader(ptype, pfc_flags, frag_length, auth_length, call_id).encode() + body + trailer
 
 
@@ -781,10 +793,7 @@ def _split_pdu(pdu: bytes, want: int) -> tuple[CommonHeader, bytes, AuthVerifier
     """Header, body (between the common header and any auth verifier), verifier."""
     header = parse_header(pdu)
     if header.ptype != want:
-        raise RpcProtocolError(
-            f"expected a {PTYPE_NAMES[want]} PDU but got "
-            f"{PTYPE_NAMES.get(header.ptype, f'PTYPE {header.ptype}')}."
-        )
+        raise RpcProtocolError(f"expected a {PTYPE_NAMES[want]} PDU but got {PTYPE_NAMES.get(header.ptype, f'PTYPE {header.ptype}')}.")
     end = len(pdu)
     auth = None
     if header.auth_length:
@@ -813,9 +822,7 @@ class PresentationContext:
     transfer_syntaxes: tuple[SyntaxId, ...] = (NDR,)
 
     def encode(self) -> bytes:
-        return struct.pack("<HBB", self.context_id, len(self.transfer_syntaxes), 0) + (
-            self.abstract_syntax.encode() + b"".join(t.encode() for t in self.transfer_syntaxes)
-        )
+        return struct.pack("<HBB", self.context_id, len(self.transfer_syntaxes), 0) + (self.abstract_syntax.encode() + b"".join(t.encode() for t in self.transfer_syntaxes))
 
 
 @dataclass(frozen=True)
@@ -831,8 +838,13 @@ class Bind:
 
     def encode(self) -> bytes:
         body = struct.pack(
-            "<HHIBBH", self.max_xmit_frag, self.max_recv_frag, self.assoc_group_id,
-            len(self.contexts), 0, 0,
+            "<HHIBBH",
+            self.max_xmit_frag,
+            self.max_recv_frag,
+            self.assoc_group_id,
+            len(self.contexts),
+            0,
+            0,
         ) + b"".join(c.encode() for c in self.contexts)
         return _encode_pdu(self.ptype, self.pfc_flags, self.call_id, body, self.auth)
 
@@ -853,8 +865,12 @@ def bind(
     5840 is the fragment size Windows proposes over ncacn_http.
     """
     return Bind(
-        call_id, (PresentationContext(context_id, abstract_syntax, (transfer_syntax,)),),
-        max_xmit_frag, max_recv_frag, assoc_group_id, auth=auth,
+        call_id,
+        (PresentationContext(context_id, abstract_syntax, (transfer_syntax,)),),
+        max_xmit_frag,
+        max_recv_frag,
+        assoc_group_id,
+        auth=auth,
     ).encode()
 
 
@@ -873,14 +889,10 @@ def parse_bind(pdu: bytes) -> Bind:
         abstract = SyntaxId.decode(body[offset + 4 : offset + 24])
         offset += 24
         _body_need(body, offset + 20 * n_ts, "bind")
-        transfers = tuple(
-            SyntaxId.decode(body[offset + 20 * i : offset + 20 * (i + 1)]) for i in range(n_ts)
-        )
+        transfers = tuple(SyntaxId.decode(body[offset + 20 * i : offset + 20 * (i + 1)]) for i in range(n_ts))
         offset += 20 * n_ts
         contexts.append(PresentationContext(ctx_id, abstract, transfers))
-    return Bind(
-        header.call_id, tuple(contexts), max_xmit, max_recv, group, header.pfc_flags, auth, want
-    )
+    return Bind(header.call_id, tuple(contexts), max_xmit, max_recv, group, header.pfc_flags, auth, want)
 
 
 # p_cont_def_result_t (C706 12.6.3.1, [MS-RPCE] 2.2.2.4 adds negotiate_ack).
@@ -934,13 +946,9 @@ class BindAck:
     def encode(self) -> bytes:
         # port_any_t: length (counting the NUL) then the string; empty means length 0, no bytes.
         addr = self.secondary_address.encode("ascii") + b"\x00" if self.secondary_address else b""
-        head = struct.pack(
-            "<HHIH", self.max_xmit_frag, self.max_recv_frag, self.assoc_group_id, len(addr)
-        ) + addr
+        head = struct.pack("<HHIH", self.max_xmit_frag, self.max_recv_frag, self.assoc_group_id, len(addr)) + addr
         head += b"\x00" * (-(COMMON_HEADER_SIZE + len(head)) % 4)  # align the result list
-        body = head + struct.pack("<BBH", len(self.results), 0, 0) + b"".join(
-            r.encode() for r in self.results
-        )
+        body = head + struct.pack("<BBH", len(self.results), 0, 0) + b"".join(r.encode() for r in self.results)
         return _encode_pdu(self.ptype, self.pfc_flags, self.call_id, body, self.auth)
 
 
@@ -959,8 +967,13 @@ def bind_ack(
     secondary_address is the server's port as a string (Exchange answers "6001" on the EMSMDB port).
     """
     return BindAck(
-        call_id, tuple(results), max_xmit_frag, max_recv_frag, assoc_group_id,
-        secondary_address, auth=auth,
+        call_id,
+        tuple(results),
+        max_xmit_frag,
+        max_recv_frag,
+        assoc_group_id,
+        secondary_address,
+        auth=auth,
     ).encode()
 
 
@@ -985,8 +998,15 @@ def parse_bind_ack(pdu: bytes) -> BindAck:
         result, reason = struct.unpack_from("<HH", body, at)
         results.append(ContextResult(result, reason, SyntaxId.decode(body[at + 4 : at + 24])))
     return BindAck(
-        header.call_id, tuple(results), max_xmit, max_recv, group, secondary,
-        header.pfc_flags, auth, want,
+        header.call_id,
+        tuple(results),
+        max_xmit,
+        max_recv,
+        group,
+        secondary,
+        header.pfc_flags,
+        auth,
+        want,
     )
 
 
@@ -1010,9 +1030,7 @@ class BindNak:
     versions: tuple[tuple[int, int], ...] = ((RPC_VERS, RPC_VERS_MINOR),)
 
     def encode(self) -> bytes:
-        body = struct.pack("<HB", self.reason, len(self.versions)) + b"".join(
-            struct.pack("<BB", major, minor) for major, minor in self.versions
-        )
+        body = struct.pack("<HB", self.reason, len(self.versions)) + b"".join(struct.pack("<BB", major, minor) for major, minor in self.versions)
         body += b"\x00" * (-(COMMON_HEADER_SIZE + len(body)) % 4)
         return _encode_pdu(PTYPE_BIND_NAK, PFC_WHOLE, self.call_id, body)
 
@@ -1136,9 +1154,7 @@ class Fault:
     alloc_hint: int = 0
 
     def encode(self) -> bytes:
-        body = struct.pack(
-            "<IHBBII", self.alloc_hint, self.context_id, self.cancel_count, 0, self.status, 0
-        ) + self.stub
+        body = struct.pack("<IHBBII", self.alloc_hint, self.context_id, self.cancel_count, 0, self.status, 0) + self.stub
         return _encode_pdu(PTYPE_FAULT, self.pfc_flags, self.call_id, body)
 
 
@@ -1175,9 +1191,7 @@ def parse(pdu: bytes) -> Pdu:
     ptype = ptype_of(pdu)
     parser = _PARSERS.get(ptype)
     if parser is None:
-        raise RpcProtocolError(
-            f"the {PTYPE_NAMES.get(ptype, f'PTYPE {ptype}')} PDU is not one this implementation reads."
-        )
+        raise RpcProtocolError(f"the {PTYPE_NAMES.get(ptype, f'PTYPE {ptype}')} PDU is not one this implementation reads.")
     return parser(pdu)
 
 
@@ -1204,8 +1218,13 @@ def answer_bind(
     group = bind_pdu.assoc_group_id or assoc_group_id
     ptype = PTYPE_ALTER_CONTEXT_RESP if bind_pdu.ptype == PTYPE_ALTER_CONTEXT else PTYPE_BIND_ACK
     return BindAck(
-        bind_pdu.call_id, tuple(results), min(max_frag, bind_pdu.max_recv_frag),
-        min(max_frag, bind_pdu.max_xmit_frag), group, secondary_address, ptype=ptype,
+        bind_pdu.call_id,
+        tuple(results),
+        min(max_frag, bind_pdu.max_recv_frag),
+        min(max_frag, bind_pdu.max_xmit_frag),
+        group,
+        secondary_address,
+        ptype=ptype,
     ).encode()
 
 
@@ -1247,14 +1266,9 @@ class PduReader:
                     break
                 (frag_length,) = struct.unpack_from("<H", buf, 8)
                 if frag_length < MIN_FRAG_LENGTH:
-                    raise RpcProtocolError(
-                        f"an RPC PDU says it is {frag_length} bytes long, less than its own 16-byte header."
-                    )
+                    raise RpcProtocolError(f"an RPC PDU says it is {frag_length} bytes long, less than its own 16-byte header.")
                 if frag_length > self.max_frag_length:
-                    raise RpcProtocolError(
-                        f"an RPC PDU says it is {frag_length} bytes long, more than the "
-                        f"{self.max_frag_length} allowed."
-                    )
+                    raise RpcProtocolError(f"an RPC PDU says it is {frag_length} bytes long, more than the {self.max_frag_length} allowed.")
                 if len(buf) < frag_length:
                     break
                 out.append(bytes(buf[:frag_length]))
@@ -1336,10 +1350,7 @@ class RtsReceived:
     rts: RtsPdu
 
 
-Event = (
-    ConnA3Received | ConnC2Received | BindAckReceived | BindNakReceived | ResponseReceived
-    | FaultReceived | RtsReceived
-)
+Event = ConnA3Received | ConnC2Received | BindAckReceived | BindNakReceived | ResponseReceived | FaultReceived | RtsReceived
 
 
 @dataclass
@@ -1389,9 +1400,7 @@ class ClientVirtualConnection:
         """A bind for the IN channel (send it once the connection is open)."""
         return bind(self._call_id(call_id), abstract_syntax, context_id=context_id)
 
-    def request(
-        self, opnum: int, stub: bytes = b"", *, call_id: int | None = None, context_id: int = 0
-    ) -> bytes:
+    def request(self, opnum: int, stub: bytes = b"", *, call_id: int | None = None, context_id: int = 0) -> bytes:
         return request(self._call_id(call_id), opnum, stub, context_id=context_id)
 
     def take_in_channel_bytes(self) -> bytes:
@@ -1424,7 +1433,9 @@ class ClientVirtualConnection:
             return [RtsReceived(classify_rts(rts), rts)]
         if self._window.received(len(pdu)):
             self._in_outbox += flow_control_ack(
-                self._window.bytes_received, self.receive_window_size, self.out_channel_cookie,
+                self._window.bytes_received,
+                self.receive_window_size,
+                self.out_channel_cookie,
                 FD_OUT_PROXY,
             )
         parsed = parse(pdu)
@@ -1440,14 +1451,10 @@ class ClientVirtualConnection:
                 self._partial[parsed.call_id] = bytearray()
             buf = self._partial.get(parsed.call_id)
             if buf is None:
-                raise RpcProtocolError(
-                    f"a response fragment for call {parsed.call_id} came without its first fragment."
-                )
+                raise RpcProtocolError(f"a response fragment for call {parsed.call_id} came without its first fragment.")
             buf += parsed.stub
             if not parsed.pfc_flags & PFC_LAST_FRAG:
                 return []
             del self._partial[parsed.call_id]
             return [ResponseReceived(parsed.call_id, bytes(buf), parsed.context_id)]
-        raise RpcProtocolError(
-            f"a {PTYPE_NAMES.get(header.ptype, header.ptype)} PDU is not one a client receives."
-        )
+        raise RpcProtocolError(f"a {PTYPE_NAMES.get(header.ptype, header.ptype)} PDU is not one a client receives.")

@@ -44,6 +44,10 @@ class Redirector:
         if not path.startswith("/"):
             path = "/"
         return local_answer(
-            301, "This service is served over HTTPS.", keep_alive=keep, version=request.version, with_body=with_body,
+            301,
+            "This service is served over HTTPS.",
+            keep_alive=keep,
+            version=request.version,
+            with_body=with_body,
             extra_headers=[("Location", self.origin + path)],
         )

@@ -182,9 +182,7 @@ class Proxy:
         client.watch_idle(self.config.idle_timeout)
         return await self.relay(request, client, upstream, exchange, self.request_head(request, client.peer))
 
-    async def relay(
-        self, request: RequestHead, client: ClientConnection, upstream: UpstreamConnection, exchange: Exchange, head_bytes: bytes | None
-    ) -> bool:
+    async def relay(self, request: RequestHead, client: ClientConnection, upstream: UpstreamConnection, exchange: Exchange, head_bytes: bytes | None) -> bool:
         """Everything after the upstream connection is chosen: the request (its head unless
         ``head_bytes`` is None, i.e. already sent), interim answers, the response, the body pump."""
         pump: asyncio.Task | None = None
@@ -500,9 +498,7 @@ class Proxy:
         framing = b"\r\nTransfer-Encoding: chunked" if request.chunked else b""
         return b"".join((request.request_line, block, forwarded, self.forwarded_lines, framing, b"\r\n\r\n"))
 
-    async def pump_request_body(
-        self, request: RequestHead, client: ClientConnection, upstream: UpstreamConnection, exchange: Exchange
-    ) -> None:
+    async def pump_request_body(self, request: RequestHead, client: ClientConnection, upstream: UpstreamConnection, exchange: Exchange) -> None:
         """Copy the client's body to the origin piece by piece, as it arrives (never buffered). A
         chunked body goes through the strict ChunkedDecoder: a malformed one raises ChunkedError
         before any byte of the offending piece is written upstream."""
@@ -546,9 +542,7 @@ class Proxy:
             touch()
         exchange.body_done = True
 
-    async def relay_response(
-        self, request: RequestHead, client: ClientConnection, upstream: UpstreamConnection, head: ResponseHead, exchange: Exchange
-    ) -> bool:
+    async def relay_response(self, request: RequestHead, client: ClientConnection, upstream: UpstreamConnection, head: ResponseHead, exchange: Exchange) -> bool:
         origin = response_body_framing(request.method, head)
         kind = origin.kind
         if head.codings and kind is not Body.NONE and head.codings != b"chunked":
@@ -661,11 +655,15 @@ class Proxy:
         duration = time.monotonic() - exchange.started
         access_log.info(
             "%s %s %s %d in=%d out=%d %.3fs upstream=%s",
-            client.peer or "-", request.method, log_path(request), exchange.status,
-            exchange.bytes_in, exchange.bytes_out, duration, exchange.upstream,
+            client.peer or "-",
+            request.method,
+            log_path(request),
+            exchange.status,
+            exchange.bytes_in,
+            exchange.bytes_out,
+            duration,
+            exchange.upstream,
         )
-
-
 
 
 def _location_pattern(names: set[str]) -> re.Pattern[str] | None:

@@ -198,7 +198,10 @@ def build_front(config: BridgeConfig, proxy: Proxy, ssl_context: Any) -> FrontSe
     if EXCHANGE_ONLINE in config.allow:
         announce_list(config.state_dir, "in use")
     guard = ConnectionGuard(
-        allow=expand_allow(config.allow, config.state_dir), max_connections=config.max_connections, header_timeout=config.header_timeout, public_origin=proxy.public_origin,
+        allow=expand_allow(config.allow, config.state_dir),
+        max_connections=config.max_connections,
+        header_timeout=config.header_timeout,
+        public_origin=proxy.public_origin,
     )
     return FrontServer(proxy.handle, guard, ssl_context, keepalive_timeout=config.idle_timeout, drain_timeout=config.drain_timeout, fast=proxy)
 
@@ -218,9 +221,7 @@ def listen_error(exc: OSError, bind: str | None, port: int, flag: str) -> Startu
     if exc.errno == errno.EADDRINUSE:
         return StartupError(f"Port {port} on {bind or 'all addresses'} is already in use by another program; stop it or choose another {flag}.")
     if exc.errno == errno.EACCES:
-        return StartupError(
-            f"Binding {where} needs root or CAP_NET_BIND_SERVICE; run as root, use the systemd unit (which grants the capability) or choose a port above 1023 with {flag}."
-        )
+        return StartupError(f"Binding {where} needs root or CAP_NET_BIND_SERVICE; run as root, use the systemd unit (which grants the capability) or choose a port above 1023 with {flag}.")
     if exc.errno == errno.EADDRNOTAVAIL:
         return StartupError(f"--bind {bind} is not an address of this machine; give one of its addresses or leave --bind out.")
     return StartupError(f"Cannot listen on {where}: {exc.strerror}; check --bind and {flag}.")

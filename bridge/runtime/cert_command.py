@@ -131,4 +131,3 @@ def show(config: BridgeConfig) -> int:
         for label, value in rows:
             console.print(f"[cyan]{label + ':':<13}[/] {value}")
     return 0
-

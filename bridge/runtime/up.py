@@ -21,5 +21,3 @@ def run(args: argparse.Namespace) -> int:
         from bridge.runtime.workers import serve_with_workers as serve
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
         return runner.run(serve(config, reload_config=lambda: config_from_args(args)))
-
-

@@ -203,8 +203,13 @@ class Supervisor:
 
         share = connection_share(self.config.max_connections, self.config.workers, index)
         return replace(
-            self.config, cert=self.certificate_path, key=self.key_path, max_connections=share,
-            allow=expand_allow(self.config.allow, self.config.state_dir), expire_at=self.window.deadline, expire_after=None,
+            self.config,
+            cert=self.certificate_path,
+            key=self.key_path,
+            max_connections=share,
+            allow=expand_allow(self.config.allow, self.config.state_dir),
+            expire_at=self.window.deadline,
+            expire_after=None,
         )
 
     def ban_set(self) -> dict[str, float]:
@@ -216,7 +221,13 @@ class Supervisor:
         fds = [child_end.fileno(), *(sock.fileno() for sock in self.sockets)]
         try:
             process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "bridge.runtime.workers", str(index), *map(str, fds), pass_fds=fds, stdin=asyncio.subprocess.DEVNULL,
+                sys.executable,
+                "-m",
+                "bridge.runtime.workers",
+                str(index),
+                *map(str, fds),
+                pass_fds=fds,
+                stdin=asyncio.subprocess.DEVNULL,
             )
         finally:
             child_end.close()

@@ -15,28 +15,29 @@ import re
 import socket
 import ssl
 import subprocess
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import pytest
 from acme.client import _renewal_info_path_component
 from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-
-from bridge.certs.acme import Lineage, certificate_for_bridge, open_session
-from bridge.errors import AcmeError
-from bridge.runtime.app import RunningBridge, start_bridge
-from bridge.certs.keys import LocalCA, cert_pem, key_pem, new_private_key
-from bridge.config import BridgeConfig, LegacyServer
-from bridge.certs.renewal import Renewer, renewal_plan
-from bridge.net.tls import front_context
 from support.certs import local_certificate
 from support.net import free_port
 from support.pebble import EAB_KEYS, PebbleServer
 from support.processes import bridge_cli
+
+from bridge.certs.acme import Lineage, certificate_for_bridge, open_session
+from bridge.certs.keys import LocalCA, cert_pem, key_pem, new_private_key
+from bridge.certs.renewal import Renewer, renewal_plan
+from bridge.config import BridgeConfig, LegacyServer
+from bridge.errors import AcmeError
+from bridge.net.tls import front_context
+from bridge.runtime.app import RunningBridge, start_bridge
 
 
 def acme_config(pebble: PebbleServer, directory: Path, fqdn: str, **overrides: Any) -> BridgeConfig:
@@ -62,9 +63,8 @@ def pebble_client_context(pebble: PebbleServer) -> ssl.SSLContext:
 
 
 def served_certificate(pebble: PebbleServer, port: int, fqdn: str) -> x509.Certificate:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
-        with pebble_client_context(pebble).wrap_socket(raw, server_hostname=fqdn) as tls:
-            return x509.load_der_x509_certificate(tls.getpeercert(binary_form=True))
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, pebble_client_context(pebble).wrap_socket(raw, server_hostname=fqdn) as tls:
+        return x509.load_der_x509_certificate(tls.getpeercert(binary_form=True))
 
 
 class KeptConnection:
@@ -174,9 +174,7 @@ async def test_issues_over_own_http01_serves_chain_and_renews_without_dropping_c
     kept.conn.close()
 
 
-async def test_restart_reuses_stored_account_and_certificate_without_new_order(
-    pebble: PebbleServer, tmp_path: Path, bridges: list, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_restart_reuses_stored_account_and_certificate_without_new_order(pebble: PebbleServer, tmp_path: Path, bridges: list, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="bridge")
     fqdn = "restart.acme.test"
     config = acme_config(pebble, tmp_path, fqdn)
@@ -264,7 +262,7 @@ class RenewalInfoStub:
         self.runner: web.AppRunner | None = None
         self.url = ""
 
-    async def start(self) -> "RenewalInfoStub":
+    async def start(self) -> RenewalInfoStub:
         app = web.Application()
         app.router.add_get("/dir", self.directory)
         app.router.add_get("/renewal-info/{cert_id}", self.renewal_info)
@@ -277,7 +275,7 @@ class RenewalInfoStub:
         return web.json_response({**self.pebble_directory, "renewalInfo": f"{self.base}/renewal-info"})
 
     def window(self, cert_id: str) -> tuple[dt.datetime, dt.datetime]:
-        now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+        now = dt.datetime.now(dt.UTC).replace(microsecond=0)
         if cert_id == self.asked[0] or self.always_due:
             return now - dt.timedelta(hours=2), now - dt.timedelta(hours=1)  # "renew now" (e.g. mass revocation)
         return now + dt.timedelta(days=30), now + dt.timedelta(days=31)
@@ -427,8 +425,8 @@ async def test_rate_limit_names_the_retry_after_time(tmp_path: Path) -> None:
     assert message.startswith("The CA rate-limited this account (the CA said: too many new registrations"), message
     when = re.search(r"retry after (\d{4}-\d\d-\d\d \d\d:\d\d) UTC", message)
     assert when, message
-    expected = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1)
-    named = dt.datetime.strptime(when.group(1), "%Y-%m-%d %H:%M").replace(tzinfo=dt.timezone.utc)
+    expected = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+    named = dt.datetime.strptime(when.group(1), "%Y-%m-%d %H:%M").replace(tzinfo=dt.UTC)
     assert abs((named - expected).total_seconds()) < 120
 
 
@@ -474,8 +472,7 @@ def cert_cli(*args: str) -> subprocess.CompletedProcess[str]:
 def test_cert_cli_obtain_show_renew(pebble: PebbleServer, tmp_path: Path) -> None:
     fqdn = "cli.acme.test"
     state = tmp_path / "state"
-    acme = ["--fqdn", fqdn, "--state-dir", str(state), "--bind", "127.0.0.1", "--http-port", str(pebble.http_port),
-            "--acme-directory", pebble.directory_url, "--acme-ca-bundle", str(pebble.ca_bundle)]
+    acme = ["--fqdn", fqdn, "--state-dir", str(state), "--bind", "127.0.0.1", "--http-port", str(pebble.http_port), "--acme-directory", pebble.directory_url, "--acme-ca-bundle", str(pebble.ca_bundle)]
 
     empty = cert_cli("show", "--state-dir", str(state))
     assert empty.returncode == 2 and "No certificate is stored under" in empty.stderr and "Traceback" not in empty.stderr
@@ -500,7 +497,7 @@ def test_cert_cli_obtain_show_renew(pebble: PebbleServer, tmp_path: Path) -> Non
     ):
         assert re.search(rf"^{re.escape(label)}\s+.*{re.escape(value)}", out, re.M), (label, value, out)
     days = int(re.search(r"^Days left:\s+(\d+)", out, re.M).group(1))
-    assert abs(days - (leaf.not_valid_after_utc - dt.datetime.now(dt.timezone.utc)).days) <= 1
+    assert abs(days - (leaf.not_valid_after_utc - dt.datetime.now(dt.UTC)).days) <= 1
     assert re.search(r"^Subject:\s+\S", out, re.M)
 
     not_due = cert_cli("renew", *acme)

@@ -12,14 +12,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
-
-from bridge.certs.keys import new_private_key, write_pair
-from bridge.ops import allowlist
-from bridge.ops.allowlist import STATE_FILE, store, validate_ranges
 from support.bridges import BRIDGE_FQDN, BackgroundBridge, bridge_config, ca_file
 from support.lab import basic_header
 from support.net import free_port, read_response, tls_connection, wait_until
 from support.processes import assert_one_sentence_error, bridge_cli
+
+from bridge.certs.keys import new_private_key, write_pair
+from bridge.ops import allowlist
+from bridge.ops.allowlist import STATE_FILE, store, validate_ranges
 
 EWS = "/EWS/Exchange.asmx"
 GET = f"GET {EWS} HTTP/1.1\r\nHost: {BRIDGE_FQDN}\r\nAuthorization: {basic_header()}\r\n\r\n".encode()
@@ -122,11 +122,13 @@ def test_refresh_stores_a_good_list_and_keeps_it_when_the_service_fails(endpoint
     state = tmp_path / "state"
     trust = ca_file(ca, tmp_path)
     refresh = ("allow", "refresh", "--state-dir", str(state), "--ca-bundle", str(trust), "--timeout", "5")
-    endpoints.answer = json.dumps([
-        {"id": 1, "serviceArea": "Exchange", "urls": ["outlook.office.com"], "ips": ["13.107.6.152/31", "40.96.0.0/13", "2603:1006::/40"], "tcpPorts": "80,443"},
-        {"id": 9, "serviceArea": "Exchange", "ips": ["40.92.0.0/15", "2a01:111:f400::/48"], "tcpPorts": "25"},
-        {"id": 46, "serviceArea": "SharePoint", "ips": ["13.107.136.0/22"]},
-    ]).encode()
+    endpoints.answer = json.dumps(
+        [
+            {"id": 1, "serviceArea": "Exchange", "urls": ["outlook.office.com"], "ips": ["13.107.6.152/31", "40.96.0.0/13", "2603:1006::/40"], "tcpPorts": "80,443"},
+            {"id": 9, "serviceArea": "Exchange", "ips": ["40.92.0.0/15", "2a01:111:f400::/48"], "tcpPorts": "25"},
+            {"id": 46, "serviceArea": "SharePoint", "ips": ["13.107.136.0/22"]},
+        ]
+    ).encode()
     result = bridge_cli(*refresh, "--endpoints-url", endpoints.url)
     assert result.returncode == 0, result.stderr
     assert "stored 5 Exchange Online ranges (3 IPv4, 2 IPv6" in result.stdout

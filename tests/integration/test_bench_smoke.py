@@ -14,19 +14,27 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from support import REPO
 
 BENCH = REPO / "scripts" / "bench.py"
 TOOLS = ("haproxy", "nginx", "wrk", "curl", "openssl")
 
 METRICS = (
-    "small_rps", "small_p50_ms", "small_p99_ms", "small_cpu_us_per_request", "download_mb_s", "upload_mb_s", "download_cpu_s_per_gb",
-    "upload_cpu_s_per_gb", "download_rss_growth_mib", "upload_rss_growth_mib", "idle_rss_mib",
-    "idle_rss_growth_mib", "start_rss_mib",
+    "small_rps",
+    "small_p50_ms",
+    "small_p99_ms",
+    "small_cpu_us_per_request",
+    "download_mb_s",
+    "upload_mb_s",
+    "download_cpu_s_per_gb",
+    "upload_cpu_s_per_gb",
+    "download_rss_growth_mib",
+    "upload_rss_growth_mib",
+    "idle_rss_mib",
+    "idle_rss_growth_mib",
+    "start_rss_mib",
 )
-POSITIVE = ("small_rps", "small_p50_ms", "small_p99_ms", "small_cpu_us_per_request", "download_mb_s", "upload_mb_s", "download_cpu_s_per_gb",
-            "upload_cpu_s_per_gb", "idle_rss_mib", "start_rss_mib")
+POSITIVE = ("small_rps", "small_p50_ms", "small_p99_ms", "small_cpu_us_per_request", "download_mb_s", "upload_mb_s", "download_cpu_s_per_gb", "upload_cpu_s_per_gb", "idle_rss_mib", "start_rss_mib")
 
 
 def _missing() -> list[str]:
@@ -38,7 +46,10 @@ def test_quick_benchmark_writes_every_figure_for_both_proxies(tmp_path: Path) ->
     output = tmp_path / "bench.json"
     result = subprocess.run(
         [sys.executable, str(BENCH), "--quick", "--stream-mib", "16", "--duration", "1", "--idle", "50", "--json", str(output)],
-        capture_output=True, text=True, timeout=90, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     report = json.loads(output.read_text())
@@ -66,7 +77,10 @@ def test_missing_tools_are_named_in_one_sentence(tmp_path: Path) -> None:
     empty_path.mkdir()
     (empty_path / "python").symlink_to(sys.executable)
     result = subprocess.run(
-        [sys.executable, str(BENCH), "--quick"], capture_output=True, text=True, timeout=30,
+        [sys.executable, str(BENCH), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=30,
         env={"PATH": str(empty_path), "HOME": str(tmp_path), "COLUMNS": "300"},
     )
     assert result.returncode == 2

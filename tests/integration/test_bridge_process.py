@@ -9,13 +9,13 @@ import socket
 import time
 
 import pytest
-
-from bridge.certs.keys import LocalCA, new_private_key, write_pair
-from bridge.lab.server import payload_sha256
 from support.bridges import BRIDGE_FQDN, bridge_connection
 from support.lab import basic_header
 from support.net import free_port
 from support.processes import assert_one_sentence_error, bridge_cli, bridge_command
+
+from bridge.certs.keys import LocalCA, new_private_key, write_pair
+from bridge.lab.server import payload_sha256
 
 RPC_PATH = "/rpc/rpcproxy.dll?EXCH2007.lab.local:6001"
 

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from support import REPO
 from support.deploy import AZURE, INSTALL_SH, SCRIPTS, TERRAFORM, UNIT_TEMPLATE, unit_directives
 
@@ -117,7 +116,7 @@ def test_cloud_init_renders_to_valid_yaml(console_module):
     [command] = document["runcmd"]
     assert command[0] == "/opt/exchange-bridge/installer/install.sh"
     args = command[1:]
-    pairs = list(zip(args[::2], args[1::2]))
+    pairs = list(zip(args[::2], args[1::2], strict=False))
     assert ("--package", SAMPLE_VARS["bridge_package"]) in pairs  # the spec with spaces stays one argument
     assert ("--fqdn", "bridge.contoso.com") in pairs
     assert ("--email", "it@contoso.com") in pairs
@@ -304,9 +303,7 @@ def test_install_creates_user_venv_command_config_and_unit(installed):
     assert out == ["bridge.contoso.com", "mail.contoso.com:443", "203.0.113.10:8443", "ab" * 32]
 
     unit = unit_directives((root / "etc" / "systemd" / "system" / "exchange-bridge.service").read_text())
-    assert unit["Service.ExecStart"] == [
-        f"{root}/opt/exchange-bridge/venv/bin/bridge up --config {root}/etc/exchange-bridge/bridge.toml --state-dir /var/lib/exchange-bridge"
-    ]
+    assert unit["Service.ExecStart"] == [f"{root}/opt/exchange-bridge/venv/bin/bridge up --config {root}/etc/exchange-bridge/bridge.toml --state-dir /var/lib/exchange-bridge"]
     assert unit["Service.StateDirectory"] == ["exchange-bridge"]
 
 
@@ -404,5 +401,3 @@ def test_install_refuses_bad_input_before_touching_anything(tmp_path, package_co
     result = install(root, package_copy, *args, check=False)
     assert result.returncode != 0 and message in result.stderr, result.stderr
     assert not root.exists(), "install.sh changed the root before refusing"
-
-

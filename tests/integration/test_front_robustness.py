@@ -11,10 +11,10 @@ import socket
 import time
 
 import pytest
-
 from support.bridges import raw_bridge_connection
 from support.net import wait_until
 from support.upstreams import ANSWERS, answer_each_request
+
 from bridge.net.front import Phase
 
 
@@ -71,10 +71,7 @@ def test_connection_naming_content_length_is_refused_before_anything_goes_upstre
     r = rig(lambda rd, wr: answer_each_request(rd, wr, OK5, seen))
     c = r.connect()
     smuggled = b"GET /ecp/secret HTTP/1.1\r\nHost: evil\r\nX-Forwarded-For: 10.9.9.9\r\n\r\n"
-    c.send(
-        b"POST /EWS/Exchange.asmx HTTP/1.1\r\nHost: bridge.lab.test\r\nConnection: content-length\r\n"
-        b"Content-Length: %d\r\n\r\n" % len(smuggled) + smuggled
-    )
+    c.send(b"POST /EWS/Exchange.asmx HTTP/1.1\r\nHost: bridge.lab.test\r\nConnection: content-length\r\nContent-Length: %d\r\n\r\n" % len(smuggled) + smuggled)
     status, headers, body = c.read_answer()
     assert status == 400 and b"Connection header" in body
     time.sleep(0.3)
@@ -245,7 +242,10 @@ def test_an_error_after_a_fast_answer_leaves_the_connection_usable_and_counted(r
     seen = []
     r = rig(
         lambda rd, wr: answer_each_request(rd, wr, b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n", seen),
-        ban_command="true 'unclosed", ban_threshold=1, idle_timeout=1.0, drain_timeout=2.0,
+        ban_command="true 'unclosed",
+        ban_threshold=1,
+        idle_timeout=1.0,
+        drain_timeout=2.0,
     )
     c = r.connect()
     c.send(GET)

@@ -12,7 +12,6 @@ import ssl
 
 import pytest
 import uvloop
-
 from support.bridges import BRIDGE_FQDN, BackgroundBridge, bridge_client_context, bridge_config
 
 
@@ -29,7 +28,7 @@ def handshake_then_request_in_one_write(port: int, context: ssl.SSLContext, requ
                     sock.sendall(outgoing.read())
                 data = sock.recv(65536)
                 if not data:
-                    raise ConnectionError("the bridge closed the connection during the handshake")
+                    raise ConnectionError("the bridge closed the connection during the handshake") from None
                 incoming.write(data)
         tls.write(request)
         sock.sendall(outgoing.read())  # client Finished and the encrypted request, one write
@@ -52,8 +51,6 @@ def test_request_in_the_same_segment_as_the_client_finished(lab, ca, tmp_path, l
         for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
             context = bridge_client_context(ca, minimum_version=version, maximum_version=version)
             before = lab.counters.requests_total
-            answer = handshake_then_request_in_one_write(
-                running.https_port, context, f"GET /EWS/Exchange.asmx HTTP/1.1\r\nHost: {BRIDGE_FQDN}\r\n\r\n".encode()
-            )
+            answer = handshake_then_request_in_one_write(running.https_port, context, f"GET /EWS/Exchange.asmx HTTP/1.1\r\nHost: {BRIDGE_FQDN}\r\n\r\n".encode())
             assert answer.startswith(b"HTTP/1.1 401"), (version, answer[:80])
             assert lab.counters.requests_total == before + 1

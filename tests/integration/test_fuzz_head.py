@@ -13,12 +13,12 @@ import ssl
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
-
-from bridge.certs.keys import LocalCA
 from support.bridges import BRIDGE_FQDN, BackgroundBridge, bridge_config, bridge_session
 from support.fuzz_heads import accepted, request_heads
 from support.lab import LAB_PASSWORD, LAB_USER
 from support.net import tls_connection
+
+from bridge.certs.keys import LocalCA
 
 SOCKET_EXAMPLES = int(os.environ.get("FUZZ_SOCKET_EXAMPLES", "30"))
 

@@ -18,9 +18,6 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from requests_ntlm import HttpNtlmAuth
-
-from bridge.errors import StartupError
-from bridge.lab.server import LabOptions, payload_sha256, start_lab
 from support.lab import (
     LAB_PASSWORD,
     RawHttpsConnection,
@@ -35,6 +32,9 @@ from support.lab import (
     start_background_lab,
 )
 from support.net import free_port
+
+from bridge.errors import StartupError
+from bridge.lab.server import LabOptions, payload_sha256, start_lab
 
 EWS = "/EWS/Exchange.asmx"
 AUTODISCOVER = "/Autodiscover/Autodiscover.xml"
@@ -87,7 +87,7 @@ def test_expired_certificate_shape(lab_factory):
     with tls_peer(expired.port, legacy_client_context()) as sock:
         der = sock.getpeercert(binary_form=True)
     cert = x509.load_der_x509_certificate(der)
-    assert cert.not_valid_after_utc < dt.datetime.now(dt.timezone.utc)
+    assert cert.not_valid_after_utc < dt.datetime.now(dt.UTC)
     assert hashlib.sha256(der).hexdigest() == expired.fingerprint
 
 
@@ -189,9 +189,7 @@ def test_owa_redirects_to_the_configured_hostname(lab):
         for path in ("/owa", "/OWA/"):
             response = session.get(lab.url + path, allow_redirects=False)
             assert response.status_code == 302
-            assert response.headers["Location"] == (
-                "https://exch2007.lab.test/owa/auth/logon.aspx?url=https://exch2007.lab.test/owa/&reason=0"
-            )
+            assert response.headers["Location"] == ("https://exch2007.lab.test/owa/auth/logon.aspx?url=https://exch2007.lab.test/owa/&reason=0")
         logon = session.get(lab.url + "/owa/auth/logon.aspx")
         assert logon.status_code == 200 and "<form" in logon.text
 

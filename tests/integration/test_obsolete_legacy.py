@@ -10,10 +10,11 @@ import asyncio
 import logging
 import struct
 
-from bridge.certs.keys import LocalCA
-from bridge.net.upstream import probe_obsolete_suites
 from support.bridges import BackgroundBridge, bridge_config, bridge_session
 from support.legacy_tls import AES128_SHA, server_hello
+
+from bridge.certs.keys import LocalCA
+from bridge.net.upstream import probe_obsolete_suites
 
 
 async def test_probe_names_the_suites_the_server_picks(rc4_server):
@@ -22,10 +23,9 @@ async def test_probe_names_the_suites_the_server_picks(rc4_server):
 
 def test_bridge_explains_an_rc4_only_legacy_server(rc4_server, tmp_path, caplog):
     ca = LocalCA.create()
-    with caplog.at_level(logging.WARNING, logger="bridge"):
-        with BackgroundBridge(bridge_config(rc4_server.port, tmp_path, ca)) as running:
-            startup = caplog.text
-            response = bridge_session(ca).get(f"{running.url}/EWS/Exchange.asmx", timeout=30)
+    with caplog.at_level(logging.WARNING, logger="bridge"), BackgroundBridge(bridge_config(rc4_server.port, tmp_path, ca)) as running:
+        startup = caplog.text
+        response = bridge_session(ca).get(f"{running.url}/EWS/Exchange.asmx", timeout=30)
     assert "offers only RC4-SHA, RC4-MD5, which this machine's OpenSSL no longer has" in startup
     assert response.status_code == 502
     assert "RC4-SHA" in response.text
@@ -82,4 +82,3 @@ async def test_bridge_accepts_a_server_without_secure_renegotiation():
         assert "UNSAFE_LEGACY_RENEGOTIATION" not in bridge_side.upper()  # it got past the ServerHello
     finally:
         server.close()
-

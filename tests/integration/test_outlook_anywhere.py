@@ -19,15 +19,14 @@ import time
 from typing import Any
 
 import pytest
-
-from bridge.certs.keys import LocalCA, cert_pem, new_private_key, write_pair
-from bridge.config import BridgeConfig, LegacyServer
 from impacket import ntlm as impacket_ntlm
 from impacket.dcerpc.v5 import transport as impacket_transport
 from impacket.dcerpc.v5.rpcrt import DCERPCException
 from impacket.http import AUTH_BASIC
 from impacket.uuid import uuidtup_to_bin
 
+from bridge.certs.keys import LocalCA, cert_pem, new_private_key, write_pair
+from bridge.config import BridgeConfig, LegacyServer
 from bridge.lab import rpch
 from bridge.lab.server import Lab, LabOptions, start_lab
 from bridge.preflight.checks import (
@@ -44,7 +43,6 @@ from bridge.preflight.probe import (
 )
 from bridge.protocol import rts
 from bridge.runtime.app import start_bridge
-
 
 SERVER = "EXCH2007.lab.local"
 BRIDGE_FQDN = "bridge.lab.test"
@@ -111,8 +109,9 @@ def bridge(loop, lab10, tmp_path_factory):
     ca = LocalCA.create()
     key = new_private_key("ecdsa-p256")
     cert, key_path = write_pair(directory, ca.issue([BRIDGE_FQDN], key), key)
-    config = BridgeConfig(fqdn=BRIDGE_FQDN, legacy=[LegacyServer("127.0.0.1", lab10.port)], bind="127.0.0.1", https_port=0, http_port=0,
-                          cert=cert, key=key_path, state_dir=directory / "state", status_bind="off")
+    config = BridgeConfig(
+        fqdn=BRIDGE_FQDN, legacy=[LegacyServer("127.0.0.1", lab10.port)], bind="127.0.0.1", https_port=0, http_port=0, cert=cert, key=key_path, state_dir=directory / "state", status_bind="off"
+    )
     running = loop.run(start_bridge(config))
     ca_path = directory / "ca.pem"
     ca_path.write_bytes(cert_pem(ca.cert))
@@ -248,7 +247,7 @@ def test_a_response_written_in_pieces_arrives_piece_by_piece(route, lab12, lab10
             arrived.append(time.monotonic())
     finally:
         transport.disconnect()
-    written = list(lab.counters.rpc_slow_writes)[-rpch.SLOW_FRAGMENTS:]
+    written = list(lab.counters.rpc_slow_writes)[-rpch.SLOW_FRAGMENTS :]
     assert len(fragments) == rpch.SLOW_FRAGMENTS
     assert b"".join(rts.parse_response(pdu).stub for pdu in fragments) == stub
     # The first fragment was at the client before the lab had written the last one.
@@ -268,8 +267,7 @@ def test_impacket_is_refused_the_bind_by_the_refusing_lab(labs):
 
 
 def settings_for(lab: Lab, **overrides: Any) -> Settings:
-    settings = Settings(legacy=LegacyServer("127.0.0.1", lab.port), credentials=Credentials("alice@lab.test", "LAB\\alice", USERS["LAB\\alice"]),
-                        timeout=TIMEOUT, hold=0.0)
+    settings = Settings(legacy=LegacyServer("127.0.0.1", lab.port), credentials=Credentials("alice@lab.test", "LAB\\alice", USERS["LAB\\alice"]), timeout=TIMEOUT, hold=0.0)
     for name, value in overrides.items():
         setattr(settings, name, value)
     return settings
@@ -304,8 +302,7 @@ def test_preflight_opens_real_virtual_connections_on_the_legacy_side(auth, lab10
 
 
 def test_preflight_through_the_bridge(lab10, bridge, lab_names):
-    report, elapsed = preflight(settings_for(lab10, fqdn=BRIDGE_FQDN, bridge_addr="127.0.0.1", https_port=bridge.https_port,
-                                             http_port=bridge.http_port, ca_bundle=bridge.ca_bundle))
+    report, elapsed = preflight(settings_for(lab10, fqdn=BRIDGE_FQDN, bridge_addr="127.0.0.1", https_port=bridge.https_port, http_port=bridge.http_port, ca_bundle=bridge.ca_bundle))
     direct, via = report.get("legacy.outlook_anywhere"), report.get("bridge.outlook_anywhere")
     assert direct is not None and via is not None
     assert direct.status == "pass" and via.status == "pass" and via.summary.startswith("same as direct"), via.summary
@@ -361,4 +358,3 @@ def wait_for(condition: Any, timeout: float = 5.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.02)
-

@@ -68,8 +68,11 @@ async def test_curl_follows_nothing_but_sees_the_redirect(port80) -> None:
     redirector, server = port80
     redirector.set_https_port(8443)
     result = await asyncio.to_thread(
-        subprocess.run, ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{redirect_url}", f"http://127.0.0.1:{server.port}/owa/"],
-        capture_output=True, text=True, timeout=10,
+        subprocess.run,
+        ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{redirect_url}", f"http://127.0.0.1:{server.port}/owa/"],
+        capture_output=True,
+        text=True,
+        timeout=10,
     )
     assert result.stdout == f"301 https://{FQDN}:8443/owa/", result.stderr
 

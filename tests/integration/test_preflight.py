@@ -19,13 +19,6 @@ from types import SimpleNamespace
 
 import pytest
 from rich.console import Console
-
-from bridge.config import LegacyServer
-from bridge.preflight.checks import SCHEMA, Report, Settings, planned_checks, run_preflight
-from bridge.preflight.command import settings_from_args
-from bridge.preflight.probe import Credentials
-from bridge.preflight.report import STATUS_COLOURS, print_report, render_html, report_json, run_with_progress
-from bridge.net.tls import pin_flag
 from support import REPO
 from support.bridges import BRIDGE_FQDN, BackgroundBridge, bridge_config, ca_file, resolve_lab_names
 from support.lab import LAB_PASSWORD, LAB_USER
@@ -33,6 +26,13 @@ from support.legacy_tls import RC4_SHA, Rc4OnlyServer
 from support.net import ThreadedServer, free_port
 from support.preflight import EMAIL, parse
 from support.processes import bridge_cli
+
+from bridge.config import LegacyServer
+from bridge.net.tls import pin_flag
+from bridge.preflight.checks import SCHEMA, Report, Settings, planned_checks, run_preflight
+from bridge.preflight.command import settings_from_args
+from bridge.preflight.probe import Credentials
+from bridge.preflight.report import STATUS_COLOURS, print_report, render_html, report_json, run_with_progress
 
 TIMEOUT = 5.0
 # A password that appears nowhere else, so finding it in an output can only be a leak.
@@ -245,8 +245,14 @@ def test_silent_hosts_cost_one_timeout_not_one_per_check():
     try:
         timeout = 1.0
         settings = Settings(
-            legacy=LegacyServer("127.0.0.1", silent.port), fqdn=BRIDGE_FQDN, bridge_addr="127.0.0.1",
-            https_port=silent.port, http_port=silent.port, credentials=Credentials(EMAIL, LAB_USER, LAB_PASSWORD), timeout=timeout, hold=0,
+            legacy=LegacyServer("127.0.0.1", silent.port),
+            fqdn=BRIDGE_FQDN,
+            bridge_addr="127.0.0.1",
+            https_port=silent.port,
+            http_port=silent.port,
+            credentials=Credentials(EMAIL, LAB_USER, LAB_PASSWORD),
+            timeout=timeout,
+            hold=0,
         )
         started = time.monotonic()
         report = preflight(settings)
@@ -404,9 +410,16 @@ def test_html_report_is_self_contained(bridge_report):
     page = render_html(bridge_report)
     assert not re.search(r"\b(?:src|href)\s*=", page, re.IGNORECASE)
     assert "<link" not in page and "<script" not in page and "@import" not in page
-    for needle in ("Verdict: WARN", 'id="path-picture"', 'data-hop="front" data-status="pass"', 'data-hop="back" data-status="pass"',
-                   "Test-MigrationServerAvailability -ExchangeOutlookAnywhere -Autodiscover", "New-MigrationEndpoint -ExchangeOutlookAnywhere",
-                   "terminates TLS", "destroyed"):
+    for needle in (
+        "Verdict: WARN",
+        'id="path-picture"',
+        'data-hop="front" data-status="pass"',
+        'data-hop="back" data-status="pass"',
+        "Test-MigrationServerAvailability -ExchangeOutlookAnywhere -Autodiscover",
+        "New-MigrationEndpoint -ExchangeOutlookAnywhere",
+        "terminates TLS",
+        "destroyed",
+    ):
         assert needle in page, needle
 
 
@@ -415,8 +428,19 @@ def chromium(*arguments: str, directory: Path) -> subprocess.CompletedProcess:
     if binary is None:
         pytest.fail("chromium is missing; run scripts/test.sh, which installs it (apt-get install chromium).")
     profile = directory / "chromium-profile"
-    command = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-               "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}", *arguments]
+    command = [
+        binary,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        *arguments,
+    ]
     return subprocess.run(command, capture_output=True, text=True, timeout=60)
 
 
@@ -523,8 +547,23 @@ def test_cli_exit_codes_reports_and_no_password(lab_factory, tmp_path):
     secret_lab = lab_factory(users={SECRET_USER: SECRET_PASSWORD})
     json_path, html_path = tmp_path / "report.json", tmp_path / "report.html"
     started = time.monotonic()
-    result = run_cli("--legacy", f"127.0.0.1:{secret_lab.port}", "--email", "bob@lab.test", "--username", SECRET_USER, "--password-env", "PREFLIGHT_PW",
-                     "--json", str(json_path), "--html", str(html_path), "--timeout", "5", env={"PREFLIGHT_PW": SECRET_PASSWORD})
+    result = run_cli(
+        "--legacy",
+        f"127.0.0.1:{secret_lab.port}",
+        "--email",
+        "bob@lab.test",
+        "--username",
+        SECRET_USER,
+        "--password-env",
+        "PREFLIGHT_PW",
+        "--json",
+        str(json_path),
+        "--html",
+        str(html_path),
+        "--timeout",
+        "5",
+        env={"PREFLIGHT_PW": SECRET_PASSWORD},
+    )
     elapsed = time.monotonic() - started
     assert result.returncode == 0, result.stdout + result.stderr
     data = json.loads(json_path.read_text())

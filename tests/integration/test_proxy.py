@@ -14,14 +14,22 @@ import time
 
 import pytest
 from requests_ntlm import HttpNtlmAuth
+from support.bridges import (
+    BRIDGE_FQDN,
+    BackgroundBridge,
+    bridge_client_context,
+    bridge_config,
+    bridge_connection,
+    bridge_session,
+    ca_file,
+    raw_bridge_connection,
+    resolve_lab_names,
+)
+from support.lab import LAB_PASSWORD, LAB_USER, RawHttpsConnection, basic_header, negotiate_logon, start_background_lab
 
 from bridge.certs.keys import LocalCA
 from bridge.config import LegacyServer
 from bridge.lab.server import payload_sha256
-from support.bridges import (
-    BRIDGE_FQDN, BackgroundBridge, bridge_client_context, bridge_config, bridge_connection, bridge_session, ca_file, raw_bridge_connection, resolve_lab_names,
-)
-from support.lab import LAB_PASSWORD, LAB_USER, RawHttpsConnection, basic_header, negotiate_logon, start_background_lab
 
 RPC_PATH = "/rpc/rpcproxy.dll?EXCH2007.lab.local:6001"
 
@@ -45,29 +53,26 @@ def test_old_tls_clients_are_refused(bridge, ca, version):
     context.minimum_version = version
     context.maximum_version = version
     context.set_ciphers("DEFAULT:@SECLEVEL=0")
-    with pytest.raises((ssl.SSLError, ConnectionError)):
-        with socket.create_connection(("127.0.0.1", bridge.https_port), timeout=5) as sock:
-            context.wrap_socket(sock, server_hostname=BRIDGE_FQDN)
+    with pytest.raises((ssl.SSLError, ConnectionError)), socket.create_connection(("127.0.0.1", bridge.https_port), timeout=5) as sock:
+        context.wrap_socket(sock, server_hostname=BRIDGE_FQDN)
 
 
 def test_rsa_key_exchange_and_cbc_suites_are_refused(bridge, ca):
     context = bridge_client_context(ca, maximum_version=ssl.TLSVersion.TLSv1_2)
     context.set_ciphers("AES128-SHA:AES256-SHA:AES128-GCM-SHA256:ECDHE-RSA-AES128-SHA:ECDHE-ECDSA-AES128-SHA")
-    with pytest.raises(ssl.SSLError):
-        with socket.create_connection(("127.0.0.1", bridge.https_port), timeout=5) as sock:
-            context.wrap_socket(sock, server_hostname=BRIDGE_FQDN)
+    with pytest.raises(ssl.SSLError), socket.create_connection(("127.0.0.1", bridge.https_port), timeout=5) as sock:
+        context.wrap_socket(sock, server_hostname=BRIDGE_FQDN)
 
 
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
 def test_tls12_and_tls13_with_alpn_http11(bridge, ca, version):
     context = bridge_client_context(ca, minimum_version=version, maximum_version=version)
     context.set_alpn_protocols(["h2", "http/1.1"])
-    with socket.create_connection(("127.0.0.1", bridge.https_port), timeout=5) as sock:
-        with context.wrap_socket(sock, server_hostname=BRIDGE_FQDN) as tls:
-            assert tls.version() == {ssl.TLSVersion.TLSv1_2: "TLSv1.2", ssl.TLSVersion.TLSv1_3: "TLSv1.3"}[version]
-            assert tls.selected_alpn_protocol() == "http/1.1"
-            cipher = tls.cipher()[0]
-            assert "GCM" in cipher or "CHACHA20" in cipher
+    with socket.create_connection(("127.0.0.1", bridge.https_port), timeout=5) as sock, context.wrap_socket(sock, server_hostname=BRIDGE_FQDN) as tls:
+        assert tls.version() == {ssl.TLSVersion.TLSv1_2: "TLSv1.2", ssl.TLSVersion.TLSv1_3: "TLSv1.3"}[version]
+        assert tls.selected_alpn_protocol() == "http/1.1"
+        cipher = tls.cipher()[0]
+        assert "GCM" in cipher or "CHACHA20" in cipher
 
 
 def test_curl_refuses_nothing_modern_and_old_tls_fails(bridge, ca, tmp_path):
@@ -394,14 +399,12 @@ def test_legacy_ca_verifies_the_legacy_certificate_by_name(lab, ca, tmp_path):
 
 
 def test_config_file_with_flags_winning(lab, ca, tmp_path):
-    from bridge.runtime.up import add_arguments, config_from_args
     import argparse
 
+    from bridge.runtime.up import add_arguments, config_from_args
+
     config_file = tmp_path / "bridge.toml"
-    config_file.write_text(
-        f'fqdn = "{BRIDGE_FQDN}"\nlegacy = ["127.0.0.1:{lab.port}"]\nhttps_port = 8443\nhttp_port = 8080\nidle_timeout = 600\n'
-        'forward_paths = ["/EWS", "/rpc"]\n'
-    )
+    config_file.write_text(f'fqdn = "{BRIDGE_FQDN}"\nlegacy = ["127.0.0.1:{lab.port}"]\nhttps_port = 8443\nhttp_port = 8080\nidle_timeout = 600\nforward_paths = ["/EWS", "/rpc"]\n')
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     config = config_from_args(parser.parse_args(["--config", str(config_file), "--https-port", "9443", "--cert", "c.pem", "--key", "k.pem"]))

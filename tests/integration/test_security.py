@@ -15,12 +15,12 @@ import time
 from dataclasses import replace
 
 import pytest
-
-from bridge import cli
-from bridge.certs.keys import LocalCA
 from support.bridges import BRIDGE_FQDN, BackgroundBridge, bridge_config, bridge_connection, bridge_session
 from support.lab import LAB_PASSWORD, LAB_USER, basic_header, negotiate_logon
 from support.net import read_all, response_bytes, status_of, tls_connection, wait_until
+
+from bridge import cli
+from bridge.certs.keys import LocalCA
 
 EWS = "/EWS/Exchange.asmx"
 

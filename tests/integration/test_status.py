@@ -13,13 +13,13 @@ import time
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
-
-from bridge import cli
-from bridge.certs.keys import new_private_key, write_pair
 from support.bridges import BRIDGE_FQDN, BackgroundBridge, bridge_config, bridge_session
 from support.lab import LAB_PASSWORD, LAB_USER, basic_header
 from support.net import read_head, read_response, tls_connection, wait_until
 from support.processes import BridgeProcess, bridge_command
+
+from bridge import cli
+from bridge.certs.keys import new_private_key, write_pair
 
 EWS = "/EWS/Exchange.asmx"
 RPC_OUT = "/rpc/rpcproxy.dll?EXCH2007.lab.local:6001"
@@ -56,8 +56,8 @@ def test_status_page_and_metrics_show_what_a_scripted_run_did(lab, ca, tmp_path,
         # A live RPC channel is counted while it streams.
         channel = tls_connection(bridge.https_port, ca)
         channel.sendall(
-            f"RPC_OUT_DATA {RPC_OUT} HTTP/1.1\r\nHost: {BRIDGE_FQDN}\r\nAuthorization: {basic_header()}\r\n"
-            f"User-Agent: MSRPC\r\nX-Lab-Out-Size: {64 * 2**20}\r\nContent-Length: 76\r\n\r\n".encode() + b"\0" * 76
+            f"RPC_OUT_DATA {RPC_OUT} HTTP/1.1\r\nHost: {BRIDGE_FQDN}\r\nAuthorization: {basic_header()}\r\nUser-Agent: MSRPC\r\nX-Lab-Out-Size: {64 * 2**20}\r\nContent-Length: 76\r\n\r\n".encode()
+            + b"\0" * 76
         )
         status, _, received = read_head(channel)
         assert status == 200
@@ -198,7 +198,7 @@ def test_sigterm_stops_accepting_lets_open_requests_finish_and_exits_by_the_drai
         try:
             status, answer = read_response(finishing)
         except ConnectionError:
-            raise AssertionError(bridge.log)
+            raise AssertionError(bridge.log) from None
         assert status == 200 and b"GetFolder" in answer
         assert bridge.process.wait(10) == 0
         elapsed = time.monotonic() - started
@@ -241,7 +241,7 @@ def test_sighup_reloads_the_allow_list_and_certificate_without_dropping_connecti
             sock.settimeout(1)
             try:
                 return sock.recv(1) == b""
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 return False
             except ConnectionResetError:
                 return True
@@ -265,5 +265,3 @@ def ssl_serial(sock: ssl.SSLSocket) -> int:
     from cryptography import x509
 
     return x509.load_der_x509_certificate(sock.getpeercert(binary_form=True)).serial_number
-
-

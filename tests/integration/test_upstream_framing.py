@@ -9,7 +9,6 @@ import logging
 import ssl
 
 import pytest
-
 from support.bridges import raw_bridge_connection
 from support.upstreams import ANSWERS, answer_each_request
 
@@ -97,6 +96,7 @@ def test_malformed_client_body_closes_both_legs_without_a_traceback(through_brid
 # After the first request, plain requests take the proxy's fast path (relayed in callbacks); each
 # answer in ANSWERS (support/upstreams.py) that is not a small Content-Length one must be handed back to the general path
 # without losing a byte or the order.
+
 
 def test_every_answer_shape_in_turn_on_one_connection(through_bridge):
     connections = []

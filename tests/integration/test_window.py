@@ -13,7 +13,6 @@ import time
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
-
 from support.bridges import BRIDGE_FQDN, BackgroundBridge, bridge_config
 from support.lab import basic_header
 from support.net import read_response, tls_connection, wait_until
@@ -29,7 +28,7 @@ def post_head(length: int) -> bytes:
 
 
 def soon(seconds: float) -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=seconds)
+    return dt.datetime.now(dt.UTC) + dt.timedelta(seconds=seconds)
 
 
 def metrics(url: str, password: str) -> dict[str, float]:

@@ -127,7 +127,7 @@ class Client:
         try:
             while True:
                 self.receive()
-        except (TimeoutError, socket.timeout, ConnectionError, ssl.SSLError):
+        except (TimeoutError, ConnectionError, ssl.SSLError):
             pass
         data, self.buffer = self.buffer, b""
         return data
@@ -145,8 +145,15 @@ def wire(ca, tmp_path):
         key = new_private_key("ecdsa-p256")
         cert, key_path = write_pair(cert_dir, ca.issue([FQDN], key), key)
         config = BridgeConfig(
-            fqdn=FQDN, legacy=[LegacyServer("127.0.0.1", upstream.port)], bind="127.0.0.1", https_port=0, http_port=0,
-            cert=cert, key=key_path, state_dir=tmp_path / "state", status_bind="off",
+            fqdn=FQDN,
+            legacy=[LegacyServer("127.0.0.1", upstream.port)],
+            bind="127.0.0.1",
+            https_port=0,
+            http_port=0,
+            cert=cert,
+            key=key_path,
+            state_dir=tmp_path / "state",
+            status_bind="off",
         )
         bridge = Bridge(replace(config, **overrides))
         started.append((upstream, bridge))

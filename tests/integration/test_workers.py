@@ -17,12 +17,12 @@ from pathlib import Path
 
 from cryptography import x509
 from requests_ntlm import HttpNtlmAuth
-
-from bridge.certs.keys import new_private_key, write_pair
 from support.bridges import BRIDGE_FQDN, bridge_connection, bridge_session
 from support.lab import LAB_PASSWORD, LAB_USER, basic_header, negotiate_logon
 from support.net import free_port
 from support.processes import BridgeProcess, assert_one_sentence_error, bridge_cli, bridge_command
+
+from bridge.certs.keys import new_private_key, write_pair
 
 WORKER_LINE = re.compile(r"worker (\d+) \(pid (\d+)\) serving")
 
@@ -164,7 +164,7 @@ def test_a_killed_worker_is_replaced_and_service_continues(start_bridge_process,
         time.sleep(0.05)
     replacement = worker_pids(process)[0]
     assert replacement != pids[0]
-    for index, pid in {0: replacement, 1: pids[1]}.items():
+    for index, _pid in {0: replacement, 1: pids[1]}.items():
         with only_worker({0: replacement, 1: pids[1]}, index):
             assert get(ca, port) == 401
     assert process.stop() == 0
@@ -232,14 +232,37 @@ def test_a_certificate_renewed_by_the_parent_reaches_every_worker(pebble, tmp_pa
     state = tmp_path / "state"
     local = LocalCA.create()
     key = new_private_key("ecdsa-p256")
-    due = local.issue([fqdn], key, days=90, not_before=dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=80))
+    due = local.issue([fqdn], key, days=90, not_before=dt.datetime.now(dt.UTC) - dt.timedelta(days=80))
     Lineage(state, fqdn).save(cert_pem(due).decode(), key_pem(key), {"directory": pebble.directory_url, "key_type": "ecdsa-p256"})
     port = free_port()
-    process = BridgeProcess([
-        sys.executable, "-m", "bridge.cli", "up", "--fqdn", fqdn, "--legacy", f"127.0.0.1:{free_port()}", "--bind", "127.0.0.1",
-        "--https-port", str(port), "--http-port", str(pebble.http_port), "--state-dir", str(state), "--status-bind", "off",
-        "--acme-directory", pebble.directory_url, "--acme-ca-bundle", str(pebble.ca_bundle), "--workers", "2",
-    ])
+    process = BridgeProcess(
+        [
+            sys.executable,
+            "-m",
+            "bridge.cli",
+            "up",
+            "--fqdn",
+            fqdn,
+            "--legacy",
+            f"127.0.0.1:{free_port()}",
+            "--bind",
+            "127.0.0.1",
+            "--https-port",
+            str(port),
+            "--http-port",
+            str(pebble.http_port),
+            "--state-dir",
+            str(state),
+            "--status-bind",
+            "off",
+            "--acme-directory",
+            pebble.directory_url,
+            "--acme-ca-bundle",
+            str(pebble.ca_bundle),
+            "--workers",
+            "2",
+        ]
+    )
     try:
         process.wait_for("bridge ready")
         pids = worker_pids(process)

@@ -1,10 +1,10 @@
 """A bridge in front of a lab, for any test: ``BackgroundBridge`` runs ``start_bridge`` on its own loop.
 
-    ca = LocalCA.create()
-    config = bridge_config(lab.port, tmp_path, ca)
-    with BackgroundBridge(config) as bridge:
-        session = bridge_session(ca)          # requests.Session trusting only the local CA
-        session.get(f"{bridge.url}/owa/")     # https://bridge.lab.test:PORT via resolve-to-127.0.0.1 adapter
+ca = LocalCA.create()
+config = bridge_config(lab.port, tmp_path, ca)
+with BackgroundBridge(config) as bridge:
+    session = bridge_session(ca)          # requests.Session trusting only the local CA
+    session.get(f"{bridge.url}/owa/")     # https://bridge.lab.test:PORT via resolve-to-127.0.0.1 adapter
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from bridge.certs.keys import LocalCA, cert_pem, new_private_key, write_pair
 from bridge.config import BridgeConfig, LegacyServer
 from bridge.demo import ResolvedHTTPSConnection
 from bridge.runtime.app import RunningBridge, start_bridge
-
 from support.lab import RawHttpsConnection
 
 BRIDGE_FQDN = "bridge.lab.test"
@@ -139,7 +138,7 @@ class BackgroundBridge:
         self._thread.join(5)
         self._loop.close()
 
-    def __enter__(self) -> "BackgroundBridge":
+    def __enter__(self) -> BackgroundBridge:
         self.start()
         return self
 

@@ -14,5 +14,5 @@ def local_certificate(days_total: float, days_left: float, fqdn: str = "policy.a
     """A certificate for fqdn valid for days_total days of which days_left remain, and its key."""
     ca = LocalCA.create()
     key = new_private_key("ecdsa-p256")
-    start = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=days_total - days_left)
+    start = dt.datetime.now(dt.UTC) - dt.timedelta(days=days_total - days_left)
     return ca.issue([fqdn], key, days=days_total, not_before=start), key

@@ -16,14 +16,40 @@ NAMES = ["Content-Length", "Transfer-Encoding", "Connection", "Expect", "Authori
 VALUES = ["5", "0", "chunked", "close", "keep-alive", "100-continue", "MSRPC", "203.0.113.9", BRIDGE_FQDN]
 HOSTILE_METHODS = ["get", "CONNECT", "TRACE", "G(ET", "GE T", "", "X" * 40, "\x16\x03\x01", "GET\x00"]
 HOSTILE_TARGETS = [
-    "http://evil.example/owa/", "//evil.example/owa", "*", "/owa/../ecp/", "/owa/%2e%2e/ecp", "/owa/%252e%252e/", "/owa\\..\\x",
-    "/owa/#frag", "/owa/ x", "/owa/\x00", "/" + "a" * 9000, "127.0.0.1:22",
+    "http://evil.example/owa/",
+    "//evil.example/owa",
+    "*",
+    "/owa/../ecp/",
+    "/owa/%2e%2e/ecp",
+    "/owa/%252e%252e/",
+    "/owa\\..\\x",
+    "/owa/#frag",
+    "/owa/ x",
+    "/owa/\x00",
+    "/" + "a" * 9000,
+    "127.0.0.1:22",
 ]
 HOSTILE_VERSIONS = ["HTTP/1.0", "HTTP/2.0", "HTTP/1.2", "HTTP/11", "http/1.1", "HTTP/1.1 extra", "HTTP/0.9"]
 HOSTILE_NAMES = ["X A", "X:A", " Host", "Host ", "Content-Length\t", "Content-Length ", "X\x00A", "Transfer-Encoding"]
 HOSTILE_VALUES = [
-    "evil host", "5, 5", "-1", "+5", "0x5", "99999999999999999999", "gzip, chunked", "chunked, gzip", "identity", " chunked",
-    "CHUNKED", "chunked\x00", "keep-alive, Upgrade", "websocket", "a\rb", "a\nb", "\xe9t\xe9", "x" * 9000,
+    "evil host",
+    "5, 5",
+    "-1",
+    "+5",
+    "0x5",
+    "99999999999999999999",
+    "gzip, chunked",
+    "chunked, gzip",
+    "identity",
+    " chunked",
+    "CHUNKED",
+    "chunked\x00",
+    "keep-alive, Upgrade",
+    "websocket",
+    "a\rb",
+    "a\nb",
+    "\xe9t\xe9",
+    "x" * 9000,
 ]
 MUTATIONS = ["method", "target", "version", "name", "value", "random-value", "duplicate", "fold", "drop-host", "line-ending"]
 
@@ -65,7 +91,7 @@ def request_heads(draw) -> bytes:
 
 def body_for(headers: list[list[str]]) -> bytes:
     """A body matching the framing the head announces, so accepted requests complete."""
-    for name, value in headers:
+    for name, _value in headers:
         if name.lower() == "transfer-encoding":
             return b"5\r\nhello\r\n0\r\n\r\n"
     for name, value in headers:

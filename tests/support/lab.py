@@ -236,7 +236,7 @@ class RawHttpsConnection:
         self.sock.settimeout(wait)
         try:
             self._receive()
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             return False
         finally:
             self.sock.settimeout(10.0)
@@ -269,7 +269,7 @@ class RawHttpsConnection:
         try:
             while chunk := self.sock.recv(65536):
                 data += chunk
-        except (TimeoutError, socket.timeout, ConnectionError, ssl.SSLError):
+        except (TimeoutError, ConnectionError, ssl.SSLError):
             pass
         return data
 
@@ -282,7 +282,7 @@ class RawHttpsConnection:
     def close(self) -> None:
         self.sock.close()
 
-    def __enter__(self) -> "RawHttpsConnection":
+    def __enter__(self) -> RawHttpsConnection:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -303,6 +303,5 @@ def curl_speaks_tls10() -> bool:
 
 def curl_legacy(url: str, *extra: str, timeout: float = 15.0) -> subprocess.CompletedProcess:
     """curl forced to TLS 1.0 / AES128-SHA without verification; -w prints the status code last."""
-    command = ["curl", "-sS", "-k", "--tlsv1.0", "--tls-max", "1.0", "--ciphers", "AES128-SHA:@SECLEVEL=0",
-               "-o", "/dev/null", "-w", "%{http_code}", *extra, url]
+    command = ["curl", "-sS", "-k", "--tlsv1.0", "--tls-max", "1.0", "--ciphers", "AES128-SHA:@SECLEVEL=0", "-o", "/dev/null", "-w", "%{http_code}", *extra, url]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout)

@@ -11,7 +11,6 @@ import time
 from typing import Any
 
 from bridge.certs.keys import LocalCA
-
 from support.bridges import BRIDGE_FQDN, bridge_client_context
 
 
@@ -99,7 +98,7 @@ def response_bytes(sock: socket.socket, timeout: float = 5.0) -> bytes:
     data = bytearray()
     try:
         _receive_response(sock, data)
-    except (ConnectionError, ssl.SSLError, TimeoutError, socket.timeout):
+    except (ConnectionError, ssl.SSLError, TimeoutError):
         pass
     return bytes(data)
 
@@ -114,7 +113,7 @@ def read_all(sock: socket.socket, timeout: float = 5.0) -> bytes:
             if not chunk:
                 break
             data += chunk
-    except (ConnectionError, ssl.SSLError, TimeoutError, socket.timeout):
+    except (ConnectionError, ssl.SSLError, TimeoutError):
         pass
     return data
 
@@ -153,7 +152,7 @@ class ThreadedServer:
     def close(self) -> None:
         self.sock.close()
 
-    def __enter__(self) -> "ThreadedServer":
+    def __enter__(self) -> ThreadedServer:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from bridge.certs.keys import LocalCA, cert_pem, new_private_key, write_pair
-
 from support.net import free_port
 
 STARTUP_SECONDS = 15.0
@@ -108,13 +107,28 @@ class PebbleServer:
         log.close()
         self.processes.append(process)
 
-    def start(self) -> "PebbleServer":
+    def start(self) -> PebbleServer:
         cert, key = self._tls_material()
         config = self._config(cert, key)
         self._spawn(
             "challtestsrv",
-            ["pebble-challtestsrv", "-dns01", f"127.0.0.1:{self.dns_port}", "-http01", "", "-https01", "", "-tlsalpn01", "",
-             "-management", f"127.0.0.1:{self.dns_management_port}", "-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""],
+            [
+                "pebble-challtestsrv",
+                "-dns01",
+                f"127.0.0.1:{self.dns_port}",
+                "-http01",
+                "",
+                "-https01",
+                "",
+                "-tlsalpn01",
+                "",
+                "-management",
+                f"127.0.0.1:{self.dns_management_port}",
+                "-defaultIPv4",
+                "127.0.0.1",
+                "-defaultIPv6",
+                "",
+            ],
         )
         env = dict(os.environ, PEBBLE_VA_NOSLEEP="1", PEBBLE_AUTHZREUSE=str(self.authz_reuse_percent))
         if self.nonce_reject_percent is not None:
@@ -170,7 +184,7 @@ class PebbleServer:
                 process.wait(5)
         self.processes.clear()
 
-    def __enter__(self) -> "PebbleServer":
+    def __enter__(self) -> PebbleServer:
         return self.start()
 
     def __exit__(self, *exc_info: object) -> None:

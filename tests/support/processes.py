@@ -34,9 +34,27 @@ def assert_one_sentence_error(result: subprocess.CompletedProcess, *fragments: s
 def bridge_command(lab_port: int, cert: Path, key: Path, tmp_path: Path, https_port: int, http_port: int, *extra: str) -> list[str]:
     """`bridge up` in front of 127.0.0.1:lab_port on 127.0.0.1 (port 0: the kernel chooses), state in tmp_path/state."""
     return [
-        sys.executable, "-m", "bridge.cli", "up", "--fqdn", BRIDGE_FQDN, "--legacy", f"127.0.0.1:{lab_port}",
-        "--bind", "127.0.0.1", "--https-port", str(https_port), "--http-port", str(http_port),
-        "--cert", str(cert), "--key", str(key), "--state-dir", str(tmp_path / "state"), *extra,
+        sys.executable,
+        "-m",
+        "bridge.cli",
+        "up",
+        "--fqdn",
+        BRIDGE_FQDN,
+        "--legacy",
+        f"127.0.0.1:{lab_port}",
+        "--bind",
+        "127.0.0.1",
+        "--https-port",
+        str(https_port),
+        "--http-port",
+        str(http_port),
+        "--cert",
+        str(cert),
+        "--key",
+        str(key),
+        "--state-dir",
+        str(tmp_path / "state"),
+        *extra,
     ]
 
 
@@ -49,7 +67,11 @@ class BridgeProcess:
     def __init__(self, command: list[str]) -> None:
         self.lines: list[str] = []
         self.process = subprocess.Popen(
-            command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            command,
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
             env={**os.environ, "PYTHONPATH": str(REPO)},
         )
         self._reader = threading.Thread(target=self._read, daemon=True)

@@ -7,18 +7,18 @@ import datetime as dt
 import os
 from pathlib import Path
 
+from support.certs import local_certificate
+
 from bridge.certs.acme import Lineage
 from bridge.certs.keys import cert_pem, key_pem, new_private_key
 from bridge.certs.renewal import expiry_warning, ratio_renewal_time, retry_delay
 from bridge.net.tls import front_context
-from support.certs import local_certificate
-
 
 # ------------------------------------------------------------------------------------------ renewal policy
 
 
 def test_renewal_time_is_a_third_of_the_lifetime_left_or_half_for_short_lifetimes() -> None:
-    start = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    start = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
     assert ratio_renewal_time(start, start + dt.timedelta(days=90)) == start + dt.timedelta(days=60)
     assert ratio_renewal_time(start, start + dt.timedelta(days=45)) == start + dt.timedelta(days=30)
     assert ratio_renewal_time(start, start + dt.timedelta(days=6)) == start + dt.timedelta(days=3)
@@ -27,7 +27,7 @@ def test_renewal_time_is_a_third_of_the_lifetime_left_or_half_for_short_lifetime
 def test_retry_back_off_grows_and_is_capped() -> None:
     delays = [retry_delay(n) for n in range(1, 12)]
     assert delays[:4] == [60, 120, 240, 480]
-    assert all(a <= b for a, b in zip(delays, delays[1:]))
+    assert all(a <= b for a, b in zip(delays, delays[1:], strict=False))
     assert delays[-1] == 3 * 3600
 
 

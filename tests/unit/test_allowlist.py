@@ -23,8 +23,19 @@ def test_packaged_snapshot_names_its_source_and_date_and_holds_the_published_ran
     assert "clientrequestid=" in data["source"]
     assert len(data["date"]) == 10 and "bridge allow refresh" in data["note"]
     ranges = validate_ranges(data["ranges"], "the snapshot")
-    for published in ("40.92.0.0/15", "40.107.0.0/16", "52.100.0.0/14", "104.47.0.0/17", "40.96.0.0/13", "52.96.0.0/14", "132.245.0.0/16",
-                      "2a01:111:f400::/48", "2a01:111:f403::/48", "2603:1006::/40", "2620:1ec:8f0::/46"):
+    for published in (
+        "40.92.0.0/15",
+        "40.107.0.0/16",
+        "52.100.0.0/14",
+        "104.47.0.0/17",
+        "40.96.0.0/13",
+        "52.96.0.0/14",
+        "132.245.0.0/16",
+        "2a01:111:f400::/48",
+        "2a01:111:f403::/48",
+        "2603:1006::/40",
+        "2620:1ec:8f0::/46",
+    ):
         assert ipaddress.ip_network(published) in ranges
     assert {network.version for network in ranges} == {4, 6}
 

@@ -8,10 +8,8 @@ from pathlib import Path
 
 import hcl2
 import pytest
-
 from support import REPO
 from support.deploy import AZURE, TERRAFORM, UNIT_TEMPLATE, unit_directives
-
 
 # ----------------------------------------------------------------------------- HCL
 

@@ -13,10 +13,9 @@ import os
 import re
 
 from hypothesis import HealthCheck, given, settings
-
-from bridge.protocol.http1 import HeadRefused
-from bridge.protocol.http1 import MAX_HEAD_BYTES
 from support.fuzz_heads import parse, request_heads
+
+from bridge.protocol.http1 import MAX_HEAD_BYTES, HeadRefused
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "300"))
 TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")

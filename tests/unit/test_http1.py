@@ -282,9 +282,7 @@ def test_keep_alive_of_responses():
     assert not response_keeps_connection(parse_response_head(response(start=b"HTTP/1.0 200 OK")))
     assert response_keeps_connection(parse_response_head(response(b"Connection: Keep-Alive", start=b"HTTP/1.0 200 OK")))
     # RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing: close after it
-    assert not response_keeps_connection(
-        parse_response_head(response(b"Connection: keep-alive", b"Transfer-Encoding: chunked", start=b"HTTP/1.0 200 OK"))
-    )
+    assert not response_keeps_connection(parse_response_head(response(b"Connection: keep-alive", b"Transfer-Encoding: chunked", start=b"HTTP/1.0 200 OK")))
 
 
 # --------------------------------------------------------------------------- interim responses
@@ -297,9 +295,7 @@ def test_100_continue_is_relayed_bare():
 
 
 def test_103_keeps_only_link_lines_unless_connection_names_them():
-    head = parse_response_head(
-        response(b"Link: </a.css>; rel=preload", b"Upgrade: h2c", b"Set-Cookie: s=1", b"link: </b.js>", b"Keep-Alive: 5", start=b"HTTP/1.1 103 Early Hints")
-    )
+    head = parse_response_head(response(b"Link: </a.css>; rel=preload", b"Upgrade: h2c", b"Set-Cookie: s=1", b"link: </b.js>", b"Keep-Alive: 5", start=b"HTTP/1.1 103 Early Hints"))
     assert interim_response(head, (1, 1)) == b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\nlink: </b.js>\r\n\r\n"
     named = parse_response_head(response(b"Link: </a.css>", b"Connection: Link", start=b"HTTP/1.1 103 Early Hints"))
     assert interim_response(named, (1, 1)) == b"HTTP/1.1 103 Early Hints\r\n\r\n"
@@ -534,9 +530,7 @@ def test_reason_phrases():
 
 
 def test_cut_lines_and_without_lines_named():
-    head = parse_response_head(
-        response(b"Connection: X-A, close", b"Location: /a", b"X-A: 1", b"Content-Length: 3", b"Keep-Alive: 5", b"X-B: 2", b"X-Frame-Options: DENY")
-    )
+    head = parse_response_head(response(b"Connection: X-A, close", b"Location: /a", b"X-A: 1", b"Content-Length: 3", b"Keep-Alive: 5", b"X-B: 2", b"X-Frame-Options: DENY"))
     block, kept = cut_lines(head.block, head.fields)
     assert block == b"\r\nLocation: /a\r\nX-A: 1\r\nX-B: 2\r\nX-Frame-Options: DENY"
     assert kept == (b"location", b"x-frame-options")

@@ -42,11 +42,14 @@ def test_openings_are_recognised_only_when_exact():
     assert rpch.target_port("EXCH2007.lab.local:6004") == 6004 and rpch.target_port("") is None
 
 
-@pytest.mark.parametrize(("port", "accepted", "refused"), [
-    (6001, [rts.EMSMDB], [rts.NSPI, rts.RFR]),
-    (6002, [rts.RFR], [rts.EMSMDB, rts.NSPI]),
-    (6004, [rts.NSPI, rts.RFR], [rts.EMSMDB]),
-])
+@pytest.mark.parametrize(
+    ("port", "accepted", "refused"),
+    [
+        (6001, [rts.EMSMDB], [rts.NSPI, rts.RFR]),
+        (6002, [rts.RFR], [rts.EMSMDB, rts.NSPI]),
+        (6004, [rts.NSPI, rts.RFR], [rts.EMSMDB]),
+    ],
+)
 def test_binds_follow_exchange_2007_ports(port, accepted, refused):
     vc = vc_for(port)
     for call_id, syntax in enumerate(accepted + refused, start=1):
@@ -194,16 +197,19 @@ def test_rfr_alone_failing_warns():
     assert details["binds"]["6002 RFR"] == "rejected" and "migration does not need it" in fix
 
 
-@pytest.mark.parametrize(("failed", "in_continued", "summary_words", "fix_words"), [
-    (Step("out_channel", False, 1, "answered 503 instead of 200", "http", 503), True, ["opening the OUT channel", "503"], ["ValidPorts"]),
-    (Step("in_channel", False, 1, "answered 401 instead of 100 Continue", "http", 401), None, ["opening the IN channel"], ["Set-OutlookAnywhere -ClientAuthenticationMethod Ntlm", "IN channel"]),
-    (Step("conn_a3", False, 1, "no CONN/A3 within --timeout 5 s", "timeout"), True, ["waiting for CONN/A3"], ["buffers", "did get its 100 Continue"]),
-    (Step("conn_c2", False, 1, "the RPC_OUT_DATA channel was closed after 28 bytes before CONN/C2", "closed"), True, ["closed after 28 bytes"], ["closed early", "idle-timeout"]),
-    (Step("conn_c2", False, 1, "no CONN/C2 within --timeout 5 s", "timeout"), False, ["CONN/C2"], ["CONN/B1", "got no 100 Continue"]),
-    (Step("in_channel", False, 1, "no 100 Continue (nor any answer) to RPC_IN_DATA within the timeout", "timeout"), None, ["IN channel"], ["100 Continue"]),
-    (Step("bind", False, 1, "bind_nak (reason 0) for EMSMDB", "bind_nak"), True, ["the bind", "bind_nak"], ["EMSMDB interface is not reachable", "MSExchangeIS", "6001"]),
-    (Step("call", False, 1, "opnum 6 answered fault 0x1c010002", "fault"), True, ["EcDummyRpc"], ["event log"]),
-])
+@pytest.mark.parametrize(
+    ("failed", "in_continued", "summary_words", "fix_words"),
+    [
+        (Step("out_channel", False, 1, "answered 503 instead of 200", "http", 503), True, ["opening the OUT channel", "503"], ["ValidPorts"]),
+        (Step("in_channel", False, 1, "answered 401 instead of 100 Continue", "http", 401), None, ["opening the IN channel"], ["Set-OutlookAnywhere -ClientAuthenticationMethod Ntlm", "IN channel"]),
+        (Step("conn_a3", False, 1, "no CONN/A3 within --timeout 5 s", "timeout"), True, ["waiting for CONN/A3"], ["buffers", "did get its 100 Continue"]),
+        (Step("conn_c2", False, 1, "the RPC_OUT_DATA channel was closed after 28 bytes before CONN/C2", "closed"), True, ["closed after 28 bytes"], ["closed early", "idle-timeout"]),
+        (Step("conn_c2", False, 1, "no CONN/C2 within --timeout 5 s", "timeout"), False, ["CONN/C2"], ["CONN/B1", "got no 100 Continue"]),
+        (Step("in_channel", False, 1, "no 100 Continue (nor any answer) to RPC_IN_DATA within the timeout", "timeout"), None, ["IN channel"], ["100 Continue"]),
+        (Step("bind", False, 1, "bind_nak (reason 0) for EMSMDB", "bind_nak"), True, ["the bind", "bind_nak"], ["EMSMDB interface is not reachable", "MSExchangeIS", "6001"]),
+        (Step("call", False, 1, "opnum 6 answered fault 0x1c010002", "fault"), True, ["EcDummyRpc"], ["event log"]),
+    ],
+)
 def test_the_failing_step_is_named_with_its_fix(failed, in_continued, summary_words, fix_words):
     before = HAPPY[: HAPPY.index(failed.name)] if failed.name in HAPPY else HAPPY
     status, summary, details, fix = evaluate(probes(emsmdb=steps(*before, failed=failed), in_continued=in_continued))

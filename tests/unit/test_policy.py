@@ -21,9 +21,20 @@ def test_clean_paths(path):
 @pytest.mark.parametrize(
     "path",
     [
-        "/owa/../certsrv", "/owa/./x", "/owa/..", "/owa/\\..\\x", "/owa/a\x00",
+        "/owa/../certsrv",
+        "/owa/./x",
+        "/owa/..",
+        "/owa/\\..\\x",
+        "/owa/a\x00",
         # Windows trims trailing dots and spaces from a segment: these are ".." (or "." / "") to IIS.
-        "/owa/.. /certsrv", "/owa/..\t/certsrv", "/owa/... /x", "/owa/.../x", "/owa/. ./x", "/owa/ /x", "/owa/..\r/x", "/owa/..\x0b/x",
+        "/owa/.. /certsrv",
+        "/owa/..\t/certsrv",
+        "/owa/... /x",
+        "/owa/.../x",
+        "/owa/. ./x",
+        "/owa/ /x",
+        "/owa/..\r/x",
+        "/owa/..\x0b/x",
     ],
 )
 def test_unclean_paths(path):

@@ -4,11 +4,11 @@ usage errors (tests/integration/test_preflight.py runs the checks and the comman
 from __future__ import annotations
 
 import pytest
+from support.lab import LAB_USER
+from support.preflight import EMAIL, parse
 
 from bridge.errors import PreflightUsageError
 from bridge.preflight.command import settings_from_args
-from support.lab import LAB_USER
-from support.preflight import EMAIL, parse
 
 
 def test_password_comes_from_the_named_variable_or_the_prompt(monkeypatch):

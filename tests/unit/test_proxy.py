@@ -8,8 +8,8 @@ from support.bridges import BRIDGE_FQDN
 
 def _head_writer():
     from bridge.config import build_config
-    from bridge.proxy.relay import Proxy
     from bridge.net.upstream import LegacyPool
+    from bridge.proxy.relay import Proxy
 
     config = build_config({"fqdn": BRIDGE_FQDN, "legacy": ["127.0.0.1:9"]})
     return Proxy(config, LegacyPool(servers=config.legacy, tls_context=None, connect_timeout=5))
@@ -24,8 +24,7 @@ def test_forwarded_for_chain_leaves_out_empty_values():
 
 
 def test_a_security_header_the_origin_marks_hop_by_hop_is_replaced_by_the_bridges():
-    from bridge.protocol.http1 import parse_request_head
-    from bridge.protocol.http1 import parse_response_head
+    from bridge.protocol.http1 import parse_request_head, parse_response_head
 
     request = parse_request_head(b"GET /owa/ HTTP/1.1\r\nHost: a.example\r\n\r\n")
     origin = parse_response_head(b"HTTP/1.1 200 OK\r\nConnection: x-frame-options\r\nX-Frame-Options: ALLOWALL\r\nContent-Length: 0\r\n\r\n", None)

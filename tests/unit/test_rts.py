@@ -46,13 +46,7 @@ def rts_header(flags: int, count: int, frag_length: int) -> bytes:
 
 
 def test_conn_a1_bytes():
-    expected = (
-        rts_header(0, 4, 76)
-        + struct.pack("<II", 6, 1)
-        + struct.pack("<I", 3) + VC.bytes_le
-        + struct.pack("<I", 3) + OUT.bytes_le
-        + struct.pack("<II", 0, 0x40000)
-    )
+    expected = rts_header(0, 4, 76) + struct.pack("<II", 6, 1) + struct.pack("<I", 3) + VC.bytes_le + struct.pack("<I", 3) + OUT.bytes_le + struct.pack("<II", 0, 0x40000)
     assert rts.conn_a1(VC, OUT) == expected
     assert len(expected) == 76
 
@@ -61,20 +55,21 @@ def test_conn_b1_bytes():
     expected = (
         rts_header(0, 6, 104)
         + struct.pack("<II", 6, 1)
-        + struct.pack("<I", 3) + VC.bytes_le
-        + struct.pack("<I", 3) + IN.bytes_le
+        + struct.pack("<I", 3)
+        + VC.bytes_le
+        + struct.pack("<I", 3)
+        + IN.bytes_le
         + struct.pack("<II", 4, 0x40000000)
         + struct.pack("<II", 5, 300_000)
-        + struct.pack("<I", 0xC) + AG.bytes_le
+        + struct.pack("<I", 0xC)
+        + AG.bytes_le
     )
     assert rts.conn_b1(VC, IN, AG) == expected
 
 
 def test_conn_a3_and_c2_bytes():
     assert rts.conn_a3(900_000) == rts_header(0, 1, 28) + struct.pack("<II", 2, 900_000)
-    assert rts.conn_c2(65536, 120_000) == rts_header(0, 3, 44) + struct.pack(
-        "<IIIIII", 6, 1, 0, 65536, 2, 120_000
-    )
+    assert rts.conn_c2(65536, 120_000) == rts_header(0, 3, 44) + struct.pack("<IIIIII", 6, 1, 0, 65536, 2, 120_000)
 
 
 def test_cookie_is_the_little_endian_uuid_form():
@@ -89,11 +84,14 @@ def test_ping_bytes():
 def test_bind_bytes_for_emsmdb():
     pdu = rts.bind(2, EMSMDB)
     expected = (
-        bytes([5, 0, 11, 3, 0x10, 0, 0, 0]) + struct.pack("<HHI", 72, 0, 2)
+        bytes([5, 0, 11, 3, 0x10, 0, 0, 0])
+        + struct.pack("<HHI", 72, 0, 2)
         + struct.pack("<HHIBBH", 5840, 5840, 0, 1, 0, 0)
         + struct.pack("<HBB", 0, 1, 0)
-        + bytes.fromhex("00dbf1a447ca6710b31f00dd010662da") + struct.pack("<HH", 0, 81)
-        + bytes.fromhex("045d888aeb1cc9119fe808002b104860") + struct.pack("<HH", 2, 0)
+        + bytes.fromhex("00dbf1a447ca6710b31f00dd010662da")
+        + struct.pack("<HH", 0, 81)
+        + bytes.fromhex("045d888aeb1cc9119fe808002b104860")
+        + struct.pack("<HH", 2, 0)
     )
     assert pdu == expected
 
@@ -117,18 +115,12 @@ def test_bind_ack_bytes_with_secondary_address_and_padding():
 
 def test_request_response_fault_bytes():
     assert rts.request(3, 6) == bytes([5, 0, 0, 3, 0x10, 0, 0, 0]) + struct.pack("<HHIIHH", 24, 0, 3, 0, 0, 6)
-    assert rts.response(3, b"\x00" * 4) == (
-        bytes([5, 0, 2, 3, 0x10, 0, 0, 0]) + struct.pack("<HHIIHBB", 28, 0, 3, 4, 0, 0, 0) + b"\x00" * 4
-    )
-    assert rts.fault(3, rts.NCA_S_OP_RNG_ERROR, did_not_execute=True) == (
-        bytes([5, 0, 3, 0x23, 0x10, 0, 0, 0]) + struct.pack("<HHIIHBBII", 32, 0, 3, 0, 0, 0, 0, 0x1C010002, 0)
-    )
+    assert rts.response(3, b"\x00" * 4) == (bytes([5, 0, 2, 3, 0x10, 0, 0, 0]) + struct.pack("<HHIIHBB", 28, 0, 3, 4, 0, 0, 0) + b"\x00" * 4)
+    assert rts.fault(3, rts.NCA_S_OP_RNG_ERROR, did_not_execute=True) == (bytes([5, 0, 3, 0x23, 0x10, 0, 0, 0]) + struct.pack("<HHIIHBBII", 32, 0, 3, 0, 0, 0, 0, 0x1C010002, 0))
 
 
 def test_bind_nak_bytes():
-    assert rts.bind_nak(4, rts.NAK_PROTOCOL_VERSION_NOT_SUPPORTED) == (
-        bytes([5, 0, 13, 3, 0x10, 0, 0, 0]) + struct.pack("<HHI", 24, 0, 4) + struct.pack("<HBBB", 4, 1, 5, 0) + b"\x00" * 3
-    )
+    assert rts.bind_nak(4, rts.NAK_PROTOCOL_VERSION_NOT_SUPPORTED) == (bytes([5, 0, 13, 3, 0x10, 0, 0, 0]) + struct.pack("<HHI", 24, 0, 4) + struct.pack("<HBBB", 4, 1, 5, 0) + b"\x00" * 3)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -222,8 +214,7 @@ def test_dce_round_trips():
     flt = rts.parse_fault(rts.fault(8, rts.NCA_S_UNK_IF, did_not_execute=True))
     assert flt.status == rts.NCA_S_UNK_IF and flt.pfc_flags & rts.PFC_DID_NOT_EXECUTE
 
-    for pdu in (rts.bind(1, RFR), rts.bind_ack(1, results), rts.bind_nak(1), rts.request(1, 0),
-                rts.response(1), rts.fault(1, 5), rts.conn_c2()):
+    for pdu in (rts.bind(1, RFR), rts.bind_ack(1, results), rts.bind_nak(1), rts.request(1, 0), rts.response(1), rts.fault(1, 5), rts.conn_c2()):
         assert rts.parse(pdu).encode() == pdu
 
 
@@ -241,11 +232,16 @@ def test_auth_verifier_room():
 
 
 def test_answer_bind_for_the_lab():
-    offered = rts.Bind(3, (
-        rts.PresentationContext(0, EMSMDB, (NDR,)),
-        rts.PresentationContext(1, NSPI, (NDR,)),
-        rts.PresentationContext(2, EMSMDB, (rts.SyntaxId(uuid.UUID("71710533-beba-4937-8319-b5dbef9ccc36"), 1, 0),)),
-    ), max_xmit_frag=4280, max_recv_frag=5840)
+    offered = rts.Bind(
+        3,
+        (
+            rts.PresentationContext(0, EMSMDB, (NDR,)),
+            rts.PresentationContext(1, NSPI, (NDR,)),
+            rts.PresentationContext(2, EMSMDB, (rts.SyntaxId(uuid.UUID("71710533-beba-4937-8319-b5dbef9ccc36"), 1, 0),)),
+        ),
+        max_xmit_frag=4280,
+        max_recv_frag=5840,
+    )
     ack = rts.parse_bind_ack(rts.answer_bind(rts.parse_bind(offered.encode()), [EMSMDB]))
     assert ack.call_id == 3 and ack.secondary_address == "6001" and ack.assoc_group_id != 0
     assert [r.result for r in ack.results] == [0, 2, 2]
@@ -266,8 +262,7 @@ def test_answer_bind_for_the_lab():
         (rts.ping()[:-1], "says it is 20 bytes long but 19"),
         (rts.ping()[:12], "at least 16 bytes"),
         (rts.conn_a3()[:24] + b"\x00\x00\x00", "says it is 28"),
-        (rts.RtsPdu(0, (rts.Version(),)).encode()[:16] + struct.pack("<HHI", 1, 1, 0x63) + b"\x00" * 4,
-         "unknown command type 0x63"),
+        (rts.RtsPdu(0, (rts.Version(),)).encode()[:16] + struct.pack("<HHI", 1, 1, 0x63) + b"\x00" * 4, "unknown command type 0x63"),
         (rts.request(1, 0)[:2] + bytes([99]) + rts.request(1, 0)[3:], "unknown PTYPE 99"),
     ],
 )
@@ -305,9 +300,13 @@ def test_malformed_rts_bodies():
 
 
 STREAM = [
-    rts.conn_a3(), rts.conn_c2(), rts.ping(),
+    rts.conn_a3(),
+    rts.conn_c2(),
+    rts.ping(),
     rts.bind_ack(1, [rts.acceptance()], secondary_address="6001"),
-    rts.response(2, bytes(range(256)) * 20), rts.fault(3, 5), rts.flow_control_ack(100, 65536, IN),
+    rts.response(2, bytes(range(256)) * 20),
+    rts.fault(3, 5),
+    rts.flow_control_ack(100, 65536, IN),
 ]
 
 
@@ -381,9 +380,7 @@ def test_client_virtual_connection_happy_path():
     assert req.call_id == 2 and req.opnum == 6 and req.stub == b""
     stub = bytes(range(200)) * 10
     fragments = (
-        rts.response(2, stub[:700], pfc_flags=rts.PFC_FIRST_FRAG, alloc_hint=len(stub))
-        + rts.response(2, stub[700:1500], pfc_flags=0)
-        + rts.response(2, stub[1500:], pfc_flags=rts.PFC_LAST_FRAG)
+        rts.response(2, stub[:700], pfc_flags=rts.PFC_FIRST_FRAG, alloc_hint=len(stub)) + rts.response(2, stub[700:1500], pfc_flags=0) + rts.response(2, stub[1500:], pfc_flags=rts.PFC_LAST_FRAG)
     )
     assert client.feed_out(fragments) == [rts.ResponseReceived(2, stub, 0)]
     events = client.feed_out(rts.fault(3, rts.RPC_S_ACCESS_DENIED))
@@ -441,9 +438,7 @@ def test_impacket_conn_a1_b1_are_byte_identical(vc, chan, group, window):
 
 @needs_impacket
 def test_impacket_flow_control_ack_and_ping_are_byte_identical():
-    assert rts.flow_control_ack(123456, 262144, OUT, rts.FD_OUT_PROXY) == (
-        impacket_rpch.hFlowControlAckWithDestination(impacket_rpch.FDOutProxy, 123456, 262144, OUT.bytes_le)
-    )
+    assert rts.flow_control_ack(123456, 262144, OUT, rts.FD_OUT_PROXY) == (impacket_rpch.hFlowControlAckWithDestination(impacket_rpch.FDOutProxy, 123456, 262144, OUT.bytes_le))
     assert rts.ping() == impacket_rpch.hPing()
 
 
@@ -564,8 +559,7 @@ def test_impacket_bind_ack_is_byte_identical_and_parses_ours(address):
     resp["Pad"] = b"\x00" * ((4 - ((resp["SecondaryAddrLen"] + rpcrt.MSRPCBindAck._SIZE) % 4)) % 4)
     resp["frag_len"] = len(resp.getData())
     theirs = resp.getData()
-    ours = rts.bind_ack(3, [rts.acceptance()], max_xmit_frag=4280, max_recv_frag=4280,
-                        assoc_group_id=0x1234, secondary_address=address)
+    ours = rts.bind_ack(3, [rts.acceptance()], max_xmit_frag=4280, max_recv_frag=4280, assoc_group_id=0x1234, secondary_address=address)
     if address:  # impacket writes an empty secondary address as a lone NUL with length 0; see report
         assert ours == theirs
     parsed = rpcrt.MSRPCBindAck(ours)

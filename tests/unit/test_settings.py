@@ -58,8 +58,7 @@ def test_bridge_cert_takes_only_its_subset_of_the_flags():
     parser = argparse.ArgumentParser()
     add_setting_arguments(parser, "cert")
     dests = {action.dest for action in parser._actions} - {"help"}
-    assert dests == {"fqdn", "bind", "http_port", "state_dir", "config", "log_level",
-                     "acme_directory", "acme_email", "acme_eab_kid", "acme_eab_hmac_key", "acme_ca_bundle", "key_type"}
+    assert dests == {"fqdn", "bind", "http_port", "state_dir", "config", "log_level", "acme_directory", "acme_email", "acme_eab_kid", "acme_eab_hmac_key", "acme_ca_bundle", "key_type"}
 
 
 def test_unknown_toml_key_is_one_sentence_naming_the_nearest_key(tmp_path):

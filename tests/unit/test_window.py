@@ -12,7 +12,7 @@ import pytest
 from bridge.config import BridgeConfig, ConfigError, build_config, format_moment, load_toml, parse_duration, parse_expire_at
 from bridge.ops.window import STARTED_FILE, Window, closed_sentence, resolve_deadline
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 BASE = {"fqdn": "ok.example", "legacy": ["a.example"]}
 
 
@@ -117,7 +117,11 @@ async def test_window_warns_closes_and_reopens_on_a_later_deadline(tmp_path, cap
     assert window.closed and proxy.closed_message == closed_sentence(deadline)
     assert front.drained == [7]
     assert window.describe(now + 2 * 86400 + 1) | {"basis": ""} == {
-        "expires_at": deadline.isoformat(), "expires": format_moment(deadline), "basis": "", "seconds_left": 0.0, "expired": True,
+        "expires_at": deadline.isoformat(),
+        "expires": format_moment(deadline),
+        "basis": "",
+        "seconds_left": 0.0,
+        "expired": True,
     }
     message = proxy.closed_message
     assert message.count(". ") == 0 and message.endswith(".") and format_moment(deadline) in message and "--expire-at" in message and "SIGHUP" in message
