@@ -66,6 +66,13 @@ class Route:
     config: PassthroughRoute | None = None  # None: the bridge terminates
     counters: RouteCounters = field(default_factory=RouteCounters)
     health: Health = field(default_factory=Health)
+    live: set[Splice] = field(default_factory=set)  # its open splices (their bytes count as they move)
+
+    def counted(self) -> dict[str, int]:
+        row = self.counters.as_dict()
+        row["bytes_in"] += sum(splice.client.received for splice in self.live)
+        row["bytes_out"] += sum(splice.backend.received for splice in self.live)
+        return row
 
     @property
     def terminated(self) -> bool:
@@ -132,9 +139,10 @@ class Router:
 
     # ---- counters and health (the status page: bridge.ops.routes) ---------------------------------
     def counters(self) -> dict[str, dict[str, int]]:
-        rows = {TERMINATED: self.own.counters.as_dict()}
+        """Per route label (TERMINATED for the bridge's own names): connections, open, bytes each way, connect failures."""
+        rows = {TERMINATED: self.own.counted()}
         for label, route in self.routes.items():
-            rows[label] = route.counters.as_dict()
+            rows[label] = route.counted()
         return rows
 
     def health(self) -> dict[str, dict[str, Any]]:
@@ -275,6 +283,7 @@ class Splice:
         self.client.connection_made(client)
         route.counters.connections += 1
         route.counters.open += 1
+        route.live.add(self)
         registry.add(self)
 
     def start(self) -> None:
@@ -359,6 +368,7 @@ class Splice:
         counters.open -= 1
         counters.bytes_in += self.client.received
         counters.bytes_out += self.backend.received
+        self.route.live.discard(self)
         self.registry.discard(self)
         self.on_close()
         if not self.done.done():

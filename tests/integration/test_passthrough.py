@@ -350,3 +350,28 @@ def test_proxy_v2_header_is_read_by_a_real_nginx(lab, ca, tmp_path):
             assert lines == [f"127.0.0.1 {local_port} 127.0.0.1 {MAIL} /through-the-bridge"]
     finally:
         nginx.stop()
+
+
+# ---- the status page ------------------------------------------------------------------------------
+
+
+def test_status_page_and_metrics_show_each_route_and_its_backend(routed, recorder):
+    import requests
+
+    bridge = routed(status_bind="127.0.0.1:0")
+    asyncio.run_coroutine_threadsafe(bridge.bridge.router.check_health(), bridge._loop).result(10)
+    url = f"http://127.0.0.1:{bridge.bridge.status_port}"
+    password = (bridge.config.state_dir / "status-password").read_text().strip()
+    with raw_connection(bridge.https_port) as sock:
+        sock.sendall(client_hello_record(RAW) + b"x" * 1000)
+        assert wait_until(lambda: recorder.received and len(recorder.received[0]) > 1000)
+        live = requests.get(url + "/status.json", auth=("admin", password), timeout=5).json()
+        rows = {row["route"]: row for row in live["routes"]}
+        assert rows[RAW]["open"] == 1 and rows[RAW]["bytes_in"] > 1000 and rows[RAW]["state"] == "up"
+        assert rows[RAW]["backend"] == f"127.0.0.1:{recorder.port}" and rows["bridge"]["backend"] == "terminated by the bridge"
+    assert wait_until(lambda: requests.get(url + "/status.json", auth=("admin", password), timeout=5).json()["routes"][2]["open"] == 0)
+    text = requests.get(url + "/metrics", auth=("admin", password), timeout=5).text
+    assert f'bridge_route_connections_total{{route="{RAW}"}} 1.0' in text
+    assert f'bridge_route_backend_up{{backend="127.0.0.1:{recorder.port}",route="{RAW}"}} 1.0' in text
+    page = requests.get(url + "/", auth=("admin", password), timeout=5).text
+    assert "<h2>Routes (SNI)</h2>" in page and RAW in page
