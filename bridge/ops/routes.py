@@ -52,7 +52,7 @@ def collect(rows: list[dict[str, Any]] | None) -> Any:
     """Prometheus families for the routes."""
     if rows is None:
         return
-    families = {
+    families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {
         "connections": CounterMetricFamily("bridge_route_connections", "Connections routed by SNI (or Host on port 80), by route.", labels=["route"]),
         "open": GaugeMetricFamily("bridge_route_open_connections", "Routed connections open now, by route.", labels=["route"]),
         "bytes_in": CounterMetricFamily("bridge_route_received_bytes", "Passthrough bytes from clients to the backend, by route.", labels=["route"]),
