@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import ssl
 import subprocess
@@ -12,6 +13,7 @@ import time
 
 import pytest
 from cryptography import x509
+from support import REPO
 from support.bridges import BRIDGE_FQDN, BackgroundBridge, bridge_client_context, bridge_config, bridge_session
 from support.lab import LAB_PASSWORD
 from support.net import read_all, wait_until
@@ -375,3 +377,41 @@ def test_status_page_and_metrics_show_each_route_and_its_backend(routed, recorde
     assert f'bridge_route_backend_up{{backend="127.0.0.1:{recorder.port}",route="{RAW}"}} 1.0' in text
     page = requests.get(url + "/", auth=("admin", password), timeout=5).text
     assert "<h2>Routes (SNI)</h2>" in page and RAW in page
+
+
+# ---- `bridge up` as a process -------------------------------------------------------------------
+
+
+def test_workers_route_passthrough_and_the_parent_adds_up_their_counters(start_bridge_process, recorder, tmp_path):
+    import base64
+    import json
+    import urllib.request
+
+    from support.net import free_port
+
+    status_port = free_port()
+    process, https_port, http_port = start_bridge_process("--workers", "2", "--passthrough", f"{RAW}=127.0.0.1:{recorder.port}", "--status-bind", f"127.0.0.1:{status_port}")
+    process.wait_for("bridge ready")
+    for index in range(6):
+        with raw_connection(https_port) as sock:
+            sock.sendall(client_hello_record(RAW) + b"#%d" % index)
+            assert wait_until(lambda index=index: len(recorder.received) == index + 1)
+    assert all(bytes(data).endswith(b"#%d" % index) for index, data in enumerate(recorder.received))
+    password = (tmp_path / "state" / "status-password").read_text().strip()
+    token = base64.b64encode(f"admin:{password}".encode()).decode()
+
+    def routes() -> dict:
+        request = urllib.request.Request(f"http://127.0.0.1:{status_port}/status.json", headers={"Authorization": f"Basic {token}"})
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return {row["route"]: row for row in json.loads(response.read())["routes"]}
+
+    assert wait_until(lambda: routes()[RAW]["connections"] == 6 and routes()[RAW]["state"] == "up", timeout=10), routes()
+    assert process.stop() == 0
+
+
+def test_a_backend_that_does_not_resolve_is_one_sentence(lab, front_cert, tmp_path):
+    from support.processes import assert_one_sentence_error, bridge_command
+
+    command = bridge_command(lab.port, *front_cert, tmp_path, 0, 0, "--passthrough", "mail.example.com=no-such-host.invalid:443")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert_one_sentence_error(result, "--passthrough mail.example.com=no-such-host.invalid:443: the backend no-such-host.invalid does not resolve")
