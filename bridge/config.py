@@ -146,6 +146,69 @@ def parse_legacy(spec: str) -> LegacyServer:
     return LegacyServer(host=host, port=port)
 
 
+@dataclass(frozen=True)
+class PassthroughRoute:
+    """--passthrough NAME=HOST:PORT[+proxy]: TLS for NAME (``*.domain``: any name under it; ``*``: every
+    other name and no name) goes to HOST:PORT undecrypted; ``proxy``: a PROXY v2 header first."""
+
+    name: str
+    host: str
+    port: int = 443
+    proxy_protocol: bool = False
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.name}={host}:{self.port}" + ("+proxy" if self.proxy_protocol else "")
+
+    @property
+    def backend(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def parse_route_name(flag: str, text: str, *, default_allowed: bool = False) -> str:
+    """A routed name: a host name, ``*.domain`` (every name under it), or ``*`` (the default) when allowed; lower case."""
+    name = str(text).strip().rstrip(".").lower()
+    if name == "*" and default_allowed:
+        return name
+    labels = (name[2:] if name.startswith("*.") else name).split(".")
+    if not name or is_ip_address(name) or len(name) > 253 or not all(_LABEL.match(label) for label in labels):
+        example = "mail.example.com, *.example.com or * (every other name)" if default_allowed else "mail.example.com or *.example.com"
+        raise ConfigError(f"{flag} {text!r} is not a host name or wildcard; write e.g. {example}.")
+    return name
+
+
+def parse_passthrough(flag: str, value: Any) -> PassthroughRoute:
+    spec = str(value).strip()
+    name, equals, target = spec.partition("=")
+    if not equals or not name.strip() or not target.strip():
+        raise ConfigError(f"{flag} {spec!r} is not NAME=HOST:PORT; write e.g. {flag} mail.example.com=10.0.0.5:443, or *=HOST:PORT for every other name.")
+    target, plus, option = target.strip().partition("+")
+    if plus and option.strip().lower() != "proxy":
+        raise ConfigError(f"{flag} {spec!r} ends in +{option}, which is not an option; the only one is +proxy (send a PROXY v2 header to the backend).")
+    try:
+        server = parse_legacy(target)
+    except ConfigError:
+        raise ConfigError(f"{flag} {spec!r} does not name a backend as HOST:PORT; write e.g. {flag} mail.example.com=10.0.0.5:443.") from None
+    return PassthroughRoute(parse_route_name(flag, name, default_allowed=True), server.host, server.port, bool(plus))
+
+
+def check_routes(config: Any) -> None:
+    """The routes of ``config`` against each other and the bridge's own names: one sentence for a name
+    routed twice or the bridge's own name listed as passthrough."""
+    own = {config.fqdn, *config.terminate} - {""}
+    seen: dict[str, PassthroughRoute] = {}
+    for route in config.passthrough:
+        if route.name in seen:
+            raise ConfigError(f"--passthrough routes {route.name} twice (to {seen[route.name].backend} and to {route.backend}); keep one of them.")
+        if route.name in own:
+            which = "--fqdn" if route.name == config.fqdn else "--terminate"
+            raise ConfigError(f"--passthrough {route} names the bridge's own name {route.name} ({which}), which the bridge terminates itself; remove the route or the name.")
+        seen[route.name] = route
+    if config.terminate and not config.passthrough:
+        raise ConfigError("--terminate only matters beside --passthrough routes (without them the bridge terminates every name); add the routes or remove --terminate.")
+
+
 def parse_fingerprint(text: str) -> str:
     match = _FINGERPRINT.match(text.strip())
     if not match:
@@ -332,7 +395,7 @@ def _command_line(flag: str, value: Any) -> str:
 
 
 # Groups: the argparse group title (None: the command's own options) and the README table each goes in.
-GROUPS = {"up": None, "certificates": "certificates (ACME, when no --cert/--key)", "operations": "operations and security"}
+GROUPS = {"up": None, "certificates": "certificates (ACME, when no --cert/--key)", "operations": "operations and security", "routing": "SNI routing (TLS passthrough beside the bridge)"}
 
 
 @dataclass(frozen=True)
@@ -499,6 +562,29 @@ class BridgeConfig:
         reload=True,
         group="operations",
     )
+    # SNI routing (bridge.net.passthrough)
+    passthrough: tuple[PassthroughRoute, ...] = _setting(
+        (),
+        "--passthrough",
+        "NAME=HOST:PORT",
+        (
+            "TLS for NAME goes to HOST:PORT undecrypted (port 80's requests for it to HOST:80); `*.example.com` covers every name under it, "
+            "`*` every other name and none; a `+proxy` suffix sends a PROXY v2 header first"
+        ),
+        parse=parse_passthrough,
+        shown="none (the bridge terminates every name)",
+        repeatable=True,
+        group="routing",
+    )
+    terminate: tuple[str, ...] = _setting(
+        (),
+        "--terminate",
+        "NAME",
+        "another name the bridge terminates and proxies itself, like --fqdn, when routes exist (`*.example.com` allowed; its certificate must cover it)",
+        parse=lambda flag, value: parse_route_name(flag, value),
+        repeatable=True,
+        group="routing",
+    )
 
     @property
     def legacy_hostnames(self) -> set[str]:
@@ -620,6 +706,7 @@ def build_config(values: dict[str, Any], *, require_fqdn: bool = True, require_l
         raise ConfigError("--expire-at and --expire-after both set the end of the migration window; give one of them.")
     if bool(config.acme_eab_kid) != bool(config.acme_eab_hmac_key):
         raise ConfigError("--acme-eab-kid and --acme-eab-hmac-key go together; give both as your CA shows them, or neither.")
+    check_routes(config)
     return config
 
 

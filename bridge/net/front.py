@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from bridge.net.channel import Channel, ConnectionState
 from bridge.net.gate import ConnectionGuard, Gate, peer_address
+from bridge.net.passthrough import Router, Splice, drain_splices
 from bridge.protocol.http1 import (
     HeadProblem,
     HeadRefused,
@@ -376,6 +377,8 @@ class FrontServer:
         self.listeners: list[asyncio.Server] = []
         self.draining = False
         self.sweeper: asyncio.Task | None = None
+        self.router: Router | None = None  # --passthrough routes: the Gate routes each connection by SNI (or Host on port 80)
+        self.splices: set[Splice] = set()  # this listener's passthrough connections
 
     def new_connection(self) -> ClientConnection:
         return ClientConnection(self)
@@ -383,7 +386,7 @@ class FrontServer:
     async def listen(self, host: str | None, port: int, *, sock: Any = None, backlog: int = 1024) -> None:
         """Raises OSError when the port cannot be bound."""
         loop = asyncio.get_running_loop()
-        gate = lambda: Gate(self.guard, self.new_connection, self.ssl_context)  # noqa: E731
+        gate = lambda: Gate(self.guard, self.new_connection, self.ssl_context, self.router, self.splices)  # noqa: E731
         if sock is not None:
             listener = await loop.create_server(gate, sock=sock, backlog=backlog)
         else:
@@ -422,11 +425,14 @@ class FrontServer:
                 connection.wake()  # it is waiting for a head: let it see the drain
                 connection.close()
         busy = [c.task for c in self.connections if c.in_request and c.task is not None]
+        started = asyncio.get_running_loop().time()
         if busy:
             done, pending = await asyncio.wait(busy, timeout=self.drain_timeout)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        if self.splices:  # passthrough connections: the same drain, then cut
+            await drain_splices(self.splices, max(0.0, self.drain_timeout - (asyncio.get_running_loop().time() - started)))
         for connection in list(self.connections):
             connection.abort()
         for listener in self.listeners:

@@ -7,6 +7,12 @@ clear-text 400 saying so; bytes that are neither TLS nor HTTP close the connecti
 the running loop's own implementation (``loop.start_tls``: uvloop's C ``SSLProtocol`` under
 ``bridge up``, asyncio's otherwise), in front of the request handler.
 
+With ``--passthrough`` routes (bridge.net.passthrough) the Gate first closes banned sources, then
+reads the whole ClientHello without answering it (bounded by size and --header-timeout;
+bridge.protocol.clienthello) and routes by its server name: the bridge's own names go on to TLS
+as below, the bytes read replayed; a passthrough name is spliced to its backend; no route closes.
+Port 80 routes the same way by the first request's Host header.
+
 The connection then belongs to bridge.net.front, which parses and checks request heads with the
 sans-IO core (bridge.protocol.http1). Port 80 (ACME challenges and redirects) passes the same gate,
 without TLS and without an allow-list.
@@ -23,7 +29,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bridge.config import Network, plain_address
-from bridge.protocol.http1 import HeadRefused, complete_head_length, local_answer
+from bridge.net.passthrough import Route, Router, Splice
+from bridge.protocol.clienthello import HelloReader, HelloRefused
+from bridge.protocol.http1 import HeadRefused, complete_head_length, local_answer, parse_request_head
 
 log = logging.getLogger("bridge.guard")
 
@@ -31,6 +39,7 @@ log = logging.getLogger("bridge.guard")
 TLS_HANDSHAKE_RECORD = 0x16
 BUSY_RETRY_AFTER = 10  # seconds a client is asked to wait when --max-connections is reached
 BUSY_HEAD_LIMIT = 16 * 1024
+ROUTED_HEAD_LIMIT = 64 * 1024  # port 80 with routes: the first request head, read to find its Host
 
 
 # --------------------------------------------------------------------------- policy and counters
@@ -80,7 +89,7 @@ def peer_address(transport: asyncio.BaseTransport) -> str:
 class Gate(asyncio.Protocol):
     """First protocol of every TCP connection: decides before TLS, then hands the transport over."""
 
-    def __init__(self, guard: ConnectionGuard, app_factory: Any, ssl_context: Any) -> None:
+    def __init__(self, guard: ConnectionGuard, app_factory: Any, ssl_context: Any, router: Router | None = None, splices: set[Splice] | None = None) -> None:
         self.guard = guard
         self.app_factory = app_factory
         self.ssl_context = ssl_context
@@ -88,6 +97,10 @@ class Gate(asyncio.Protocol):
         self.counted = False
         self.busy = False
         self.timer: asyncio.TimerHandle | None = None
+        self.router = router
+        self.splices = splices if splices is not None else set()
+        self.hello: HelloReader | None = None  # routing on the HTTPS port: the ClientHello so far
+        self.head: bytearray | None = None  # routing on port 80: the first request head so far
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # a stream server hands a Transport
         guard = self.guard
@@ -95,6 +108,12 @@ class Gate(asyncio.Protocol):
         if not guard.allows(peer):
             guard.reject("allow-list")
             log.info("closed a connection from %s: not in --allow", peer)
+            transport.abort()
+            return
+        router = self.router
+        if router is not None and self.ssl_context is not None and router.banned(peer):
+            guard.reject("banned")
+            log.info("closed a connection from %s: banned", peer)
             transport.abort()
             return
         self.transport = transport
@@ -108,27 +127,112 @@ class Gate(asyncio.Protocol):
         else:
             self.counted = True
             guard.open_connections += 1
-        if self.ssl_context is None:
+        if self.ssl_context is None and router is None:
             self.hand_over(b"")
             return
+        if router is not None:
+            if self.ssl_context is not None:
+                self.hello = HelloReader()
+            else:
+                self.head = bytearray()
         self.timer = asyncio.get_running_loop().call_later(guard.header_timeout, self.timed_out)
 
     def data_received(self, data: bytes) -> None:
-        self.cancel_timer()
         transport = self.transport
         if transport is None or not data:
             return
-        if data[0] == TLS_HANDSHAKE_RECORD:
-            self.hand_over(data)
+        if self.head is not None:
+            self.read_head(data)
+            return
+        if self.hello is not None and self.hello.buffer:
+            self.read_hello(data)
+            return
+        if data[0] == TLS_HANDSHAKE_RECORD or (self.hello is not None and data[0] & 0x80):
+            if self.hello is not None:
+                self.read_hello(data)
+            else:
+                self.cancel_timer()
+                self.hand_over(data)
         elif data[:1].isalpha():
+            self.cancel_timer()
             self.guard.reject("plain-http")
             log.info("plain HTTP from %s on the HTTPS port: answered 400", peer_address(transport))
             transport.write(plain_http_answer(self.guard.public_origin))
             transport.close()
         else:
+            self.cancel_timer()
             self.guard.reject("not-tls")
             log.info("closed a connection from %s: neither TLS nor HTTP", peer_address(transport))
             transport.abort()
+
+    # ---- routing (--passthrough) ---------------------------------------------------------------
+    def read_hello(self, data: bytes) -> None:
+        """HTTPS with routes: the ClientHello, read whole (over any number of records and segments), then routed."""
+        assert self.hello is not None and self.router is not None and self.transport is not None
+        try:
+            hello = self.hello.feed(data)
+        except HelloRefused as exc:
+            self.cancel_timer()
+            self.guard.reject(exc.reason)
+            log.info("closed a connection from %s: %s", peer_address(self.transport), exc)
+            self.transport.abort()
+            return
+        if hello is None:
+            return  # more to come, within --header-timeout
+        self.cancel_timer()
+        first_bytes = bytes(self.hello.buffer)
+        self.hello = None
+        route = self.router.choose(hello.server_name)
+        self.route(route, first_bytes, hello.server_name, "no SNI" if hello.server_name is None else f"SNI {hello.server_name}")
+
+    def read_head(self, data: bytes) -> None:
+        """Port 80 with routes: the first request head, to route by its Host header."""
+        assert self.head is not None and self.router is not None and self.transport is not None
+        self.head += data
+        try:
+            length = complete_head_length(bytes(self.head))
+            if not length and len(self.head) <= ROUTED_HEAD_LIMIT:
+                return
+            host = parse_request_head(bytes(self.head[:length])).header("host") if length else None
+        except HeadRefused:
+            host = None
+            length = 0
+        self.cancel_timer()
+        first_bytes = bytes(self.head)
+        self.head = None
+        if not length:  # oversized or malformed: the bridge's own handling answers it as without routes
+            self.hand_over(first_bytes)
+            return
+        route = self.router.choose_host(host)
+        self.route(route, first_bytes, host, f"Host {host}" if host else "no Host")
+
+    def route(self, route: Route | None, first_bytes: bytes, name: str | None, what: str) -> None:
+        transport = self.transport
+        assert transport is not None and self.router is not None
+        tls = self.ssl_context is not None
+        if route is not None and route.terminated:
+            route.counters.connections += 1
+            self.hand_over(first_bytes)
+            return
+        if route is None:
+            self.router.unrouted += 1
+            self.guard.reject("no-route")
+            log.info("closed a connection from %s: no route for its %s", peer_address(transport), what)
+            if tls:
+                transport.abort()
+            else:
+                transport.write(local_answer(404, "No site of that name is served here."))
+                transport.close()
+            return
+        if self.busy:
+            self.guard.reject("max-connections")
+            log.warning("closed a passthrough connection from %s: --max-connections %d reached", peer_address(transport), self.guard.max_connections)
+            transport.abort()
+            return
+        assert route.config is not None
+        self.transport = None  # the splice releases the slot when it ends
+        splice = Splice(self.router, route, transport, first_bytes, server_name=name, backend_port=route.config.port if tls else self.router.http_port, on_close=self.release, registry=self.splices)
+        splice.start()
 
     def hand_over(self, first_bytes: bytes) -> None:
         transport = self.transport
@@ -142,6 +246,8 @@ class Gate(asyncio.Protocol):
         if self.ssl_context is None:
             transport.set_protocol(app)
             app.connection_made(transport)
+            if first_bytes:  # port 80 with routes: the request head read to route it
+                app.data_received(first_bytes)
             return
         transport.pause_reading()
         loop = asyncio.get_running_loop()
@@ -175,7 +281,12 @@ class Gate(asyncio.Protocol):
     def timed_out(self) -> None:
         self.timer = None
         if self.transport is not None:
-            self.guard.reject("tls-timeout")
+            if self.head is not None:  # port 80 with routes: as the bridge answers a head that drags on
+                self.guard.reject("header-timeout")
+                self.transport.write(local_answer(408, "The request head did not arrive in time."))
+                self.transport.close()
+                return
+            self.guard.reject("hello-timeout" if self.hello is not None and self.hello.buffer else "tls-timeout")
             self.transport.abort()
 
     def cancel_timer(self) -> None:

@@ -36,6 +36,8 @@ from bridge import __version__
 from bridge.config import parse_status_bind
 from bridge.errors import ConfigError
 from bridge.net.front import cached_by_path
+from bridge.ops.routes import collect as collect_routes
+from bridge.ops.routes import routes_html, routes_rich, routes_snapshot
 
 log = logging.getLogger("bridge.status")
 
@@ -139,6 +141,7 @@ def snapshot(bridge: Any) -> dict[str, Any]:
         "bans": summary(bans.active().items()) if bans else [],
         "window": window.describe(now) if window is not None else {"expires_at": None, "expires": None, "basis": "", "seconds_left": None, "expired": False},
         "allow": describe(bridge.config.allow, bridge.config.state_dir),
+        "routes": routes_snapshot(bridge),
     }
 
 
@@ -180,6 +183,7 @@ class SnapshotCollector:
         yield _gauge("bridge_window_expired", "1 once the migration window (--expire-at/--expire-after) has closed: requests get 503.", 1 if window["expired"] else 0)
         if window["seconds_left"] is not None:
             yield _gauge("bridge_window_seconds_left", "Seconds until the migration window closes (0 once closed).", window["seconds_left"])
+        yield from collect_routes(data["routes"])
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
@@ -363,7 +367,7 @@ td,th{{border:1px solid #bbb;padding:.25em .6em;text-align:left}}th{{background:
 </table>
 <h2>Legacy servers</h2><table><tr><th>server</th><th>state</th><th>last error</th></tr>{legacy_rows}</table>
 <h2>Requests</h2><table id="requests"><tr><th>route</th><th>status</th><th>count</th></tr>{request_rows}</table>
-<h2>Refused before the proxy</h2><table id="rejected"><tr><th>reason</th><th>count</th></tr>{rejected_rows}</table>
+{routes_html(data.get("routes"), human_bytes)}<h2>Refused before the proxy</h2><table id="rejected"><tr><th>reason</th><th>count</th></tr>{rejected_rows}</table>
 <h2>Current bans</h2><table id="current-bans"><tr><th>address</th><th>time left</th><th>reason</th></tr>{ban_rows}</table>
 <p>exchange-bridge {e(data['version'])} &middot; refreshes every {REFRESH_SECONDS} s &middot; <a href="/metrics">metrics</a> &middot; <a href="/status.json">json</a></p>
 </body></html>
@@ -451,6 +455,9 @@ def render_rich(data: dict[str, Any]) -> Any:
     for ban in data["bans"]:
         bans.add_row(ban["address"], human_duration(ban["seconds_left"]), ban["reason"])
     parts: list[Any] = [overview, legacy, requests]
+    routes = routes_rich(data.get("routes"), human_bytes)
+    if routes is not None:
+        parts.append(routes)
     if data["rejected"]:
         rejected = Table(title="refused before the proxy", title_justify="left")
         rejected.add_column("reason")
@@ -531,6 +538,9 @@ def reload_settings(bridge: Any, new: Any) -> None:
     if bridge.bans is not None:
         bridge.bans.policy = policy_from_config(new)
     bridge.proxy.pool.connect_timeout = new.connect_timeout
+    router = getattr(bridge, "router", None)
+    if router is not None:
+        router.connect_timeout, router.idle_timeout = new.connect_timeout, new.idle_timeout
     for runner in bridge.runners:
         guard = getattr(runner, "guard", None)  # the front servers (bridge.net.front.FrontServer): 443, and port 80
         if guard is None:

@@ -17,6 +17,7 @@ from bridge.config import EXCHANGE_ONLINE, BridgeConfig, public_origin
 from bridge.errors import ConfigError, StartupError
 from bridge.net.front import FrontServer
 from bridge.net.gate import ConnectionGuard
+from bridge.net.passthrough import Router, check_backends_resolve
 from bridge.net.tls import front_context, legacy_context, load_front_certificate
 from bridge.net.upstream import LegacyPool
 from bridge.ops.allowlist import RangeWatcher, announce_list, apply_to_guard, expand_allow
@@ -69,6 +70,7 @@ class RunningBridge:
     certificate_path: Path | None = None
     key_path: Path | None = None
     window: Any = None  # bridge.ops.window.Window: the migration window (--expire-at/--expire-after)
+    router: Router | None = None  # --passthrough routes (SNI on 443, Host on 80)
 
     async def close(self) -> None:
         for task in self.background:
@@ -103,7 +105,9 @@ async def start_bridge(config: BridgeConfig, certificate_source: CertificateSour
     challenges: dict[str, str] = {}
     runners: list[Any] = []
     try:
+        router = await build_router(config)
         redirector, http_runner = await start_redirector(config, challenges)
+        http_runner.router = router
         runners.append(http_runner)
         cert, key = await obtain_certificate(config, challenges, certificate_source)
         ssl_context = front_context(cert, key)
@@ -113,6 +117,7 @@ async def start_bridge(config: BridgeConfig, certificate_source: CertificateSour
         window = Window(proxy)
         window.configure(config, starting=True)  # before 443 listens: a bridge restarted after its window answers 503 from the first request
         front = build_front(config, proxy, ssl_context)
+        front.router = router
         window.fronts.append(front)
         runners.append(front)
         try:
@@ -123,7 +128,7 @@ async def start_bridge(config: BridgeConfig, certificate_source: CertificateSour
         for runner in reversed(runners):
             await runner.cleanup()
         raise
-    bridge = RunningBridge(config, proxy, front.port, http_runner.port, ssl_context, runners, certificate_path=cert, key_path=key, window=window)
+    bridge = RunningBridge(config, proxy, front.port, http_runner.port, ssl_context, runners, certificate_path=cert, key_path=key, window=window, router=router)
     bridge.background.append(asyncio.create_task(window.run(), name="migration-window"))
     bridge.background.append(asyncio.create_task(RangeWatcher(config.state_dir, lambda: apply_to_guard(bridge)).run(), name="exchange-online-ranges"))
     publish_https_port(bridge.https_port, proxy, front, redirector)
@@ -132,6 +137,9 @@ async def start_bridge(config: BridgeConfig, certificate_source: CertificateSour
     except BaseException:
         await bridge.close()
         raise
+    if router is not None:
+        router.bans = bridge.bans
+        bridge.background.append(asyncio.create_task(router.run_health_checks(), name="passthrough-health"))
     if certificate_source is None and not (config.cert and config.key):
         from bridge.certs.renewal import Renewer
 
@@ -158,6 +166,20 @@ async def start_redirector(config: BridgeConfig, challenges: dict[str, str]) -> 
         await server.cleanup()
         raise listen_error(exc, config.bind, config.http_port, "--http-port") from None
     return redirector, server
+
+
+async def build_router(config: BridgeConfig) -> Router | None:
+    """The --passthrough routes (None without any); ConfigError when a backend's name does not resolve."""
+    if not config.passthrough:
+        return None
+    await check_backends_resolve(config.passthrough)
+    router = Router([config.fqdn, *config.terminate], config.passthrough, connect_timeout=config.connect_timeout, idle_timeout=config.idle_timeout)
+    for route in config.passthrough:
+        name = "every other name" if route.name == "*" else route.name
+        log.info("passthrough: %s -> %s (port 80: %s:80)%s", name, route.backend, route.host, ", with a PROXY v2 header" if route.proxy_protocol else "")
+    if router.default is None:
+        log.info("passthrough: names without a route (and hellos without SNI) are closed; add --passthrough '*=HOST:PORT' for a default")
+    return router
 
 
 async def obtain_certificate(config: BridgeConfig, challenges: dict[str, str], source: CertificateSource | None = None) -> tuple[Path, Path]:

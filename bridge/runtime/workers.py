@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge.config import BridgeConfig, plain_address
+from bridge.ops.routes import add_counters as add_route_counters
 
 log = logging.getLogger("bridge.workers")
 
@@ -90,7 +91,7 @@ class WorkerTotals:
     forward_paths: tuple[str, ...] = ()
     started: float = field(default_factory=time.time)
     current: dict[int, dict[str, Any]] = field(default_factory=dict)  # worker index -> last report
-    retired: dict[str, Any] = field(default_factory=lambda: {"requests": Counter(), "rejected": Counter(), "bytes_in": 0, "bytes_out": 0, "refused": 0})
+    retired: dict[str, Any] = field(default_factory=lambda: {"requests": Counter(), "rejected": Counter(), "bytes_in": 0, "bytes_out": 0, "refused": 0, "passthrough": {}})
 
     def update(self, index: int, report: dict[str, Any]) -> None:
         self.current[index] = report
@@ -107,6 +108,10 @@ class WorkerTotals:
         self.retired["rejected"].update(report["rejected"])
         for name in ("bytes_in", "bytes_out", "refused"):
             self.retired[name] += report[name]
+        retired = report.get("passthrough") or {}
+        for row in retired.values():
+            row["open"] = 0
+        add_route_counters(self.retired["passthrough"], retired)
 
     def _sum(self, name: str) -> int:
         return self.retired.get(name, 0) + sum(report[name] for report in self.current.values())
@@ -126,6 +131,14 @@ class WorkerTotals:
     # ConnectionGuard interface
     open_connections = property(lambda self: sum(report["connections_open"] for report in self.current.values()))
     rejections = property(lambda self: self._counter("rejected"))
+
+    @property
+    def passthrough(self) -> dict[str, dict[str, int]]:
+        """The workers' per-route counters added up (bridge.ops.routes)."""
+        total = add_route_counters({}, self.retired["passthrough"])
+        for report in self.current.values():
+            add_route_counters(total, report.get("passthrough") or {})
+        return total
 
     @property
     def legacy_health(self) -> dict[str, Any]:
@@ -193,6 +206,7 @@ class Supervisor:
         self.renewal: Any = None
         self.status_port = 0
         self.window = Window()  # keeps the time for the logs and the status page; each worker closes its own proxy
+        self.router: Any = None  # --passthrough: port 80's routing and the backends' health checks (the workers route 443)
         self._pushed_bans: dict[str, float] | None = None
 
     # ---- what each worker gets -----------------------------------------------------------------
@@ -407,16 +421,21 @@ async def serve_with_workers(config: BridgeConfig, reload_config: Callable[[], B
     from bridge.net.tls import front_context
     from bridge.ops.allowlist import RangeWatcher
     from bridge.ops.status import start_status_listener
-    from bridge.runtime.app import build_upstream, check_upstream, handle_signals, obtain_certificate, on_sighup, ready_line, serve_until, start_redirector
+    from bridge.runtime.app import build_router, build_upstream, check_upstream, handle_signals, obtain_certificate, on_sighup, ready_line, serve_until, start_redirector
 
     challenges: dict[str, str] = {}
+    router = await build_router(config)
     redirector, http_runner = await start_redirector(config, challenges)
+    http_runner.router = router
     supervisor: Supervisor | None = None
     try:
         cert, key = await obtain_certificate(config, challenges)
         ssl_context = front_context(cert, key)
         sockets = bind_https(config)
         supervisor = Supervisor(config, sockets, cert, key, ssl_context)
+        supervisor.router = router
+        if router is not None:
+            supervisor.background.append(asyncio.create_task(router.run_health_checks(), name="passthrough-health"))
         supervisor.runners.append(http_runner)
         supervisor.http_port = http_runner.port
         redirector.set_https_port(supervisor.https_port)
@@ -495,6 +514,7 @@ def worker_report(bridge: Any) -> dict[str, Any]:
         "rejected": dict(guard.rejections),
         "refused": bridge.bans.refused_total,
         "legacy": {str(server): health.last_error for server, health in bridge.proxy.pool.health.items()},
+        "passthrough": bridge.router.counters() if bridge.router is not None else {},
     }
 
 
@@ -504,7 +524,7 @@ async def serve_worker(index: int, control_fd: int, listen_fds: list[int]) -> in
     from bridge.ops.status import attach_counters
     from bridge.ops.window import Window
     from bridge.proxy.relay import Proxy
-    from bridge.runtime.app import RunningBridge, build_front, build_upstream, handle_signals, on_sighup, publish_https_port, settle_garbage_collector, setup_logging
+    from bridge.runtime.app import RunningBridge, build_front, build_router, build_upstream, handle_signals, on_sighup, publish_https_port, settle_garbage_collector, setup_logging
 
     control = socket.socket(fileno=control_fd)
     reader, writer = await asyncio.open_unix_connection(sock=control)
@@ -521,12 +541,15 @@ async def serve_worker(index: int, control_fd: int, listen_fds: list[int]) -> in
     window = Window(proxy, announce=False)  # the parent logs the window; this worker closes its own proxy and drains its connections
     window.configure(config, starting=True)
     runner = build_front(config, proxy, ssl_context)
+    runner.router = await build_router(config)
     window.fronts.append(runner)
     publish_https_port(settings["public_port"], proxy, runner)
     for sock in (socket.socket(fileno=fd) for fd in listen_fds):
         await runner.listen(None, 0, sock=sock)
-    bridge = RunningBridge(config, proxy, settings["public_port"], 0, ssl_context, [runner], window=window)
+    bridge = RunningBridge(config, proxy, settings["public_port"], 0, ssl_context, [runner], window=window, router=runner.router)
     attach_counters(bridge, runner.guard, WorkerBans(writer, settings["bans"], policy_from_config(config)))
+    if bridge.router is not None:
+        bridge.router.bans = bridge.bans  # banned sources are closed before their ClientHello is read
 
     stop = asyncio.Event()
     handle_signals(stop, lambda: on_sighup(bridge, None), stop_signals=(signal.SIGTERM,))
