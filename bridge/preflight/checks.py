@@ -26,7 +26,7 @@ from typing import Any
 from cryptography import x509
 
 from bridge.certs.keys import inspect_certificate
-from bridge.config import LegacyServer, is_ip_address
+from bridge.config import LegacyServer, PassthroughRoute, is_ip_address
 from bridge.net.tls import fingerprint, pin_flag
 from bridge.net.upstream import probe_obsolete_suites
 from bridge.preflight.probe import (
@@ -157,6 +157,8 @@ class Settings:
     hold: float = DEFAULT_HOLD
     legacy_fingerprint: str | None = None  # pinned in the bridge config: compared with what is served
     exchange_server: str | None = None  # --exchange-server: the RPC checks' target when Autodiscover cannot tell
+    routes: list[PassthroughRoute] = field(default_factory=list)  # the bridge's --passthrough routes (from its --config)
+    terminate: list[str] = field(default_factory=list)  # the bridge's --terminate names
     other_legacy: list[LegacyServer] = field(default_factory=list)  # further servers in --config, not probed
 
 
@@ -217,7 +219,15 @@ def planned_checks(settings: Settings) -> list[tuple[str, str]]:
         return planned + [("bridge.fqdn", "bridge")]
     bridge = ["dns", "tcp", "port80.redirect", "port80.acme", "tls.modern", "tls.obsolete", "certificate", "headers", "idle"]
     bridge += http_suffixes(settings)
+    bridge += [f"route.{route.name}" for route in settings.routes] + [f"terminate.{name}" for name in settings.terminate]
     return planned + [(f"bridge.{name}", "bridge") for name in bridge]
+
+
+def probe_name(route_name: str) -> str:
+    """A name a client could ask for under a route: the name itself, or one made up under a wildcard."""
+    if route_name == "*":
+        return "preflight-check.invalid"
+    return "preflight-check." + route_name[2:] if route_name.startswith("*.") else route_name
 
 
 # --------------------------------------------------------------------------- evaluating answers
@@ -961,6 +971,7 @@ class Preflight:
             self.bridge_certificate(address),
             self.bridge_idle_and_headers(target),
             self.bridge_http(target),
+            self.bridge_routes(address),
         )
 
     def bridge_host_header(self) -> str:
@@ -1160,6 +1171,100 @@ class Preflight:
             self.record(Check("bridge.certificate", "bridge", "warn", summary, details, "Renew the certificate before the migration runs (bridge cert renew)."))
         else:
             self.record(Check("bridge.certificate", "bridge", "pass", summary, details))
+
+    async def bridge_routes(self, address: str) -> None:
+        """SNI routing: each passthrough name resolves to the bridge and reaches its backend's own
+        certificate through it; each --terminate name gets the bridge's certificate."""
+        settings = self.settings
+        if not (settings.routes or settings.terminate):
+            return
+        fqdn = settings.fqdn or ""
+
+        async def served(name: str) -> Handshake:
+            return await tls_handshake(address, settings.https_port, unverified_modern_context(), name, settings.timeout)
+
+        try:
+            own = await served(fqdn)
+        except Exception as exc:  # noqa: BLE001 - every failure is reported
+            for route in settings.routes:
+                self.record(Check(f"bridge.route.{route.name}", "bridge", "skip", f"skipped: no handshake for {fqdn} to compare with ({reason_of(exc)})"))
+            for name in settings.terminate:
+                self.record(Check(f"bridge.terminate.{name}", "bridge", "skip", f"skipped: no handshake for {fqdn} to compare with ({reason_of(exc)})"))
+            return
+        own_sha = fingerprint(own.der or b"")
+        bridge_addresses = {address, *(a for a in [settings.expect_ip, settings.bridge_addr] if a)}
+
+        async def check_route(route: PassthroughRoute) -> None:
+            check_id, name = f"bridge.route.{route.name}", probe_name(route.name)
+            details: dict[str, Any] = {"route": str(route), "sni": name}
+            if "*" not in route.name:
+                try:
+                    addresses = await resolve(route.name, settings.https_port, settings.timeout)
+                except Exception as exc:  # noqa: BLE001
+                    addresses, details["resolve_error"] = [], reason_of(exc)
+                details["addresses"] = addresses
+                if not set(addresses) & bridge_addresses:
+                    where = ", ".join(addresses) or f"nothing ({details.get('resolve_error', 'no address')})"
+                    self.record(
+                        Check(
+                            check_id,
+                            "bridge",
+                            "fail",
+                            f"{route.name} resolves to {where}, not to the bridge ({address})",
+                            details,
+                            f"Point the A record of {route.name} at the bridge's public address: the bridge routes it to {route.backend} by SNI.",
+                        )
+                    )
+                    return
+            try:
+                handshake = await served(name)
+            except Exception as exc:  # noqa: BLE001
+                self.record(
+                    Check(
+                        check_id,
+                        "bridge",
+                        "fail",
+                        f"no TLS handshake for {name} through the bridge ({reason_of(exc)})",
+                        details,
+                        f"Check that {route.backend} is up and answers TLS, and that the bridge can reach it (the status page shows the route's health).",
+                    )
+                )
+                return
+            info = inspect_certificate(x509.load_der_x509_certificate(handshake.der or b""))
+            details |= {"subject": info.subject, "issuer": info.issuer, "sans": info.sans, "sha256": fingerprint(handshake.der or b""), "version": handshake.version}
+            if details["sha256"] == own_sha:
+                self.record(
+                    Check(
+                        check_id,
+                        "bridge",
+                        "fail",
+                        f"{name} gets the bridge's own certificate, not its backend's",
+                        details,
+                        f"The route is not in effect: run the bridge with --passthrough {route} (or in its TOML) and restart it.",
+                    )
+                )
+                return
+            self.record(Check(check_id, "bridge", "pass", f"{name} reaches {route.backend} through the bridge: its certificate {info.subject}, issued by {info.issuer}", details))
+
+        async def check_terminated(name: str) -> None:
+            check_id = f"bridge.terminate.{name}"
+            try:
+                handshake = await served(probe_name(name))
+            except Exception as exc:  # noqa: BLE001
+                self.record(Check(check_id, "bridge", "fail", f"no TLS handshake for {name} ({reason_of(exc)})", {}, ""))
+                return
+            info = inspect_certificate(x509.load_der_x509_certificate(handshake.der or b""))
+            details = {"sni": probe_name(name), "sans": info.sans}
+            if fingerprint(handshake.der or b"") != own_sha:
+                fix = f"A route sends {name} elsewhere: list it with --terminate only if the bridge should answer it, and not as --passthrough."
+                self.record(Check(check_id, "bridge", "fail", f"{name} does not get the bridge's certificate (it gets {info.subject})", details, fix))
+            elif not certificate_names_host(info.sans, info.subject, probe_name(name)):
+                fix = f"Clients of {name} will refuse the certificate: obtain one that also names {name} (or drop --terminate {name})."
+                self.record(Check(check_id, "bridge", "warn", f"{name} is terminated by the bridge, but its certificate names only {', '.join(info.sans)}", details, fix))
+            else:
+                self.record(Check(check_id, "bridge", "pass", f"{name} is terminated by the bridge with its certificate", details))
+
+        await asyncio.gather(*(check_route(route) for route in settings.routes), *(check_terminated(name) for name in settings.terminate))
 
     async def bridge_idle_and_headers(self, target: HttpTarget) -> None:
         hold = self.settings.hold

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bridge.config import is_ip_address, load_toml, merge, parse_fingerprint, parse_legacy, validate_fqdn
+from bridge.config import is_ip_address, load_toml, merge, parse_fingerprint, parse_legacy, parse_passthrough, parse_route_name, validate_fqdn
 from bridge.errors import PreflightUsageError
 from bridge.preflight.checks import DEFAULT_HOLD, DEFAULT_TIMEOUT, SCHEMA, Settings
 from bridge.preflight.probe import Credentials
@@ -54,6 +54,11 @@ def settings_from_args(args: argparse.Namespace, read_password: Callable[[str], 
             setattr(settings, name, port_number(f"--{name.replace('_', '-')}", values[name]))
     if values.get("legacy_fingerprint"):
         settings.legacy_fingerprint = parse_fingerprint(str(values["legacy_fingerprint"]))
+    # SNI routes of the bridge's TOML: each is checked through the bridge (with --fqdn).
+    routes = values.get("passthrough") or []
+    settings.routes = [parse_passthrough("passthrough", item) for item in (routes if isinstance(routes, list) else [routes])]
+    names = values.get("terminate") or []
+    settings.terminate = [parse_route_name("terminate", item) for item in (names if isinstance(names, list) else [names])]
     settings.expect_ip = ip_flag("--expect-ip", args.expect_ip)
     settings.bridge_addr = ip_flag("--bridge-addr", args.bridge_addr)
     if (settings.expect_ip or settings.bridge_addr) and not settings.fqdn:
