@@ -49,6 +49,7 @@ from bridge.certs.keys import LocalCA, cert_pem, legacy_self_signed, new_private
 from bridge.net.tls import LEGACY_CIPHERS, fingerprint, pin_flag  # noqa: E402
 
 FQDN = "bench.lab.test"
+PASSTHROUGH_NAME = "passthrough.lab.test"  # spliced undecrypted to a TLS 1.2 nginx (SNI routing)
 TOOLS = ("haproxy", "nginx", "wrk", "curl", "openssl")
 MIB = 1024 * 1024
 MB = 1_000_000
@@ -81,6 +82,8 @@ METRICS = (
     Metric("upload_cpu_s_per_gb", "upload CPU", "CPU-s/GB", "lower", "ratio <= 1.5", lambda b, h, r: r <= 1.5),
     Metric("download_rss_growth_mib", "RSS growth, download", "MiB", "lower", "bridge <= 16 MiB", lambda b, h, r: b <= 16),
     Metric("upload_rss_growth_mib", "RSS growth, upload", "MiB", "lower", "bridge <= 16 MiB", lambda b, h, r: b <= 16),
+    Metric("passthrough_mb_s", "passthrough download", "MB/s", "higher", "ratio >= 0.9", lambda b, h, r: r >= 0.9),
+    Metric("passthrough_cpu_s_per_gb", "passthrough CPU", "CPU-s/GB", "lower", "ratio <= 1.5", lambda b, h, r: r <= 1.5),
     Metric("idle_rss_mib", "RSS with idle connections", "MiB", "lower", "bridge <= 150 MiB", lambda b, h, r: b <= 150),
     Metric("idle_rss_growth_mib", "RSS added by idle connections", "MiB", "lower", "-", None),
     Metric("start_rss_mib", "RSS at start", "MiB", "lower", "-", None),
@@ -252,7 +255,7 @@ class Settings:
     stream_bytes: int
     idle_connections: int
     quick: bool
-    only: tuple[str, ...] = ("small", "download", "upload", "idle")
+    only: tuple[str, ...] = ("small", "download", "upload", "passthrough", "idle")
     bridge_workers: int = 2
 
 
@@ -262,6 +265,10 @@ class Proxy:
     port: int
     process: subprocess.Popen
     log: Path
+    # SNI routing: the port where PASSTHROUGH_NAME is spliced, and the process doing it (the bridge runs
+    # a second instance with --passthrough so that the routes do not touch the other figures).
+    passthrough_port: int = 0
+    passthrough_process: subprocess.Popen | None = None
 
     @property
     def pid(self) -> int:
@@ -274,12 +281,15 @@ class Bed:
     ca_file: Path
     nginx_port: int
     uploads: Path
+    passthrough_backend: int = 0  # nginx's TLS 1.2 port, reached by SNI through each proxy
     nginx: subprocess.Popen | None = None
     proxies: dict[str, Proxy] = field(default_factory=dict)
 
     def stop(self) -> None:
         for proxy in self.proxies.values():
             stop_process(proxy.process)
+            if proxy.passthrough_process is not None and proxy.passthrough_process is not proxy.process:
+                stop_process(proxy.passthrough_process)
         if self.nginx is not None:
             stop_process(self.nginx)
         if self.uploads.parent != self.directory:
@@ -337,6 +347,16 @@ http {{
             client_body_buffer_size 1m;
         }}
     }}
+    # The passthrough backend: a current server with its own certificate (TLS 1.2), reached by SNI.
+    server {{
+        listen 127.0.0.1:{passthrough_port} ssl;
+        ssl_certificate {passthrough_cert};
+        ssl_certificate_key {passthrough_key};
+        ssl_protocols TLSv1.2;
+        root {dir}/www;
+        output_buffers 2 256k;
+        location = /owa/large {{ }}
+    }}
 }}
 """
 
@@ -352,6 +372,16 @@ defaults
     timeout http-request 30m
     # One server connection per client connection, as NTLM needs and as the bridge does.
     http-reuse never
+frontend passthrough
+    # SNI routing in TCP mode, as sites put HAProxy in front of a current Exchange.
+    mode tcp
+    bind 127.0.0.1:{passthrough_port}
+    tcp-request inspect-delay 5s
+    tcp-request content accept if {{ req_ssl_hello_type 1 }}
+    use_backend passthrough if {{ req_ssl_sni -i {passthrough_name} }}
+backend passthrough
+    mode tcp
+    server current 127.0.0.1:{passthrough_backend}
 frontend front
     bind 127.0.0.1:{port} ssl crt {pem} ssl-min-ver TLSv1.2 alpn http/1.1
     option forwardfor
@@ -372,7 +402,7 @@ def upload_directory(directory: Path, size: int) -> Path:
 
 def build_bed(directory: Path, settings: Settings) -> Bed:
     """Start nginx, the bridge and HAProxy; on failure, stop whatever was started before raising."""
-    bed = Bed(directory, directory / "ca.pem", free_port(), upload_directory(directory, settings.stream_bytes))
+    bed = Bed(directory, directory / "ca.pem", free_port(), upload_directory(directory, settings.stream_bytes), free_port())
     try:
         start_bed(bed, settings)
     except BaseException:
@@ -396,6 +426,8 @@ def start_bed(bed: Bed, settings: Settings) -> None:
     ca = LocalCA.create("exchange-bridge benchmark CA")
     key = new_private_key("ecdsa-p256")
     front_cert, front_key = write_pair(directory, ca.issue([FQDN], key), key)
+    passthrough_key = new_private_key("ecdsa-p256")
+    passthrough_cert, passthrough_key_path = write_pair(directory / "passthrough", ca.issue([PASSTHROUGH_NAME], passthrough_key), passthrough_key)
     bed.ca_file.write_bytes(cert_pem(ca.cert))
     (directory / "haproxy.pem").write_bytes(front_cert.read_bytes() + front_key.read_bytes())
 
@@ -403,7 +435,19 @@ def start_bed(bed: Bed, settings: Settings) -> None:
     # As root, nginx would switch its workers to "nobody", who cannot read the private temp directory.
     user = "user root;\n" if os.geteuid() == 0 else ""
     conf = directory / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(user=user, dir=directory, port=bed.nginx_port, cert=legacy_cert, key=legacy_key, uploads=bed.uploads))
+    conf.write_text(
+        NGINX_CONF.format(
+            user=user,
+            dir=directory,
+            port=bed.nginx_port,
+            cert=legacy_cert,
+            key=legacy_key,
+            uploads=bed.uploads,
+            passthrough_port=bed.passthrough_backend,
+            passthrough_cert=passthrough_cert,
+            passthrough_key=passthrough_key_path,
+        )
+    )
     bed.nginx = subprocess.Popen(
         [tool_path("nginx"), "-c", str(conf), "-p", str(directory), "-e", str(directory / "nginx-error.log"), "-g", "daemon off;"],
         stdout=subprocess.DEVNULL,
@@ -413,58 +457,77 @@ def start_bed(bed: Bed, settings: Settings) -> None:
 
     der = ssl.PEM_cert_to_DER_cert(legacy_cert.read_text())
     pin = pin_flag(fingerprint(der)).split(" ", 1)[1]
-    bridge_port = free_port()
-    bridge_log = directory / "bridge.log"
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    bridge = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "bridge.cli",
-            "up",
-            "--fqdn",
-            FQDN,
-            "--legacy",
-            f"127.0.0.1:{bed.nginx_port}",
-            "--bind",
-            "127.0.0.1",
-            "--https-port",
-            str(bridge_port),
-            "--http-port",
-            str(free_port()),
-            "--cert",
-            str(front_cert),
-            "--key",
-            str(front_key),
-            "--state-dir",
-            str(directory / "state"),
-            "--legacy-fingerprint",
-            pin,
-            "--log-level",
-            "warning",
-            # No status listener (it would take 127.0.0.1:8404); as many connections as HAProxy's maxconn.
-            "--status-bind",
-            "off",
-            "--max-connections",
-            str(settings.idle_connections + 1000),
-            "--workers",
-            str(settings.bridge_workers),
-        ],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=open(bridge_log, "wb"),
-    )
-    bed.proxies["bridge"] = Proxy("bridge", bridge_port, bridge, bridge_log)
 
-    haproxy_port = free_port()
+    def start_bridge(name: str, port: int, *extra: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bridge.cli",
+                "up",
+                "--fqdn",
+                FQDN,
+                "--legacy",
+                f"127.0.0.1:{bed.nginx_port}",
+                "--bind",
+                "127.0.0.1",
+                "--https-port",
+                str(port),
+                "--http-port",
+                str(free_port()),
+                "--cert",
+                str(front_cert),
+                "--key",
+                str(front_key),
+                "--state-dir",
+                str(directory / f"state-{name}"),
+                "--legacy-fingerprint",
+                pin,
+                "--log-level",
+                "warning",
+                # No status listener (it would take 127.0.0.1:8404); as many connections as HAProxy's maxconn.
+                "--status-bind",
+                "off",
+                "--max-connections",
+                str(settings.idle_connections + 1000),
+                "--workers",
+                str(settings.bridge_workers),
+                *extra,
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=open(directory / f"{name}.log", "wb"),
+        )
+
+    bridge_port, passthrough_port = free_port(), free_port()
+    bridge = start_bridge("bridge", bridge_port)
+    # A second bridge with the SNI route: with routes, every connection's ClientHello is read before
+    # TLS, which the other figures (the bridge as most users run it) must not include.
+    routed = start_bridge("bridge-passthrough", passthrough_port, "--passthrough", f"{PASSTHROUGH_NAME}=127.0.0.1:{bed.passthrough_backend}")
+    bed.proxies["bridge"] = Proxy("bridge", bridge_port, bridge, directory / "bridge.log", passthrough_port, routed)
+
+    haproxy_port, haproxy_passthrough_port = free_port(), free_port()
     haproxy_conf = directory / "haproxy.cfg"
-    haproxy_conf.write_text(HAPROXY_CONF.format(maxconn=settings.idle_connections + 1000, port=haproxy_port, pem=directory / "haproxy.pem", nginx_port=bed.nginx_port, ciphers=LEGACY_CIPHERS))
+    haproxy_conf.write_text(
+        HAPROXY_CONF.format(
+            maxconn=settings.idle_connections + 1000,
+            port=haproxy_port,
+            pem=directory / "haproxy.pem",
+            nginx_port=bed.nginx_port,
+            ciphers=LEGACY_CIPHERS,
+            passthrough_port=haproxy_passthrough_port,
+            passthrough_name=PASSTHROUGH_NAME,
+            passthrough_backend=bed.passthrough_backend,
+        )
+    )
     haproxy_log = directory / "haproxy.log"
     haproxy = subprocess.Popen([tool_path("haproxy"), "-db", "-f", str(haproxy_conf)], stdout=subprocess.DEVNULL, stderr=open(haproxy_log, "wb"))
-    bed.proxies["haproxy"] = Proxy("haproxy", haproxy_port, haproxy, haproxy_log)
+    bed.proxies["haproxy"] = Proxy("haproxy", haproxy_port, haproxy, haproxy_log, haproxy_passthrough_port, haproxy)
     for proxy in bed.proxies.values():
         wait_for_port(proxy.port, proxy.process, proxy.name)
+        wait_for_port(proxy.passthrough_port, proxy.passthrough_process or proxy.process, proxy.name)
 
 
 # ---- measurements -------------------------------------------------------------------------------
@@ -592,6 +655,36 @@ def measure_stream(bed: Bed, proxy: Proxy, settings: Settings, direction: str) -
     }
 
 
+def measure_passthrough(bed: Bed, proxy: Proxy, settings: Settings) -> dict[str, float]:
+    """A large download from the TLS 1.2 backend, spliced undecrypted by SNI (the bridge's
+    --passthrough, HAProxy's TCP mode); the client checks the backend's own certificate."""
+    size = settings.stream_bytes
+    pid = (proxy.passthrough_process or proxy.process).pid
+    command = [
+        tool_path("curl"),
+        "-sS",
+        "--http1.1",
+        "--cacert",
+        str(bed.ca_file),
+        "--resolve",
+        f"{PASSTHROUGH_NAME}:{proxy.passthrough_port}:127.0.0.1",
+        "-w",
+        "%{http_code} %{size_download} %{time_total}",
+        "-o",
+        "/dev/null",
+        f"https://{PASSTHROUGH_NAME}:{proxy.passthrough_port}/owa/large",
+    ]
+    cpu_before = cpu_seconds(pid)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    cpu = cpu_seconds(pid) - cpu_before
+    if result.returncode != 0:
+        raise RuntimeError(f"curl through {proxy.name}'s passthrough failed: {result.stderr.strip()}")
+    code, downloaded, total = result.stdout.split()[-3:]
+    if int(code) != 200 or int(downloaded) != size:
+        raise RuntimeError(f"passthrough through {proxy.name}: status {code}, {downloaded} of {size} bytes; see {proxy.log}")
+    return {"passthrough_mb_s": size / max(float(total), 1e-6) / MB, "passthrough_cpu_s_per_gb": cpu / (size / GB)}
+
+
 async def _open_idle(port: int, ca_file: Path, count: int) -> tuple[list[asyncio.StreamWriter], int]:
     context = ssl.create_default_context(cafile=str(ca_file))
     request = f"GET /owa/small HTTP/1.1\r\nHost: {FQDN}\r\n\r\n".encode()
@@ -659,6 +752,7 @@ def run_benchmark(settings: Settings, keep: bool = False) -> dict[str, Any]:
             ("small requests", measure_small),
             ("download", lambda b, p, s: measure_stream(b, p, s, "download")),
             ("upload", lambda b, p, s: measure_stream(b, p, s, "upload")),
+            ("passthrough", measure_passthrough),
         ]
         steps = [(label, step) for label, step in steps if label.split()[0] in settings.only]
         for round_number in range(settings.rounds):
@@ -742,7 +836,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--stream-mib", type=int, help="size of the download and the upload in MiB (default 1024, --quick 64)")
     parser.add_argument("--idle", type=int, help="idle client connections for the memory figure (default 1000, --quick 100)")
     parser.add_argument("--bridge-workers", type=int, default=1, metavar="N", help="the bridge's --workers (default 1, as bridge up; 2 matches HAProxy's 2 threads on 2 cores)")
-    parser.add_argument("--only", help="comma-separated subset of small,download,upload,idle (default: all)")
+    parser.add_argument("--only", help="comma-separated subset of small,download,upload,passthrough,idle (default: all)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (configs, logs) for inspection")
     return parser.parse_args(argv)
