@@ -47,7 +47,6 @@ POSITIVE = (
     "download_cpu_s_per_gb",
     "upload_cpu_s_per_gb",
     "passthrough_mb_s",
-    "passthrough_cpu_s_per_gb",
     "idle_rss_mib",
     "start_rss_mib",
 )
