@@ -393,7 +393,7 @@ td.n{{text-align:right;font-variant-numeric:tabular-nums}}tr.stalled td{{backgro
 
 CHART_WIDTH = 720
 CHART_HEIGHT = 160
-CHART_LEFT = 64
+CHART_LEFT = 84
 CHART_BOTTOM = 20
 COLOUR_IN = "#1565c0"  # bytes from clients (RPC_IN_DATA, uploads)
 COLOUR_OUT = "#2e7d32"  # bytes to clients (RPC_OUT_DATA: the mailbox data)

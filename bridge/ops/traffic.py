@@ -130,7 +130,7 @@ class Throughput:
         self.bytes_in = [0] * size
         self.bytes_out = [0] * size
         self.minute: int | None = None  # the newest minute (epoch seconds // 60) the ring holds
-        self.seen: tuple[int, int] | None = None  # the cumulative totals last observed
+        self.seen = (0, 0)  # the cumulative totals last observed (they start at zero with the process)
 
     def advance(self, minute: int) -> None:
         if self.minute is None:
@@ -154,10 +154,6 @@ class Throughput:
 
     def observe(self, now: float, total_in: int, total_out: int) -> None:
         """Feed from cumulative totals: what they gained since the last call goes to this minute."""
-        if self.seen is None:
-            self.seen = (total_in, total_out)
-            self.advance(int(now // 60))
-            return
         received, sent = counter_delta(total_in, self.seen[0]), counter_delta(total_out, self.seen[1])
         self.seen = (total_in, total_out)
         if received or sent:
