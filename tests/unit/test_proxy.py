@@ -27,6 +27,6 @@ def test_a_security_header_the_origin_marks_hop_by_hop_is_replaced_by_the_bridge
     from bridge.protocol.http1 import parse_request_head, parse_response_head
 
     request = parse_request_head(b"GET /owa/ HTTP/1.1\r\nHost: a.example\r\n\r\n")
-    origin = parse_response_head(b"HTTP/1.1 200 OK\r\nConnection: x-frame-options\r\nX-Frame-Options: ALLOWALL\r\nContent-Length: 0\r\n\r\n", None)
+    origin = parse_response_head(b"HTTP/1.1 200 OK\r\nConnection: x-frame-options\r\nX-Frame-Options: ALLOWALL\r\nContent-Length: 0\r\n\r\n")
     head = _head_writer().response_head(request, origin, 0, False, True)
     assert b"ALLOWALL" not in head and b"\r\nX-Frame-Options: SAMEORIGIN" in head and b"\r\nX-Content-Type-Options: nosniff" in head
