@@ -47,6 +47,8 @@ NOBODY = "-"  # the user of requests without credentials (a handshake's first le
 USER_KEY = "traffic-user"
 AUTH_KEY = "traffic-auth"
 CONNECTION_KEY = "traffic-connection"
+MAX_NAMES = 10_000  # distinct users (and failed-logon address/user pairs) kept apart; more are added up under OTHERS
+OTHERS = "(others)"
 
 
 # --------------------------------------------------------------------------- pure pieces
@@ -286,10 +288,15 @@ class TrafficView:
             user, (done_in, done_out) = record.user, record.attributed
         else:
             user, done_in, done_out = self.user_for(request, client), 0, 0
+        if exchange.status == 401:  # a refused logon moves bytes for nobody (and names nobody for the connection)
+            if carries_final_credentials(request.header("Authorization")):
+                key = (client.peer if client is not None else "", user)
+                self.failed[key if key in self.failed or len(self.failed) < MAX_NAMES else (OTHERS, OTHERS)] += 1
+            if client is not None:
+                client.state.data.pop(USER_KEY, None)
+            user = NOBODY
         self._add(user, exchange.bytes_in - done_in, exchange.bytes_out - done_out)
         self._forwarded(exchange, now)
-        if exchange.status == 401 and carries_final_credentials(request.header("Authorization")):
-            self.failed[(client.peer if client is not None else "", user)] += 1
 
     def _forwarded(self, exchange: Any, now: float) -> None:
         """The migration window's ends: a request that reached the legacy server."""
@@ -304,7 +311,9 @@ class TrafficView:
             return
         totals = self.users.get(user)
         if totals is None:
-            totals = self.users[user] = [0, 0]
+            if len(self.users) >= MAX_NAMES:
+                user = OTHERS
+            totals = self.users.setdefault(user, [0, 0])
         totals[0] += received
         totals[1] += sent
 

@@ -260,6 +260,7 @@ def test_ntlm_logon_names_the_user_of_later_requests_on_the_connection(ntlm_toke
     view.begin(request, wrong, fake_client("203.0.113.5"))
     view.end(request, wrong, fake_client("203.0.113.5"))
     assert dict(view.failed) == {("203.0.113.5", "mallory"): 1}
+    assert "mallory" not in view.users  # a refused logon's bytes belong to nobody
 
 
 def test_merged_worker_reports_pair_a_virtual_connection_split_over_two_workers():
