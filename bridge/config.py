@@ -585,6 +585,25 @@ class BridgeConfig:
         repeatable=True,
         group="routing",
     )
+    # The migration view and its ledger (bridge.ops.traffic, bridge.ops.migration)
+    stall_after: float = _setting(
+        600.0,
+        "--stall-after",
+        "S",
+        "seconds an open Outlook Anywhere channel may move no byte before it is flagged stalled (status page, /metrics, one WARNING)",
+        parse=_seconds,
+        reload=True,
+        group="operations",
+    )
+    ledger_interval: float = _setting(
+        60.0,
+        "--ledger-interval",
+        "S",
+        "at most this often the migration ledger (`STATE_DIR/ledger.json`, what `bridge report` reads) is written; and at exit",
+        parse=_seconds,
+        reload=True,
+        group="operations",
+    )
 
     @property
     def legacy_hostnames(self) -> set[str]:

@@ -130,6 +130,10 @@ class LabCounters:
     rpc_binds: dict[str, int] = field(default_factory=dict)  # accepted binds by interface (EMSMDB, NSPI, RFR)
     rpc_events: dict[str, int] = field(default_factory=dict)  # calls, bind_refusals, pings_received, flow_control_acks_*
     rpc_out_closed_early: int = 0
+    # Body bytes of virtual connection channels: received (CONN/A1, CONN/B1 and every IN channel PDU)
+    # and written on the OUT channels (CONN/A3, CONN/C2, answers).
+    rpc_virtual_bytes_in: int = 0
+    rpc_virtual_bytes_out: int = 0
     rpc_slow_writes: deque = field(default_factory=lambda: deque(maxlen=64))  # monotonic time of each slow-echo fragment written
 
     def count_auth(self, scheme: str, success: bool) -> None:
@@ -156,6 +160,8 @@ class LabCounters:
             "rpc_calls": self.rpc_events.get("calls", 0),
             "rpc_events": dict(self.rpc_events),
             "rpc_out_closed_early": self.rpc_out_closed_early,
+            "rpc_virtual_bytes_in": self.rpc_virtual_bytes_in,
+            "rpc_virtual_bytes_out": self.rpc_virtual_bytes_out,
         }
 
 
@@ -787,7 +793,7 @@ class ExchangeSimulator:
         """The OUT channel: 200 with a 1 GiB Content-Length, CONN/A3 at once, CONN/C2 once the IN
         channel is there, then whatever the virtual connection answers, as it comes."""
         a1 = rts.parse_conn_a1(opening)
-        await self.read_body(request)  # CONN/A1 is the whole body; anything after it is ignored
+        self.counters.rpc_virtual_bytes_in += len(opening) + len(await self.read_body(request) or b"")  # CONN/A1 is the whole body; anything after it is ignored
         try:
             vc, paired = self.virtual_connections.attach(target, a1.virtual_connection_cookie, "out", request.transport, refuse_bind=self.options.refuse_bind)
         except ValueError as exc:
@@ -801,11 +807,13 @@ class ExchangeSimulator:
         try:
             await response.prepare(request)
             await response.write(rts.conn_a3())
+            self.counters.rpc_virtual_bytes_out += len(rts.conn_a3())
             if self.options.close_out_early:
                 self.counters.rpc_out_closed_early += 1
                 return response  # the finally clause closes both channels' connections
             await asyncio.wait_for(vc.paired.wait(), rpch.PAIRING_TIMEOUT)
             await response.write(rts.conn_c2())
+            self.counters.rpc_virtual_bytes_out += len(rts.conn_c2())
             while (item := await vc.out_queue.get()) is not None:
                 if item.pause:
                     await asyncio.sleep(item.pause)
@@ -813,6 +821,7 @@ class ExchangeSimulator:
                     await vc.wait_for_window(len(item.pdu))
                     vc.out_sent += len(item.pdu)
                 await response.write(item.pdu)
+                self.counters.rpc_virtual_bytes_out += len(item.pdu)
                 if item.slow:
                     self.counters.rpc_slow_writes.append(time.monotonic())
         except (TimeoutError, ConnectionError):
@@ -831,8 +840,10 @@ class ExchangeSimulator:
         vc.in_channel_cookie = b1.in_channel_cookie
         self._count_channel("in", paired)
         reader = rts.PduReader()
+        self.counters.rpc_virtual_bytes_in += len(opening)
         try:
             async for chunk in request.content.iter_any():
+                self.counters.rpc_virtual_bytes_in += len(chunk)
                 for pdu in reader.feed(chunk):
                     for item in vc.on_in_pdu(pdu):
                         vc.out_queue.put_nowait(item)

@@ -53,7 +53,9 @@ RPC_METHODS = frozenset({"RPC_IN_DATA", "RPC_OUT_DATA"})
 class BridgeStats:
     """Counters the proxy updates; everything else is read from the bridge's parts on demand."""
 
-    def __init__(self, forward_prefixes: tuple[str, ...] = ()) -> None:
+    def __init__(self, forward_prefixes: tuple[str, ...] = (), stall_after: float = 600.0) -> None:
+        from bridge.ops.traffic import TrafficView
+
         self.started = time.time()
         self.prefixes = tuple((prefix.lower(), prefix) for prefix in forward_prefixes)
         self.requests: Counter[tuple[str, int]] = Counter()
@@ -62,16 +64,23 @@ class BridgeStats:
         self.active: dict[int, Any] = {}  # id -> Exchange of each request in progress
         self.rpc_channels = 0
         self.routes: dict[str, str] = {}  # target or path -> route label (cached_by_path)
+        self.traffic = TrafficView(stall_after)  # the migration view's channels and totals per user
 
-    def begin(self, request: Any, exchange: Any) -> None:
+    def begin(self, request: Any, exchange: Any, client: Any = None) -> None:
         self.active[id(exchange)] = exchange
         if request.method in RPC_METHODS:
             self.rpc_channels += 1
+            self.traffic.begin(request, exchange, client)
 
-    def end(self, request: Any, exchange: Any) -> None:
+    def body_observer(self, exchange: Any) -> Any:
+        """For a request body as it passes: a callable taking each piece (True while it wants more), or None."""
+        return self.traffic.opening_observer(exchange)
+
+    def end(self, request: Any, exchange: Any, client: Any = None) -> None:
         self.active.pop(id(exchange), None)
         if request.method in RPC_METHODS:
             self.rpc_channels -= 1
+        self.traffic.end(request, exchange, client)
         self.bytes_in_done += exchange.bytes_in
         self.bytes_out_done += exchange.bytes_out
         self.requests[(self.route(request.raw_path), exchange.status)] += 1
@@ -142,6 +151,7 @@ def snapshot(bridge: Any) -> dict[str, Any]:
         "window": window.describe(now) if window is not None else {"expires_at": None, "expires": None, "basis": "", "seconds_left": None, "expired": False},
         "allow": describe(bridge.config.allow, bridge.config.state_dir),
         "routes": routes_snapshot(bridge),
+        "migration": migration.describe(now) if (migration := getattr(bridge, "migration", None)) is not None else None,
     }
 
 
@@ -184,6 +194,15 @@ class SnapshotCollector:
         if window["seconds_left"] is not None:
             yield _gauge("bridge_window_seconds_left", "Seconds until the migration window closes (0 once closed).", window["seconds_left"])
         yield from collect_routes(data["routes"])
+        view = data["migration"]
+        if view is not None:
+            yield _gauge("bridge_rpc_channels_stalled", "Open Outlook Anywhere channels that moved no byte for --stall-after.", view["stalled"])
+            yield _counter("bridge_rpc_channel_stalls", "Outlook Anywhere channels flagged stalled since start.", view["stalls_total"])
+            yield _counter("bridge_migration_bytes", "Bytes moved for the migration, both ways, as the ledger has them (persists across restarts).", view["total"]["bytes"])
+            minutes = view["throughput"]["minutes"]
+            if len(minutes) > 1:
+                previous = minutes[-2]
+                yield _gauge("bridge_throughput_last_minute_bytes", "Bytes moved, both ways, in the last whole minute.", previous[1] + previous[2])
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
@@ -350,7 +369,8 @@ def render_html(data: dict[str, Any]) -> str:
 <html><head><meta charset="utf-8"><meta http-equiv="refresh" content="{REFRESH_SECONDS}">
 <title>exchange-bridge {e(data['fqdn'])}</title>
 <style>body{{font-family:sans-serif;margin:1.5em}}table{{border-collapse:collapse;margin-bottom:1.2em}}
-td,th{{border:1px solid #bbb;padding:.25em .6em;text-align:left}}th{{background:#eee}}.up{{color:#070}}.down{{color:#b00;font-weight:bold}}</style>
+td,th{{border:1px solid #bbb;padding:.25em .6em;text-align:left}}th{{background:#eee}}.up{{color:#070}}.down{{color:#b00;font-weight:bold}}
+td.n{{text-align:right;font-variant-numeric:tabular-nums}}tr.stalled td{{background:#fdecea}}svg text{{font:11px sans-serif;fill:#333}}</style>
 </head><body>
 <h1>exchange-bridge {e(data['fqdn'])}</h1>
 <table>
@@ -365,6 +385,7 @@ td,th{{border:1px solid #bbb;padding:.25em .6em;text-align:left}}th{{background:
 <tr><th>failed logons</th><td id="auth-failures">{data['auth_failures']}</td></tr>
 <tr><th>bans made / requests refused</th><td id="bans">{data['bans_total']} / {data['banned_requests']}</td></tr>
 </table>
+{migration_html(data["migration"])}
 <h2>Legacy servers</h2><table><tr><th>server</th><th>state</th><th>last error</th></tr>{legacy_rows}</table>
 <h2>Requests</h2><table id="requests"><tr><th>route</th><th>status</th><th>count</th></tr>{request_rows}</table>
 {routes_html(data.get("routes"), human_bytes)}<h2>Refused before the proxy</h2><table id="rejected"><tr><th>reason</th><th>count</th></tr>{rejected_rows}</table>
@@ -372,6 +393,158 @@ td,th{{border:1px solid #bbb;padding:.25em .6em;text-align:left}}th{{background:
 <p>exchange-bridge {e(data['version'])} &middot; refreshes every {REFRESH_SECONDS} s &middot; <a href="/metrics">metrics</a> &middot; <a href="/status.json">json</a></p>
 </body></html>
 """
+
+
+CHART_WIDTH = 720
+CHART_HEIGHT = 160
+CHART_LEFT = 84
+CHART_BOTTOM = 20
+COLOUR_IN = "#1565c0"  # bytes from clients (RPC_IN_DATA, uploads)
+COLOUR_OUT = "#2e7d32"  # bytes to clients (RPC_OUT_DATA: the mailbox data)
+
+
+def clock_label(moment: float) -> str:
+    return time.strftime("%H:%M", time.gmtime(moment))
+
+
+def throughput_svg(throughput: dict[str, Any]) -> str:
+    """The per-minute throughput as an inline SVG bar chart (no script, no font file): bytes to clients
+    stacked on bytes from clients, one bar per minute; each bar carries its numbers (data-* and a title)."""
+    minutes = throughput["minutes"]
+    step = throughput["step"]
+    plot_width = CHART_WIDTH - CHART_LEFT - 8
+    plot_height = CHART_HEIGHT - CHART_BOTTOM - 10
+    peak = max((received + sent for _, received, sent in minutes), default=0)
+    scale = plot_height / peak if peak else 0.0
+    width = plot_width / max(1, len(minutes))
+    bars = []
+    for index, (start, received, sent) in enumerate(minutes):
+        if not (received or sent):
+            continue
+        x = CHART_LEFT + index * width
+        base = CHART_HEIGHT - CHART_BOTTOM
+        title = f"{clock_label(start)} UTC: {received} bytes from clients, {sent} bytes to clients"
+        parts = []
+        height_in = received * scale
+        height_out = sent * scale
+        if received:
+            parts.append(f'<rect class="in" x="{x:.2f}" y="{base - height_in:.2f}" width="{max(width - 0.3, 0.6):.2f}" height="{max(height_in, 1):.2f}" fill="{COLOUR_IN}"/>')
+        if sent:
+            parts.append(f'<rect class="out" x="{x:.2f}" y="{base - height_in - height_out:.2f}" width="{max(width - 0.3, 0.6):.2f}" height="{max(height_out, 1):.2f}" fill="{COLOUR_OUT}"/>')
+        bars.append(f'<g class="minute" data-minute="{start}" data-in="{received}" data-out="{sent}"><title>{html.escape(title)}</title>{"".join(parts)}</g>')
+    total_in = sum(received for _, received, _ in minutes)
+    total_out = sum(sent for _, _, sent in minutes)
+    first = minutes[0][0] if minutes else 0
+    last = minutes[-1][0] + step if minutes else 0
+    bottom = CHART_HEIGHT - CHART_BOTTOM
+    return (
+        f'<svg id="throughput-chart" xmlns="http://www.w3.org/2000/svg" width="{CHART_WIDTH}" height="{CHART_HEIGHT}" viewBox="0 0 {CHART_WIDTH} {CHART_HEIGHT}" '
+        f'role="img" aria-label="bytes per minute" data-peak="{peak}" data-total-in="{total_in}" data-total-out="{total_out}" data-minutes="{len(minutes)}">'
+        f'<rect x="{CHART_LEFT}" y="10" width="{plot_width}" height="{plot_height}" fill="#fafafa" stroke="#ccc"/>'
+        f'<text id="chart-peak" x="{CHART_LEFT - 4}" y="18" text-anchor="end">{html.escape(human_bytes(peak))}/min</text>'
+        f'<text x="{CHART_LEFT - 4}" y="{bottom}" text-anchor="end">0</text>'
+        f'<text x="{CHART_LEFT}" y="{CHART_HEIGHT - 5}">{clock_label(first)}</text>'
+        f'<text x="{CHART_WIDTH - 8}" y="{CHART_HEIGHT - 5}" text-anchor="end">{clock_label(last)} UTC</text>' + "".join(bars) + "</svg>"
+    )
+
+
+def channel_rows(view: dict[str, Any]) -> str:
+    e = html.escape
+    rows = []
+    for pair in view["pairs"]:
+        label = pair["pair"].removeprefix("vc:")[:8] if pair["paired_by"] == "cookie" else pair["pair"]
+        for channel in pair["in"] + pair["out"]:
+            stalled = " class='stalled'" if channel["stalled"] else ""
+            state = "<b class='down'>stalled</b>" if channel["stalled"] else "moving" if channel["idle_seconds"] < 5 else "idle"
+            rows.append(
+                f"<tr{stalled} data-channel='{channel['id']}' data-pair='{e(pair['pair'])}' data-direction='{channel['direction']}' data-user='{e(channel['user'])}' "
+                f"data-bytes='{channel['bytes']}' data-rate='{channel['rate']}' data-stalled='{str(channel['stalled']).lower()}'>"
+                f"<td title='{e(pair['pair'])} (paired by {pair['paired_by']})'>{e(label)}</td><td>{channel['direction']}</td><td>{e(channel['client'])}</td><td>{e(channel['user'])}</td>"
+                f"<td class='n'>{human_bytes(channel['bytes'])}</td><td class='n'>{human_bytes(channel['rate'])}/s</td><td>{human_duration(channel['age_seconds'])}</td>"
+                f"<td>{human_duration(channel['idle_seconds'])}</td><td>{state}</td></tr>"
+            )
+    return "".join(rows) or "<tr><td colspan=9>no Outlook Anywhere channel open</td></tr>"
+
+
+def migration_html(view: dict[str, Any] | None) -> str:
+    if view is None:
+        return ""
+    e = html.escape
+    total = view["total"]
+    user_rows = (
+        "".join(
+            f"<tr data-user='{e(item['user'])}' data-bytes='{item['bytes']}'><td>{e(item['user'])}</td>"
+            f"<td class='n'>{item['bytes_in']}</td><td class='n'>{item['bytes_out']}</td><td class='n'>{human_bytes(item['bytes'])}</td></tr>"
+            for item in view["users"]
+        )
+        or "<tr><td colspan=4>nothing moved yet</td></tr>"
+    )
+    return f"""<h2>Migration</h2>
+<p id="migration-summary">{view['channels_open']} Outlook Anywhere channels open, <span id="stalled" class="{'down' if view['stalled'] else 'up'}">{view['stalled']} stalled</span>
+(no byte for {human_duration(view['stall_after'])}); moved <span id="migration-total" data-bytes="{total['bytes']}">{human_bytes(total['bytes'])}</span>
+since {e(view['first_forwarded'] or '-')}, last request {e(view['last_forwarded'] or '-')} (UTC).</p>
+<figure>{throughput_svg(view['throughput'])}<figcaption>bytes per minute, last {len(view['throughput']['minutes'])} minutes:
+<span style="color:{COLOUR_OUT}">&#9632; to clients</span> on <span style="color:{COLOUR_IN}">&#9632; from clients</span></figcaption></figure>
+<table id="channels"><tr><th>connection</th><th>channel</th><th>client</th><th>user</th><th>bytes</th><th>rate (1 min)</th><th>age</th><th>since last byte</th><th>state</th></tr>
+{channel_rows(view)}</table>
+<table id="users"><tr><th>user</th><th>bytes from clients</th><th>bytes to clients</th><th>total</th></tr>{user_rows}
+<tr><th>all</th><td class='n'>{total['bytes_in']}</td><td class='n'>{total['bytes_out']}</td><td class='n'>{human_bytes(total['bytes'])}</td></tr></table>
+"""
+
+
+SPARK = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[int], width: int = 72) -> str:
+    """``values`` squeezed into at most ``width`` block characters (groups summed), scaled to the largest."""
+    if not values:
+        return ""
+    group = max(1, -(-len(values) // width))
+    sums = [sum(values[index : index + group]) for index in range(0, len(values), group)]
+    peak = max(sums)
+    if not peak:
+        return " " * len(sums)
+    return "".join(" " if value == 0 else SPARK[min(len(SPARK) - 1, int(value * (len(SPARK) - 1) / peak + 0.999))] for value in sums)
+
+
+def render_migration_rich(view: dict[str, Any]) -> list[Any]:
+    from rich.table import Table
+
+    minutes = view["throughput"]["minutes"]
+    totals = [received + sent for _, received, sent in minutes]
+    peak = max(totals, default=0)
+    summary = Table.grid(padding=(0, 2))
+    summary.add_row("throughput", f"{sparkline(totals)}  peak {human_bytes(peak)}/min over {len(minutes)} min")
+    summary.add_row(
+        "migration",
+        f"{human_bytes(view['total']['bytes'])} moved since {view['first_forwarded'] or '-'}; "
+        f"{view['channels_open']} channels, {view['stalled']} stalled (no byte for {human_duration(view['stall_after'])})",
+    )
+    channels = Table(title="Outlook Anywhere channels", title_justify="left")
+    for column in ("connection", "dir", "client", "user", "bytes", "rate", "age", "idle", "state"):
+        channels.add_column(column)
+    for pair in view["pairs"]:
+        label = pair["pair"].removeprefix("vc:")[:8] if pair["paired_by"] == "cookie" else pair["pair"]
+        for channel in pair["in"] + pair["out"]:
+            state = "[bold red]stalled[/]" if channel["stalled"] else "moving" if channel["idle_seconds"] < 5 else "idle"
+            channels.add_row(
+                label,
+                channel["direction"],
+                channel["client"],
+                channel["user"],
+                human_bytes(channel["bytes"]),
+                f"{human_bytes(channel['rate'])}/s",
+                human_duration(channel["age_seconds"]),
+                human_duration(channel["idle_seconds"]),
+                state,
+            )
+    users = Table(title="moved per user", title_justify="left")
+    for column in ("user", "from clients", "to clients", "total"):
+        users.add_column(column)
+    for item in view["users"]:
+        users.add_row(item["user"], str(item["bytes_in"]), str(item["bytes_out"]), human_bytes(item["bytes"]))
+    users.add_row("[bold]all[/]", str(view["total"]["bytes_in"]), str(view["total"]["bytes_out"]), human_bytes(view["total"]["bytes"]))
+    return [summary, channels, users]
 
 
 # --------------------------------------------------------------------------- `bridge status`
@@ -454,7 +627,10 @@ def render_rich(data: dict[str, Any]) -> Any:
         bans.add_column(column)
     for ban in data["bans"]:
         bans.add_row(ban["address"], human_duration(ban["seconds_left"]), ban["reason"])
-    parts: list[Any] = [overview, legacy, requests]
+    parts: list[Any] = [overview]
+    if data.get("migration") is not None:
+        parts.extend(render_migration_rich(data["migration"]))
+    parts += [legacy, requests]
     routes = routes_rich(data.get("routes"), human_bytes)
     if routes is not None:
         parts.append(routes)
@@ -498,7 +674,7 @@ def run(args: argparse.Namespace) -> int:
 def attach_counters(bridge: Any, guard: Any, bans: Any) -> None:
     """The HTTPS front end's guard, the bans (a BanGuard, or a worker's view of the parent's) and new
     counters, on the bridge and its proxy (which updates them per request)."""
-    bridge.guard, bridge.bans, bridge.stats = guard, bans, BridgeStats(bridge.config.forward_paths)
+    bridge.guard, bridge.bans, bridge.stats = guard, bans, BridgeStats(bridge.config.forward_paths, bridge.config.stall_after)
     bridge.proxy.bans, bridge.proxy.stats, bridge.proxy.guard = bridge.bans, bridge.stats, guard
 
 
@@ -513,6 +689,11 @@ async def attach_operations(bridge: Any, guard: Any, https_runner: Any) -> None:
         log.info("only %s may connect (--allow)", ", ".join(str(entry) for entry in config.allow))
     bridge.bans.restore_hooks()
     bridge.background.append(asyncio.create_task(bridge.bans.run_forever(), name="ban-housekeeping"))
+    from bridge.ops.migration import MigrationView
+
+    traffic = bridge.stats.traffic
+    bridge.migration = MigrationView(bridge, traffic.report, local=traffic)
+    bridge.background.append(asyncio.create_task(bridge.migration.run(), name="migration-view"))
     started = await start_status_listener(bridge)
     if started is not None:
         runner, bridge.status_port = started
@@ -537,6 +718,9 @@ def reload_settings(bridge: Any, new: Any) -> None:
         window.configure(bridge.config)
     if bridge.bans is not None:
         bridge.bans.policy = policy_from_config(new)
+    traffic = getattr(bridge.stats, "traffic", None)
+    if traffic is not None:
+        traffic.stall_after = new.stall_after
     bridge.proxy.pool.connect_timeout = new.connect_timeout
     router = getattr(bridge, "router", None)
     if router is not None:

@@ -46,3 +46,77 @@ def carries_final_credentials(authorization: str | None) -> bool:
     if raw.startswith(NTLM_SIGNATURE):
         return ntlm_message_type(raw) == NTLM_AUTHENTICATE
     return bool(raw) and raw[0] != SPNEGO_INIT_TAG  # a NegTokenResp: the client's answer to a challenge
+
+
+# --------------------------------------------------------------------------- who a logon names
+
+NTLM_NEGOTIATE_UNICODE = 0x00000001
+NTLM_NEGOTIATE_OEM = 0x00000002
+_AUTHENTICATE_FIXED = 64  # through NegotiateFlags: the shortest AUTHENTICATE message ([MS-NLMP] 2.2.1.3)
+MAX_USER_NAME = 256  # characters kept of a user name (longer ones are cut: a label, not an identity check)
+
+
+def _ntlm_field(token: bytes, offset: int) -> bytes | None:
+    """The payload of the (Len, MaxLen, BufferOffset) field descriptor at ``offset``; None when it points outside the message."""
+    length = int.from_bytes(token[offset : offset + 2], "little")
+    start = int.from_bytes(token[offset + 4 : offset + 8], "little")
+    if length == 0:
+        return b""
+    if start < _AUTHENTICATE_FIXED or start + length > len(token):  # (a payload never overlaps the fixed header)
+        return None
+    return token[start : start + length]
+
+
+def ntlm_authenticate_user(token: bytes) -> str | None:
+    """``DOMAIN\\user`` (or ``user``) from an NTLM AUTHENTICATE message's DomainName and UserName
+    fields ([MS-NLMP] 2.2.1.3); None for any other message, a malformed one, or an anonymous logon.
+    Nothing else of the message is read: never the challenge responses (the password's proof)."""
+    if ntlm_message_type(token) != NTLM_AUTHENTICATE or len(token) < _AUTHENTICATE_FIXED:
+        return None
+    flags = int.from_bytes(token[60:64], "little")
+    domain = _ntlm_field(token, 28)
+    user = _ntlm_field(token, 36)
+    if domain is None or user is None or not user:
+        return None
+    encoding = "utf-16-le" if flags & NTLM_NEGOTIATE_UNICODE else "cp437"
+    try:
+        name = user.decode(encoding)
+        realm = domain.decode(encoding)
+    except UnicodeDecodeError:
+        return None
+    name = _printable(name)
+    realm = _printable(realm)
+    if not name:
+        return None
+    return (f"{realm}\\{name}" if realm else name)[:MAX_USER_NAME]
+
+
+def _printable(text: str) -> str:
+    return "".join(character for character in text if character.isprintable()).strip()
+
+
+def user_of(authorization: str | None) -> str | None:
+    """The user name an Authorization header names: Basic's user (the password is dropped unread),
+    or an NTLM AUTHENTICATE message's DOMAIN\\user (bare or inside Negotiate); None otherwise (a
+    handshake's first leg, Kerberos, garbage)."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    scheme = scheme.lower()
+    if scheme not in ("basic", "ntlm", "negotiate"):
+        return None
+    try:
+        raw = base64.b64decode(token.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    if scheme == "basic":
+        name, colon, _ = raw.partition(b":")
+        if not colon:
+            return None
+        try:
+            text = name.decode("utf-8")
+        except UnicodeDecodeError:
+            text = name.decode("latin-1")
+        return _printable(text)[:MAX_USER_NAME] or None
+    start = raw.find(NTLM_SIGNATURE)  # Negotiate: the NTLM token inside a SPNEGO NegTokenResp
+    return ntlm_authenticate_user(raw[start:]) if start >= 0 else None

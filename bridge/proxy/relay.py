@@ -121,7 +121,7 @@ class Proxy:
         exchange = Exchange(request)
         stats = self.stats
         if stats is not None:
-            stats.begin(request, exchange)
+            stats.begin(request, exchange, client)
         try:
             refusal = self.refuse(request, client)
             if refusal is not None:
@@ -133,7 +133,7 @@ class Proxy:
             return keep
         finally:
             if stats is not None:
-                stats.end(request, exchange)
+                stats.end(request, exchange, client)
             self.log_access(request, client, exchange)
 
     def note_failed_logon(self, request: RequestHead, client: ClientConnection, exchange: Exchange) -> None:
@@ -302,7 +302,7 @@ class Proxy:
         upstream = client.state.data[UPSTREAM_KEY]
         exchange = Exchange(request, upstream)
         if self.stats is not None:
-            self.stats.begin(request, exchange)
+            self.stats.begin(request, exchange, client)
         client.begin_fast(length, exchange, self.config.idle_timeout)
         channel = upstream.channel
         channel.on_data = client.fast_data_callback()
@@ -389,7 +389,7 @@ class Proxy:
             except Exception:  # the answer is out; a failing ban hook must not touch the exchange
                 log.exception("recording a failed logon failed")
         if self.stats is not None:
-            self.stats.end(request, exchange)
+            self.stats.end(request, exchange, client)
         if access_log.isEnabledFor(logging.INFO):
             self.log_access(request, client, exchange)
         client.end_fast(keep)
@@ -409,7 +409,7 @@ class Proxy:
             return keep
         finally:
             if self.stats is not None:
-                self.stats.end(request, exchange)
+                self.stats.end(request, exchange, client)
             self.log_access(request, client, exchange)
 
     def fast_expired(self, client: ClientConnection) -> None:
@@ -429,7 +429,7 @@ class Proxy:
         upstream.close()
         client.watch_idle(0)
         if self.stats is not None:
-            self.stats.end(exchange.request, exchange)
+            self.stats.end(exchange.request, exchange, client)
         self.log_access(exchange.request, client, exchange)
 
     def start_pump(self, request: RequestHead, client: ClientConnection, upstream: UpstreamConnection, exchange: Exchange) -> asyncio.Task:
@@ -528,6 +528,8 @@ class Proxy:
             exchange.body_done = True
             return
         remaining = request.content_length or 0
+        # The migration view reads an RPC channel's first RTS PDU (its cookie) as the body passes.
+        observe = self.stats.body_observer(exchange) if self.stats is not None else None
         while remaining:
             data = await read_some(min(remaining, READ_SIZE))
             if not data:
@@ -537,6 +539,8 @@ class Proxy:
             touch()
             exchange.bytes_in += len(data)
             write(data)
+            if observe is not None and not observe(data):
+                observe = None
             if channel.writing_paused:
                 await upstream.drain()
             touch()

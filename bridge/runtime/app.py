@@ -71,6 +71,7 @@ class RunningBridge:
     key_path: Path | None = None
     window: Any = None  # bridge.ops.window.Window: the migration window (--expire-at/--expire-after)
     router: Router | None = None  # --passthrough routes (SNI on 443, Host on 80)
+    migration: Any = None  # bridge.ops.migration.MigrationView: the live view, the ledger and the hand-over report
 
     async def close(self) -> None:
         for task in self.background:
@@ -78,6 +79,8 @@ class RunningBridge:
         await asyncio.gather(*self.background, return_exceptions=True)
         for runner in reversed(self.runners):
             await runner.cleanup()
+        if self.migration is not None:  # after the drain: the ledger and the hand-over report have everything
+            self.migration.finish()
 
     def reload_certificate(self) -> None:
         reload_front_certificate(self)

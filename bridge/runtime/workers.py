@@ -91,7 +91,7 @@ class WorkerTotals:
     forward_paths: tuple[str, ...] = ()
     started: float = field(default_factory=time.time)
     current: dict[int, dict[str, Any]] = field(default_factory=dict)  # worker index -> last report
-    retired: dict[str, Any] = field(default_factory=lambda: {"requests": Counter(), "rejected": Counter(), "bytes_in": 0, "bytes_out": 0, "refused": 0, "passthrough": {}})
+    retired: dict[str, Any] = field(default_factory=lambda: {"requests": Counter(), "rejected": Counter(), "bytes_in": 0, "bytes_out": 0, "refused": 0, "passthrough": {}, "traffic": None})
 
     def update(self, index: int, report: dict[str, Any]) -> None:
         self.current[index] = report
@@ -112,6 +112,18 @@ class WorkerTotals:
         for row in retired.values():
             row["open"] = 0
         add_route_counters(self.retired["passthrough"], retired)
+        if "traffic" in report:  # its counts stay; its channels are gone
+            self.retired["traffic"] = self.traffic_report(extra=[dict(report["traffic"], channels=[])], current=False)
+
+    def traffic_report(self, extra: list[dict[str, Any]] | None = None, current: bool = True) -> dict[str, Any]:
+        """The workers' migration views added up (bridge.ops.traffic.merge_reports), retired workers' counts included."""
+        from bridge.ops.traffic import merge_reports
+
+        reports = [("", self.retired["traffic"])] if self.retired["traffic"] is not None else []
+        if current:
+            reports += [(f"w{index}:", report["traffic"]) for index, report in sorted(self.current.items()) if "traffic" in report]
+        reports += [("", report) for report in extra or ()]
+        return merge_reports(reports)
 
     def _sum(self, name: str) -> int:
         return self.retired.get(name, 0) + sum(report[name] for report in self.current.values())
@@ -207,6 +219,7 @@ class Supervisor:
         self.status_port = 0
         self.window = Window()  # keeps the time for the logs and the status page; each worker closes its own proxy
         self.router: Any = None  # --passthrough: port 80's routing and the backends' health checks (the workers route 443)
+        self.migration: Any = None  # bridge.ops.migration.MigrationView over the workers' reports (serve_with_workers)
         self._pushed_bans: dict[str, float] | None = None
 
     # ---- what each worker gets -----------------------------------------------------------------
@@ -367,6 +380,9 @@ class Supervisor:
                     log.error("worker %d (pid %d) did not stop after the drain; killing it", worker.index, worker.process.pid)
                     worker.process.kill()
             await asyncio.gather(*(worker.process.wait() for worker in self.workers.values()))
+        readers = [worker.reader_task for worker in self.workers.values() if worker.reader_task is not None]
+        if readers:  # the workers' last reports (sent after their drain) are read before the counts are final
+            await asyncio.wait(readers, timeout=2)
         for worker in self.workers.values():
             worker.writer.close()
             if worker.reader_task is not None:
@@ -378,6 +394,8 @@ class Supervisor:
             await runner.cleanup()
         for sock in self.sockets:
             sock.close()
+        if self.migration is not None:  # after the workers' last reports: the ledger and the hand-over report
+            self.migration.finish()
 
 
 def _exit_reason(code: int) -> str:
@@ -450,6 +468,10 @@ async def serve_with_workers(config: BridgeConfig, reload_config: Callable[[], B
             supervisor.renewal = notifying_renewer(config, challenges, ssl_context, supervisor.reload_workers)
             supervisor.background.append(asyncio.create_task(supervisor.renewal.run(), name="certificate-renewal"))
         await supervisor.start_workers()
+        from bridge.ops.migration import MigrationView
+
+        supervisor.migration = MigrationView(supervisor, supervisor.totals.traffic_report)
+        supervisor.background.append(asyncio.create_task(supervisor.migration.run(), name="migration-view"))
         started = await start_status_listener(supervisor)
         if started is not None:
             runner, supervisor.status_port = started
@@ -505,7 +527,9 @@ class WorkerBans:
 
 def worker_report(bridge: Any) -> dict[str, Any]:
     stats, guard = bridge.stats, bridge.guard
+    stats.traffic.tick()  # a second's sample of the worker's channels (rates, stalls, bytes per user)
     return {
+        "traffic": stats.traffic.report(),
         "requests": dict(stats.requests),
         "bytes_in": stats.bytes_in,
         "bytes_out": stats.bytes_out,
