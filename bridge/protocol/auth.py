@@ -46,3 +46,55 @@ def carries_final_credentials(authorization: str | None) -> bool:
     if raw.startswith(NTLM_SIGNATURE):
         return ntlm_message_type(raw) == NTLM_AUTHENTICATE
     return bool(raw) and raw[0] != SPNEGO_INIT_TAG  # a NegTokenResp: the client's answer to a challenge
+
+
+# --------------------------------------------------------------------------- SASL (the mail protocols)
+
+NTLM_UNICODE = 0x00000001
+MAX_USER_NAME = 256
+
+
+def printable_name(raw: bytes | str) -> str:
+    """A user name as the log may show it: decoded, control characters replaced, bounded."""
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    return "".join(char if char.isprintable() else "?" for char in text[:MAX_USER_NAME])
+
+
+def ntlm_user(token: bytes) -> str | None:
+    """DOMAIN\\user from an NTLM AUTHENTICATE (type 3) message, None for anything else."""
+    if ntlm_message_type(token) != NTLM_AUTHENTICATE or len(token) < 64:
+        return None
+
+    def field_at(offset: int) -> bytes:
+        length = int.from_bytes(token[offset : offset + 2], "little")
+        start = int.from_bytes(token[offset + 4 : offset + 8], "little")
+        return token[start : start + length] if start + length <= len(token) else b""
+
+    flags = int.from_bytes(token[60:64], "little")
+    encoding = "utf-16-le" if flags & NTLM_UNICODE else "latin-1"
+    domain, user = (field_at(offset).decode(encoding, "replace") for offset in (28, 36))
+    if not user:
+        return None
+    return printable_name(f"{domain}\\{user}" if domain else user)
+
+
+class SaslUser:
+    """The user name in a SASL exchange's decoded client responses (PLAIN, LOGIN, NTLM); the password and
+    the blobs are looked at only to find it, and never kept. Shared by IMAP, POP3 and SMTP."""
+
+    def __init__(self, mechanism: str) -> None:
+        self.mechanism = mechanism.upper()
+        self.responses = 0
+        self.user: str | None = None
+
+    def feed(self, response: bytes) -> None:
+        self.responses += 1
+        mechanism = self.mechanism
+        if mechanism == "PLAIN" and self.responses == 1:
+            parts = response.split(b"\x00")
+            if len(parts) == 3:  # authzid NUL authcid NUL passwd
+                self.user = printable_name(parts[1] or parts[0])
+        elif mechanism == "LOGIN" and self.responses == 1:
+            self.user = printable_name(response)
+        elif mechanism == "NTLM":
+            self.user = ntlm_user(response) or self.user
