@@ -80,10 +80,15 @@ def peer_address(transport: asyncio.BaseTransport) -> str:
 class Gate(asyncio.Protocol):
     """First protocol of every TCP connection: decides before TLS, then hands the transport over."""
 
-    def __init__(self, guard: ConnectionGuard, app_factory: Any, ssl_context: Any) -> None:
+    def __init__(self, guard: ConnectionGuard, app_factory: Any, ssl_context: Any, *, banned: Any = None, busy_factory: Any = None, plain_answer: bytes | None = None) -> None:
         self.guard = guard
         self.app_factory = app_factory
         self.ssl_context = ssl_context
+        # The mail listeners (bridge.proxy.mail): banned(peer) closes a banned source before TLS, a
+        # session over --max-connections gets busy_factory(guard, on_close), plain text plain_answer.
+        self.banned = banned
+        self.busy_factory = busy_factory or BusyResponder
+        self.plain_answer = plain_answer
         self.transport: asyncio.Transport | None = None
         self.counted = False
         self.busy = False
@@ -95,6 +100,11 @@ class Gate(asyncio.Protocol):
         if not guard.allows(peer):
             guard.reject("allow-list")
             log.info("closed a connection from %s: not in --allow", peer)
+            transport.abort()
+            return
+        if self.banned is not None and self.banned(peer):
+            guard.reject("banned")
+            log.info("closed a connection from %s: banned", peer)
             transport.abort()
             return
         self.transport = transport
@@ -123,7 +133,7 @@ class Gate(asyncio.Protocol):
         elif data[:1].isalpha():
             self.guard.reject("plain-http")
             log.info("plain HTTP from %s on the HTTPS port: answered 400", peer_address(transport))
-            transport.write(plain_http_answer(self.guard.public_origin))
+            transport.write(plain_http_answer(self.guard.public_origin) if self.plain_answer is None else self.plain_answer)
             transport.close()
         else:
             self.guard.reject("not-tls")
@@ -134,7 +144,7 @@ class Gate(asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         on_close = self.release
-        app = BusyResponder(self.guard, on_close) if self.busy else self.app_factory()
+        app = self.busy_factory(self.guard, on_close) if self.busy else self.app_factory()
         self.transport = None  # the Gate is done; the counted slot is released by the new protocol
         state = getattr(app, "state", None)  # a client connection (bridge.net.front)
         if state is not None:
