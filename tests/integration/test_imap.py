@@ -258,6 +258,11 @@ def test_hostile_input_is_answered_or_closed_without_reaching_the_lab_or_another
     assert wait_until(lambda: counters.commands["AUTHENTICATE"] >= 1)
     assert "DELETE" not in counters.commands
 
+    # plain text on the implicit-TLS port: one line saying so, before any TLS
+    with socket.create_connection(("127.0.0.1", imaps_port(bridge)), timeout=10) as plain:
+        plain.sendall(b"a1 CAPABILITY\r\n")
+        assert plain.recv(1024) == b"* BYE This port speaks TLS from the first byte; connect with TLS (IMAPS).\r\n"
+
     # the other session is unharmed
     assert other.fetch("1", "(BODY[])")[1][0][1] == mailbox_messages()[0]
     other.logout()
