@@ -116,8 +116,8 @@ def validate_fqdn(name: str) -> str:
     return candidate
 
 
-def parse_legacy(spec: str) -> LegacyServer:
-    """Parse HOST, HOST:PORT, [IPv6] or [IPv6]:PORT."""
+def parse_legacy(spec: str, flag: str = "--legacy", default_port: int = 443) -> LegacyServer:
+    """Parse HOST, HOST:PORT, [IPv6] or [IPv6]:PORT (``flag`` names the setting in the error sentences)."""
     text = spec.strip()
     if text.lower().startswith("https://"):
         text = text[8:].rstrip("/")
@@ -125,24 +125,24 @@ def parse_legacy(spec: str) -> LegacyServer:
     if text.startswith("["):
         end = text.find("]")
         if end < 0:
-            raise ConfigError(f"--legacy {spec!r} has an unclosed '['; write an IPv6 address as [2001:db8::1]:443.")
+            raise ConfigError(f"{flag} {spec!r} has an unclosed '['; write an IPv6 address as [2001:db8::1]:443.")
         host, rest = text[1:end], text[end + 1 :]
         if rest:
             if not rest.startswith(":"):
-                raise ConfigError(f"--legacy {spec!r} is not HOST[:PORT]; write e.g. owa.customer.example:443.")
+                raise ConfigError(f"{flag} {spec!r} is not HOST[:PORT]; write e.g. owa.customer.example:443.")
             port_text = rest[1:]
     elif text.count(":") == 1:
         host, port_text = text.split(":")
     elif text.count(":") > 1 and is_ip_address(text):
         host = text
-    port = 443
+    port = default_port
     if port_text:
         if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-            raise ConfigError(f"--legacy {spec!r} has an invalid port; use a number from 1 to 65535.")
+            raise ConfigError(f"{flag} {spec!r} has an invalid port; use a number from 1 to 65535.")
         port = int(port_text)
     host = host.strip().rstrip(".")
     if not host or not (is_ip_address(host) or all(_LABEL.match(label) for label in host.split("."))):
-        raise ConfigError(f"--legacy {spec!r} is not a valid host name or IP address; write e.g. owa.customer.example or 192.0.2.10:443.")
+        raise ConfigError(f"{flag} {spec!r} is not a valid host name or IP address; write e.g. owa.customer.example or 192.0.2.10:443.")
     return LegacyServer(host=host, port=port)
 
 
@@ -376,6 +376,18 @@ def _key_type(flag: str, value: Any) -> str:
     return text
 
 
+def _upstream(flag: str, value: Any) -> LegacyServer:
+    """HOST[:PORT] of a mail service; port 0 when none is given (the protocol's port for its TLS mode)."""
+    return parse_legacy(str(value), flag, default_port=0)
+
+
+def _mail_tls(flag: str, value: Any) -> str:
+    text = str(value).strip().lower()
+    if text not in MAIL_TLS_MODES:
+        raise ConfigError(f"{flag} {value!r} is not implicit, starttls or plain; give one of those.")
+    return text
+
+
 def _status_bind(flag: str, value: Any) -> str:
     text = str(value).strip()
     parse_status_bind(text)
@@ -395,7 +407,16 @@ def _command_line(flag: str, value: Any) -> str:
 
 
 # Groups: the argparse group title (None: the command's own options) and the README table each goes in.
-GROUPS = {"up": None, "certificates": "certificates (ACME, when no --cert/--key)", "operations": "operations and security", "routing": "SNI routing (TLS passthrough beside the bridge)"}
+GROUPS = {
+    "up": None,
+    "certificates": "certificates (ACME, when no --cert/--key)",
+    "operations": "operations and security",
+    "mail": "mail protocols",
+    "routing": "SNI routing (TLS passthrough beside the bridge)",
+}
+MAIL_TLS_MODES = ("implicit", "starttls", "plain")
+IMAPS_PORT = 993  # the IMAPS port clients expect (RFC 8314); --imaps-port is off unless set
+IMAP_PORT = 143
 
 
 @dataclass(frozen=True)
@@ -605,6 +626,55 @@ class BridgeConfig:
         group="operations",
     )
 
+    # Mail protocols (bridge.proxy.mail): IMAPS now
+    imaps_port: int | None = _setting(
+        None,
+        "--imaps-port",
+        "N",
+        "IMAPS listener (implicit TLS, the bridge's certificate, the same gate, bans and --max-connections); the usual port is 993",
+        parse=_port,
+        shown="off",
+        group="mail",
+    )
+    imap_upstream: LegacyServer | None = _setting(
+        None,
+        "--imap-upstream",
+        "HOST[:PORT]",
+        "Exchange 2007's IMAP4 service",
+        parse=_upstream,
+        shown="the first --legacy host, port 993 (143 with `starttls` or `plain`)",
+        group="mail",
+    )
+    imap_upstream_tls: str = _setting(
+        "implicit",
+        "--imap-upstream-tls",
+        "MODE",
+        "`implicit` (TLS from the first byte), `starttls` or `plain` (a trusted network only); TLS 1.0 is allowed and checked with --legacy-fingerprint/--legacy-ca as for HTTPS",
+        parse=_mail_tls,
+        group="mail",
+    )
+    mail_fqdn: str | None = _setting(
+        None,
+        "--mail-fqdn",
+        "NAME",
+        "a second name in the ACME certificate for mail clients (e.g. `imap.example.com`); its A record must point here too",
+        parse=lambda flag, value: validate_fqdn(str(value)),
+        group="mail",
+        commands=_BOTH,
+    )
+
+    @property
+    def imap_server(self) -> LegacyServer:
+        """Where IMAP sessions go: --imap-upstream, else the first --legacy host; the port by --imap-upstream-tls when none is given."""
+        host = self.imap_upstream.host if self.imap_upstream is not None else (self.legacy[0].host if self.legacy else "")
+        port = self.imap_upstream.port if self.imap_upstream is not None and self.imap_upstream.port else (IMAPS_PORT if self.imap_upstream_tls == "implicit" else IMAP_PORT)
+        return LegacyServer(host, port)
+
+    @property
+    def certificate_names(self) -> list[str]:
+        """The names the ACME certificate covers: --fqdn, then --mail-fqdn."""
+        return [self.fqdn] + ([self.mail_fqdn] if self.mail_fqdn and self.mail_fqdn != self.fqdn else [])
+
     @property
     def legacy_hostnames(self) -> set[str]:
         return {server.host.lower() for server in self.legacy}
@@ -723,6 +793,8 @@ def build_config(values: dict[str, Any], *, require_fqdn: bool = True, require_l
         raise ConfigError("--cert and --key go together; give both (the certificate chain and its private key) or neither.")
     if config.expire_at is not None and config.expire_after is not None:
         raise ConfigError("--expire-at and --expire-after both set the end of the migration window; give one of them.")
+    if config.imaps_port is not None and config.workers > 1:
+        raise ConfigError("--imaps-port runs in one process only for now; leave out --workers (or set it to 1) to serve IMAPS.")
     if bool(config.acme_eab_kid) != bool(config.acme_eab_hmac_key):
         raise ConfigError("--acme-eab-kid and --acme-eab-hmac-key go together; give both as your CA shows them, or neither.")
     check_routes(config)

@@ -287,9 +287,10 @@ class AcmeSession:
 
     # -- order
 
-    def new_order(self, fqdn: str, key_type: str, replaces: str | None = None) -> PendingOrder:
+    def new_order(self, names: list[str], key_type: str, replaces: str | None = None) -> PendingOrder:
+        """An order for ``names`` (--fqdn, and --mail-fqdn when given), each validated over HTTP-01."""
         private_key_pem = key_pem(new_private_key(key_type))
-        csr_pem = crypto_util.make_csr(private_key_pem, [fqdn])
+        csr_pem = crypto_util.make_csr(private_key_pem, names)
         with self.translated("order"):
             try:
                 order = self._order(csr_pem, replaces)
@@ -507,7 +508,7 @@ async def obtain(config: BridgeConfig, challenges: dict[str, str], *, reason: st
     log.info("ordering a certificate for %s from %s (%s)", config.fqdn, session.url, reason)
     await _in_thread(session.ensure_account)
     replaces_id = ari_certificate_id(replaces) if replaces is not None and session.offers_renewal_info else None
-    pending = await _in_thread(session.new_order, config.fqdn, config.key_type, replaces_id)
+    pending = await _in_thread(session.new_order, config.certificate_names, config.key_type, replaces_id)
     for challenge, _, validation in pending.answers:
         challenges[challenge.chall.encode("token")] = validation
     if pending.answers:
@@ -542,8 +543,10 @@ def reuse_refusal(stored: StoredCertificate | None, config: BridgeConfig, url: s
     info = inspect_certificate(stored.leaf)
     if info.not_after <= now:
         return f"the stored certificate expired on {info.not_after:%Y-%m-%d}"
-    if config.fqdn not in [name.lower() for name in info.sans]:
-        return f"the stored certificate covers {', '.join(info.sans)}, not {config.fqdn}"
+    covered = [name.lower() for name in info.sans]
+    for name in config.certificate_names:
+        if name not in covered:
+            return f"the stored certificate covers {', '.join(info.sans)}, not {name}"
     if stored.meta.get("directory") not in (None, url):
         return f"the stored certificate came from {stored.meta['directory']}, not {url}"
     if stored.meta.get("key_type") not in (None, config.key_type):

@@ -106,6 +106,9 @@ class LabOptions:
     # right after CONN/A3 (what a load balancer that cuts or buffers the response looks like).
     refuse_bind: bool = False
     close_out_early: bool = False
+    # The IMAP4 service (bridge.lab.imap): off unless a port is given (0: a free one).
+    imap_port: int | None = None
+    imap_tls: str = "implicit"  # implicit (993-style) or starttls (143-style)
 
 
 @dataclass
@@ -907,6 +910,8 @@ class Lab:
     fingerprint: str
     counters: LabCounters = field(repr=False)
     _closed: bool = field(default=False, repr=False)
+    imap: Any = field(default=None, repr=False)  # bridge.lab.imap.ImapLab when options.imap_port is set
+    imap_port: int = 0
 
     @property
     def url(self) -> str:
@@ -920,6 +925,8 @@ class Lab:
         if self._closed:
             return
         self._closed = True
+        if self.imap is not None:
+            await self.imap.close()
         await self.runner.cleanup()
 
 
@@ -955,7 +962,17 @@ async def start_lab(options: LabOptions) -> Lab:
     context = lab_tls_context(cert_path, key_path, options.tls_max)
     runner = await _listen(simulator.handle, options, context)
     _count_connections(runner, counters)
-    return Lab(options, runner, bound_port(runner), cert_path, key_path, certificate_fingerprint(cert_path), counters)
+    lab = Lab(options, runner, bound_port(runner), cert_path, key_path, certificate_fingerprint(cert_path), counters)
+    if options.imap_port is not None:
+        from bridge.lab.imap import start_imap
+
+        aliases = {alias.lower(): (account.logon_name, account.password) for account in accounts for alias in logon_aliases(account, options.hostname)}
+        try:
+            lab.imap, lab.imap_port = await start_imap(options, aliases, ntlm_user_file, context)
+        except OSError as exc:
+            await runner.cleanup()
+            raise StartupError(_bind_failure(replace(options, port=options.imap_port), exc).replace("--port", "--imap-port")) from None
+    return lab
 
 
 def _users_digest(options: LabOptions) -> str:
@@ -1032,6 +1049,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--delay", type=float, default=0.0, metavar="S", help="seconds before every answer: a slow server (default 0)")
     parser.add_argument("--refuse-bind", action="store_true", help="Outlook Anywhere: answer every RPC bind with bind_nak (the Exchange interface is not reachable)")
     parser.add_argument("--close-out-early", action="store_true", help="Outlook Anywhere: close the RPC_OUT_DATA channel right after CONN/A3 (a load balancer or timeout cutting it)")
+    parser.add_argument("--imap-port", type=int, default=None, metavar="N", help="also serve IMAP4 as Exchange 2007 does, TLS 1.0 from the first byte (993-style); off by default")
+    parser.add_argument("--imap-starttls", dest="imap_tls", action="store_const", const="starttls", default="implicit", help="the IMAP4 port speaks plain text first and offers STARTTLS (143-style)")
     parser.add_argument("--user", dest="users", type=_user_argument, action="append", metavar="'DOMAIN\\user:password'", help="a mailbox user, repeatable (default LAB\\alice:Passw0rd!)")
 
 
@@ -1052,6 +1071,8 @@ def options_from_args(args: argparse.Namespace) -> LabOptions:
         delay=args.delay,
         refuse_bind=args.refuse_bind,
         close_out_early=args.close_out_early,
+        imap_port=args.imap_port,
+        imap_tls=args.imap_tls,
     )
 
 
@@ -1063,7 +1084,9 @@ def ready_line(lab: Lab) -> str:
     return (
         f"Exchange 2007 lab ready at {lab.url} as {options.hostname}: {TLS_SHAPES[options.tls_max][2]}, "
         f"{certificate} sha256 {lab.fingerprint} (bridge flag: {pin_flag(lab.fingerprint)}), auth {auth}, "
-        f"users {users}, RPC {_rpc_state(options)}. Ctrl-C stops it."
+        f"users {users}, RPC {_rpc_state(options)}"
+        + (f", IMAP4 on port {lab.imap_port} ({'STARTTLS' if options.imap_tls == 'starttls' else 'TLS from the first byte'})" if lab.imap is not None else "")
+        + ". Ctrl-C stops it."
     )
 
 

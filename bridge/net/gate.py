@@ -89,10 +89,26 @@ def peer_address(transport: asyncio.BaseTransport) -> str:
 class Gate(asyncio.Protocol):
     """First protocol of every TCP connection: decides before TLS, then hands the transport over."""
 
-    def __init__(self, guard: ConnectionGuard, app_factory: Any, ssl_context: Any, router: Router | None = None, splices: set[Splice] | None = None) -> None:
+    def __init__(
+        self,
+        guard: ConnectionGuard,
+        app_factory: Any,
+        ssl_context: Any,
+        router: Router | None = None,
+        splices: set[Splice] | None = None,
+        *,
+        banned: Any = None,
+        busy_factory: Any = None,
+        plain_answer: bytes | None = None,
+    ) -> None:
         self.guard = guard
         self.app_factory = app_factory
         self.ssl_context = ssl_context
+        # The mail listeners (bridge.proxy.mail): banned(peer) closes a banned source before TLS, a
+        # session over --max-connections gets busy_factory(guard, on_close), plain text plain_answer.
+        self.banned = banned
+        self.busy_factory = busy_factory or BusyResponder
+        self.plain_answer = plain_answer
         self.transport: asyncio.Transport | None = None
         self.counted = False
         self.busy = False
@@ -111,7 +127,8 @@ class Gate(asyncio.Protocol):
             transport.abort()
             return
         router = self.router
-        if router is not None and self.ssl_context is not None and router.banned(peer):
+        banned = self.banned if self.banned is not None else (router.banned if router is not None and self.ssl_context is not None else None)
+        if banned is not None and banned(peer):
             guard.reject("banned")
             log.info("closed a connection from %s: banned", peer)
             transport.abort()
@@ -157,7 +174,7 @@ class Gate(asyncio.Protocol):
             self.cancel_timer()
             self.guard.reject("plain-http")
             log.info("plain HTTP from %s on the HTTPS port: answered 400", peer_address(transport))
-            transport.write(plain_http_answer(self.guard.public_origin))
+            transport.write(plain_http_answer(self.guard.public_origin) if self.plain_answer is None else self.plain_answer)
             transport.close()
         else:
             self.cancel_timer()
@@ -238,7 +255,7 @@ class Gate(asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         on_close = self.release
-        app = BusyResponder(self.guard, on_close) if self.busy else self.app_factory()
+        app = self.busy_factory(self.guard, on_close) if self.busy else self.app_factory()
         self.transport = None  # the Gate is done; the counted slot is released by the new protocol
         state = getattr(app, "state", None)  # a client connection (bridge.net.front)
         if state is not None:

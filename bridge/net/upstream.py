@@ -262,6 +262,11 @@ class LegacyPool:
         self._check_identity(server, connection)
         return connection
 
+    def verify(self, server: LegacyServer, connection: UpstreamConnection) -> None:
+        """Check a connection upgraded to TLS elsewhere (a mail STARTTLS) as connect() checks its own:
+        the pinned fingerprint or the CA; UpstreamError (and the connection closed) when it fails."""
+        self._check_identity(server, connection)
+
     def _check_identity(self, server: LegacyServer, connection: UpstreamConnection) -> None:
         ssl_object = connection.get_extra_info("ssl_object")
         der = ssl_object.getpeercert(binary_form=True) if ssl_object else None

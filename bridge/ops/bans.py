@@ -21,7 +21,7 @@ import logging
 import os
 import shlex
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -119,6 +119,7 @@ class BanGuard:
         self.failures_total = 0
         self.bans_total = 0
         self.refused_total = 0
+        self.failures_by_protocol: Counter[str] = Counter()  # http, imap, ...: which protocol's logons failed
         self._hooks: set[asyncio.Task] = set()
         self.refresh(force=True, announce=False)
 
@@ -147,9 +148,11 @@ class BanGuard:
             return False
         return any(ip in network for network in self.policy.never_ban)
 
-    def record_failure(self, address: str) -> Ban | None:
-        """Count one failed logon; returns the new Ban when this one crossed the threshold."""
+    def record_failure(self, address: str, protocol: str = "http") -> Ban | None:
+        """Count one failed logon (an HTTP 401, a mail protocol's refused logon); returns the new Ban
+        when this one crossed the threshold. Every protocol counts towards the same ban."""
         self.failures_total += 1
+        self.failures_by_protocol[protocol] += 1
         address = plain_address(address)
         if not address or self.exempt(address) or address in self.bans:
             return None
@@ -165,7 +168,7 @@ class BanGuard:
             return None
         count = len(recent)
         del self.failures[address]
-        reason = f"{count} failed logons in {self.policy.window:g} s"
+        reason = f"{count} failed logons in {self.policy.window:g} s" + ("" if protocol == "http" else f" (the last over {protocol})")
         ban = self.add(address, self.policy.duration, reason, failures=count)
         log.warning("banned %s for %g s after %s", address, self.policy.duration, reason)
         return ban

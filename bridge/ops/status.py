@@ -152,7 +152,56 @@ def snapshot(bridge: Any) -> dict[str, Any]:
         "allow": describe(bridge.config.allow, bridge.config.state_dir),
         "routes": routes_snapshot(bridge),
         "migration": migration.describe(now) if (migration := getattr(bridge, "migration", None)) is not None else None,
+        "mail": mail_snapshot(bridge),
     }
+
+
+def mail_snapshot(bridge: Any) -> dict[str, Any]:
+    """Per mail protocol: open sessions, finished ones by result, logons, bytes each way, failed logons
+    counted towards bans (bridge.proxy.mail.MailStats; empty when no mail listener runs)."""
+    stats = getattr(bridge, "mail", None)
+    ports = getattr(bridge, "mail_ports", None) or {}
+    bans = getattr(bridge, "bans", None)
+    if stats is None or not ports:
+        return {}
+    opened, received, sent = stats.open_sessions(), stats.bytes_in(), stats.bytes_out()
+    failures = getattr(bans, "failures_by_protocol", {})
+    return {
+        protocol: {
+            "port": port,
+            "sessions_open": opened[protocol],
+            "sessions": {result: count for (name, result), count in sorted(stats.sessions.items()) if name == protocol},
+            "logons": {"ok": stats.logons[(protocol, "ok")], "failed": stats.logons[(protocol, "failed")]},
+            "ban_failures": failures.get(protocol, 0),
+            "bytes_in": received[protocol],
+            "bytes_out": sent[protocol],
+        }
+        for protocol, port in sorted(ports.items())
+    }
+
+
+def mail_metrics(data: dict[str, Any], failures_by_protocol: dict[str, int]) -> Any:
+    """The mail protocols' Prometheus families (a label per protocol), and failed logons by protocol."""
+    by_protocol = CounterMetricFamily("bridge_auth_failures_by_protocol", "Failed logons counted towards bans, by protocol (http: an upstream 401).", labels=["protocol"])
+    for protocol, count in sorted(failures_by_protocol.items()):
+        by_protocol.add_metric([protocol], count)
+    yield by_protocol
+    if not data:
+        return
+    sessions = CounterMetricFamily("bridge_mail_sessions", "Finished mail sessions, by protocol and result.", labels=["protocol", "result"])
+    logons = CounterMetricFamily("bridge_mail_logons", "Mail logons, by protocol and outcome.", labels=["protocol", "outcome"])
+    opened = GaugeMetricFamily("bridge_mail_sessions_open", "Open mail sessions, by protocol.", labels=["protocol"])
+    received = CounterMetricFamily("bridge_mail_received_bytes", "Bytes received from mail clients, by protocol.", labels=["protocol"])
+    sent = CounterMetricFamily("bridge_mail_sent_bytes", "Bytes sent to mail clients, by protocol.", labels=["protocol"])
+    for protocol, entry in data.items():
+        for result, count in entry["sessions"].items():
+            sessions.add_metric([protocol, result], count)
+        for outcome, count in entry["logons"].items():
+            logons.add_metric([protocol, outcome], count)
+        opened.add_metric([protocol], entry["sessions_open"])
+        received.add_metric([protocol], entry["bytes_in"])
+        sent.add_metric([protocol], entry["bytes_out"])
+    yield from (sessions, logons, opened, received, sent)
 
 
 class SnapshotCollector:
@@ -189,6 +238,7 @@ class SnapshotCollector:
         yield _counter("bridge_bans", "Bans made by the brute-force guard since start.", data["bans_total"])
         yield _counter("bridge_banned_requests", "Requests refused with 403 because the client is banned.", data["banned_requests"])
         yield _gauge("bridge_bans_active", "Addresses banned right now.", len(data["bans"]))
+        yield from mail_metrics(data["mail"], dict(getattr(self.bridge.bans, "failures_by_protocol", {})))
         window = data["window"]
         yield _gauge("bridge_window_expired", "1 once the migration window (--expire-at/--expire-after) has closed: requests get 503.", 1 if window["expired"] else 0)
         if window["seconds_left"] is not None:
@@ -354,6 +404,19 @@ def allow_text(allow: dict[str, Any]) -> str:
     return text
 
 
+def mail_rows(mail: dict[str, Any]) -> str:
+    """One overview row per mail protocol (none when no mail listener runs)."""
+    rows = []
+    for protocol, entry in mail.items():
+        text = (
+            f"port {entry['port']}: {entry['sessions_open']} open, {sum(entry['sessions'].values())} finished, "
+            f"{entry['logons']['ok']} logons, {entry['logons']['failed']} failed, "
+            f"{human_bytes(entry['bytes_in'])} in, {human_bytes(entry['bytes_out'])} out"
+        )
+        rows.append(f'<tr><th>{html.escape(protocol.upper())}</th><td id="mail-{html.escape(protocol)}">{html.escape(text)}</td></tr>\n')
+    return "".join(rows)
+
+
 def render_html(data: dict[str, Any]) -> str:
     e = html.escape
     cert = data["certificate"]
@@ -384,7 +447,7 @@ td.n{{text-align:right;font-variant-numeric:tabular-nums}}tr.stalled td{{backgro
 <tr><th>bytes to clients</th><td id="bytes-out">{data['bytes_out']} ({human_bytes(data['bytes_out'])})</td></tr>
 <tr><th>failed logons</th><td id="auth-failures">{data['auth_failures']}</td></tr>
 <tr><th>bans made / requests refused</th><td id="bans">{data['bans_total']} / {data['banned_requests']}</td></tr>
-</table>
+{mail_rows(data["mail"])}</table>
 {migration_html(data["migration"])}
 <h2>Legacy servers</h2><table><tr><th>server</th><th>state</th><th>last error</th></tr>{legacy_rows}</table>
 <h2>Requests</h2><table id="requests"><tr><th>route</th><th>status</th><th>count</th></tr>{request_rows}</table>

@@ -120,3 +120,40 @@ def user_of(authorization: str | None) -> str | None:
         return _printable(text)[:MAX_USER_NAME] or None
     start = raw.find(NTLM_SIGNATURE)  # Negotiate: the NTLM token inside a SPNEGO NegTokenResp
     return ntlm_authenticate_user(raw[start:]) if start >= 0 else None
+
+
+# --------------------------------------------------------------------------- SASL (the mail protocols)
+
+
+def printable_name(raw: bytes | str) -> str:
+    """A user name as the log may show it: decoded, control characters replaced, bounded."""
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    return "".join(char if char.isprintable() else "?" for char in text[:MAX_USER_NAME])
+
+
+def ntlm_user(token: bytes) -> str | None:
+    """DOMAIN\\user from an NTLM AUTHENTICATE (type 3) message, None for anything else (as log text)."""
+    name = ntlm_authenticate_user(token)
+    return printable_name(name) if name else None
+
+
+class SaslUser:
+    """The user name in a SASL exchange's decoded client responses (PLAIN, LOGIN, NTLM); the password and
+    the blobs are looked at only to find it, and never kept. Shared by IMAP, POP3 and SMTP."""
+
+    def __init__(self, mechanism: str) -> None:
+        self.mechanism = mechanism.upper()
+        self.responses = 0
+        self.user: str | None = None
+
+    def feed(self, response: bytes) -> None:
+        self.responses += 1
+        mechanism = self.mechanism
+        if mechanism == "PLAIN" and self.responses == 1:
+            parts = response.split(b"\x00")
+            if len(parts) == 3:  # authzid NUL authcid NUL passwd
+                self.user = printable_name(parts[1] or parts[0])
+        elif mechanism == "LOGIN" and self.responses == 1:
+            self.user = printable_name(response)
+        elif mechanism == "NTLM":
+            self.user = ntlm_user(response) or self.user

@@ -23,6 +23,7 @@ from bridge.net.upstream import LegacyPool
 from bridge.ops.allowlist import RangeWatcher, announce_list, apply_to_guard, expand_allow
 from bridge.ops.status import attach_operations, reload_settings
 from bridge.ops.window import Window
+from bridge.proxy.mail import MailStats, mail_listeners
 from bridge.proxy.port80 import Redirector
 from bridge.proxy.relay import Proxy
 
@@ -72,6 +73,8 @@ class RunningBridge:
     window: Any = None  # bridge.ops.window.Window: the migration window (--expire-at/--expire-after)
     router: Router | None = None  # --passthrough routes (SNI on 443, Host on 80)
     migration: Any = None  # bridge.ops.migration.MigrationView: the live view, the ledger and the hand-over report
+    mail: MailStats = field(default_factory=MailStats)  # the mail listeners' counters (bridge.proxy.mail)
+    mail_ports: dict[str, int] = field(default_factory=dict)  # protocol -> bound port
 
     async def close(self) -> None:
         for task in self.background:
@@ -137,6 +140,7 @@ async def start_bridge(config: BridgeConfig, certificate_source: CertificateSour
     publish_https_port(bridge.https_port, proxy, front, redirector)
     try:
         await attach_operations(bridge, front.guard, front)
+        await start_mail(bridge, front.guard)
     except BaseException:
         await bridge.close()
         raise
@@ -229,6 +233,22 @@ def build_front(config: BridgeConfig, proxy: Proxy, ssl_context: Any) -> FrontSe
         public_origin=proxy.public_origin,
     )
     return FrontServer(proxy.handle, guard, ssl_context, keepalive_timeout=config.idle_timeout, drain_timeout=config.drain_timeout, fast=proxy)
+
+
+async def start_mail(bridge: RunningBridge, guard: ConnectionGuard) -> None:
+    """The mail listeners (--imaps-port): the HTTPS gate's guard (one --max-connections), the certificate's
+    context (renewals and SIGHUP reach it), the ban list and the migration window."""
+    config = bridge.config
+    for flag, port, listener in mail_listeners(config, guard, bridge.ssl_context, bridge.bans, lambda: bridge.proxy.closed_message, bridge.mail):
+        try:
+            await listener.listen(config.bind, port)
+        except OSError as exc:
+            raise listen_error(exc, config.bind, port, flag) from None
+        bridge.runners.append(listener)
+        bridge.mail_ports[listener.protocol] = listener.port
+        if bridge.window is not None:
+            bridge.window.fronts.append(listener)
+        log.info("%s listener on port %d -> %s (%s)", listener.protocol, listener.port, listener.service.server, listener.service.tls_mode)
 
 
 def publish_https_port(port: int, proxy: Proxy, front: FrontServer, redirector: Redirector | None = None) -> None:

@@ -509,3 +509,14 @@ def test_cert_cli_obtain_show_renew(pebble: PebbleServer, tmp_path: Path) -> Non
     assert renewed.serial_number != leaf.serial_number
     assert isinstance(renewed.public_key(), rsa.RSAPublicKey) and renewed.public_key().key_size == 2048
     assert "RSA 2048" in cert_cli("show", "--state-dir", str(state), "--fqdn", fqdn).stdout
+
+
+def test_mail_fqdn_is_a_second_name_of_the_same_lineage(pebble: PebbleServer, tmp_path: Path) -> None:
+    fqdn, mail = "owa.acme.test", "imap.acme.test"
+    state = tmp_path / "state"
+    acme = ["--fqdn", fqdn, "--state-dir", str(state), "--bind", "127.0.0.1", "--http-port", str(pebble.http_port), "--acme-directory", pebble.directory_url, "--acme-ca-bundle", str(pebble.ca_bundle)]
+    obtained = cert_cli("obtain", *acme, "--mail-fqdn", mail)
+    assert obtained.returncode == 0, obtained.stderr
+    leaf = x509.load_pem_x509_certificate((state / "live" / fqdn / "cert.pem").read_bytes())
+    assert sorted(leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)) == [mail, fqdn]
+    assert not (state / "live" / mail).exists()  # one lineage, named after --fqdn

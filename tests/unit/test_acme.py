@@ -62,3 +62,16 @@ def test_storage_swaps_key_and_chain_together_and_survives_a_crash_mid_write(tmp
     assert lineage.load().leaf == second  # type: ignore[union-attr]
     front_context(lineage.fullchain, lineage.privkey)
     assert not list(lineage.live.parent.glob(".*")), "no temporary link may be left behind"
+
+
+def test_mail_fqdn_is_a_second_name_a_stored_certificate_must_cover(tmp_path: Path) -> None:
+    from bridge.certs.acme import StoredCertificate, reuse_refusal
+    from bridge.config import build_config
+
+    config = build_config({"fqdn": "bridge.acme.test", "legacy": "a.example", "mail_fqdn": "imap.acme.test"}, require_legacy=False)
+    assert config.certificate_names == ["bridge.acme.test", "imap.acme.test"]
+    cert, _ = local_certificate(90, 80, "bridge.acme.test")
+    stored = StoredCertificate(chain=[cert], meta={})
+    assert reuse_refusal(stored, config, "https://acme.test/dir") == "the stored certificate covers bridge.acme.test, not imap.acme.test"
+    config.mail_fqdn = None
+    assert reuse_refusal(stored, config, "https://acme.test/dir") is None
