@@ -43,6 +43,7 @@ from bridge.protocol.sasl import (
     AuthAborted,
     AuthStarted,
     Greeting,
+    LineTooLong,
     LocalAnswer,
     LogonFailed,
     LogonSucceeded,
@@ -52,6 +53,7 @@ from bridge.protocol.sasl import (
     StartTls,
     Violation,
     printable,
+    take_line,
 )
 
 # RFC 2449 allows 255 octets for a command and 512 for a reply line; SASL responses have no limit there
@@ -61,11 +63,15 @@ MAX_LINE = 16384
 STLS_GO_AHEAD = b"+OK Begin TLS negotiation now.\r\n"
 STLS_REFUSED = b"-ERR Command is not valid in this state.\r\n"
 MECHANISM_REFUSED = b"-ERR Unrecognized authentication type.\r\n"
+NOT_VALID_BEFORE_LOGON = b"-ERR Command is not valid in this state.\r\n"
 LINE_TOO_LONG = b"-ERR Line too long.\r\n"
 
 # +OK replies that go on until a line of a single ".": always, or only without an argument.
 MULTILINE_ALWAYS = frozenset({"CAPA", "RETR", "TOP"})
 MULTILINE_WITHOUT_ARGUMENT = frozenset({"LIST", "UIDL", "AUTH"})
+# What a client may say before its logon (RFC 1939's AUTHORIZATION state, CAPA, STLS, AUTH); anything
+# else is answered by the bridge, so no logon can hide in a command the observer does not know.
+BEFORE_LOGON = frozenset({"CAPA", "USER", "PASS", "APOP", "AUTH", "STLS", "QUIT"})
 
 
 @dataclass(frozen=True)
@@ -161,15 +167,13 @@ class Pop3Observer:
 
     def _parse_client(self, out: Output) -> None:
         while not self.closed and not self._holding():
-            end = self._client.find(b"\n")
-            if end < 0:
-                if len(self._client) > self.max_line:
-                    self._line_too_long(out)
-                return
-            if end + 1 > self.max_line:
+            try:
+                line, self._client = take_line(self._client, self.max_line)
+            except LineTooLong:
                 self._line_too_long(out)
                 return
-            line, self._client = self._client[: end + 1], self._client[end + 1 :]
+            if line is None:
+                return
             if self._sasl_turn:
                 self._sasl_turn = False
                 sasl = self._pending[-1].sasl
@@ -196,6 +200,9 @@ class Pop3Observer:
                 self._violation(out, "client", f"The client sent {len(self._client)} bytes after STLS before the TLS handshake (STARTTLS command injection); the connection is closed.")
                 return
             self._answer_locally(out, _Pending(command, local=STLS_GO_AHEAD, start_tls=True))
+            return
+        if command not in BEFORE_LOGON:
+            self._answer_locally(out, _Pending(command, local=NOT_VALID_BEFORE_LOGON))
             return
         pending = _Pending(command, argument)
         if command == "AUTH" and argument.strip():
@@ -244,12 +251,13 @@ class Pop3Observer:
             return out
         self._server += data
         while not self.closed and not self.passthrough:
-            end = self._server.find(b"\n")
-            if end < 0 or end + 1 > self.max_line:
-                if (end < 0 and len(self._server) > self.max_line) or end + 1 > self.max_line:
-                    self._violation(out, "server", f"The POP3 server sent a line longer than {self.max_line} bytes before the logon; the connection is closed.")
+            try:
+                line, self._server = take_line(self._server, self.max_line)
+            except LineTooLong:
+                self._violation(out, "server", f"The POP3 server sent a line longer than {self.max_line} bytes before the logon; the connection is closed.")
                 break
-            line, self._server = self._server[: end + 1], self._server[end + 1 :]
+            if line is None:
+                break
             self._server_line(line, out)
             if self._client and not self.passthrough:
                 self._parse_client(out)  # the reply may have released held client lines, sent before the next reply

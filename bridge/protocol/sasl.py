@@ -184,6 +184,21 @@ class Violation:
     reason: str
 
 
+class LineTooLong(Exception):
+    """More than the line bound arrived without a line end."""
+
+
+def take_line(buffer: bytes, max_line: int) -> tuple[bytes | None, bytes]:
+    """The first whole line of ``buffer`` (with its LF) and the rest; (None, buffer) when it is not whole yet.
+    Raises LineTooLong when the line, whole or not, is longer than ``max_line`` bytes."""
+    end = buffer.find(b"\n", 0, max_line)
+    if end < 0:
+        if len(buffer) >= max_line:
+            raise LineTooLong
+        return None, buffer
+    return buffer[: end + 1], buffer[end + 1 :]
+
+
 @dataclass
 class Output:
     """What to do with one read: bytes for each side (in order), what happened, whether to close after writing."""

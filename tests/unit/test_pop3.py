@@ -269,14 +269,20 @@ def test_a_one_megabyte_line_closes_the_session(newline):
 def test_a_long_line_fed_byte_by_byte_is_refused_at_the_bound():
     observer = Pop3Observer(max_line=64)
     observer.server_data(GREETING)
-    outs = [observer.client_data(b"x") for _ in range(65)]
-    assert not any(out.close for out in outs[:64]) and outs[64].close
+    outs = [observer.client_data(b"x") for _ in range(64)]
+    assert not any(out.close for out in outs[:63]) and outs[63].close  # 64 bytes and no line end: the line is longer than 64
 
 
 def test_a_long_server_line_closes_the_session():
     observer = Pop3Observer(max_line=64)
     out = observer.server_data(b"+OK " + b"x" * 100)
     assert out.close and out.to_client == b"" and out.events[0].side == "server"
+
+
+def test_commands_not_valid_before_the_logon_never_reach_the_server():
+    result = same_every_way([("s", GREETING), ("c", b"XTND XMIT\r\nRETR 1\r\nQUIT\r\n"), ("s", b"+OK Microsoft Exchange Server 2007 POP3 server signing off.\r\n")])
+    assert result.to_server == b"QUIT\r\n"
+    assert result.to_client == GREETING + b"-ERR Command is not valid in this state.\r\n" * 2 + b"+OK Microsoft Exchange Server 2007 POP3 server signing off.\r\n"
 
 
 def test_after_the_logon_nothing_is_parsed():
