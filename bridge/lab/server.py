@@ -44,6 +44,9 @@ from bridge.certs.keys import legacy_self_signed
 from bridge.errors import StartupError
 from bridge.lab import rpch
 from bridge.lab.aio_server import bound_port, connection_state, start_site
+from bridge.lab.mailbox import MailCounters, MailLogons
+from bridge.lab.pop3 import POP3_SASL, Pop3Service, start_pop3
+from bridge.lab.smtp import SMTP_AUTH_AFTER_TLS, SmtpService, start_smtp
 from bridge.net.tls import fingerprint, pin_flag
 from bridge.protocol import rts
 from bridge.protocol.auth import NTLM_SIGNATURE, starts_new_handshake
@@ -109,6 +112,14 @@ class LabOptions:
     # The IMAP4 service (bridge.lab.imap): off unless a port is given (0: a free one).
     imap_port: int | None = None
     imap_tls: str = "implicit"  # implicit (993-style) or starttls (143-style)
+    # Mail services (bridge.lab.pop3, bridge.lab.smtp): None is off, 0 any free port. POP3 and SMTP with
+    # TLS from the first byte (995 and 465 shapes), submission with STARTTLS (587); one mailbox, the users above.
+    pop3_port: int | None = None
+    smtp_port: int | None = None
+    submission_port: int | None = None
+    pop3_mechanisms: tuple[str, ...] = POP3_SASL
+    smtp_mechanisms: tuple[str, ...] = SMTP_AUTH_AFTER_TLS
+    large_message: bool = True  # the 25 MB message in the mailbox
 
 
 @dataclass
@@ -909,9 +920,15 @@ class Lab:
     key_path: Path
     fingerprint: str
     counters: LabCounters = field(repr=False)
+    mail_counters: MailCounters = field(default_factory=MailCounters, repr=False)
+    mail_servers: dict[str, asyncio.Server] = field(default_factory=dict, repr=False)  # pop3, smtp, submission
+    mail_services: dict[str, Pop3Service | SmtpService] = field(default_factory=dict, repr=False)
     _closed: bool = field(default=False, repr=False)
     imap: Any = field(default=None, repr=False)  # bridge.lab.imap.ImapLab when options.imap_port is set
     imap_port: int = 0
+
+    def mail_port(self, service: str) -> int:
+        return self.mail_servers[service].sockets[0].getsockname()[1]
 
     @property
     def url(self) -> str:
@@ -927,6 +944,10 @@ class Lab:
         self._closed = True
         if self.imap is not None:
             await self.imap.close()
+        for server in self.mail_servers.values():
+            server.close()
+        for service in self.mail_services.values():
+            service.close_connections()
         await self.runner.cleanup()
 
 
@@ -945,6 +966,9 @@ def validate_options(options: LabOptions) -> None:
         raise StartupError(f"--delay {options.delay:g} is out of range; give 0 to 600 seconds.")
     if not 0 <= options.port <= 65535:
         raise StartupError(f"Port {options.port} is not a TCP port; give one between 1 and 65535.")
+    for flag, port in (("--pop3-port", options.pop3_port), ("--smtp-port", options.smtp_port), ("--submission-port", options.submission_port)):
+        if port is not None and not 0 <= port <= 65535:
+            raise StartupError(f"{flag} {port} is not a TCP port; give one between 1 and 65535 (0: any free port).")
 
 
 async def start_lab(options: LabOptions) -> Lab:
@@ -952,7 +976,7 @@ async def start_lab(options: LabOptions) -> Lab:
     accounts = parse_accounts(options.users)
     state_dir = options.state_dir or default_state_dir()
     ntlm_user_file = None
-    if options.auth in ("ntlm", "both"):
+    if options.auth in ("ntlm", "both") or _mail_ports(options):
         ntlm_user_file = state_dir / f"ntlm-users-{_users_digest(options)}.txt"
         write_ntlm_user_file(ntlm_user_file, accounts, options.hostname)
         os.environ["NTLM_USER_FILE"] = str(ntlm_user_file)
@@ -972,7 +996,34 @@ async def start_lab(options: LabOptions) -> Lab:
         except OSError as exc:
             await runner.cleanup()
             raise StartupError(_bind_failure(replace(options, port=options.imap_port), exc).replace("--port", "--imap-port")) from None
+    try:
+        await _start_mail(lab, accounts, ntlm_user_file, context)
+    except BaseException:
+        await lab.close()
+        raise
     return lab
+
+
+def _mail_ports(options: LabOptions) -> dict[str, int]:
+    ports = {"pop3": options.pop3_port, "smtp": options.smtp_port, "submission": options.submission_port}
+    return {service: port for service, port in ports.items() if port is not None}
+
+
+async def _start_mail(lab: Lab, accounts: list[Account], ntlm_user_file: Path | None, context: ssl.SSLContext) -> None:
+    """The POP3 and SMTP services (bridge.lab.pop3, bridge.lab.smtp) on the ports the options name."""
+    options = lab.options
+    logons = MailLogons({alias.lower(): (account.logon_name, account.password) for account in accounts for alias in logon_aliases(account, options.hostname)}, ntlm_user_file)
+    for service, port in _mail_ports(options).items():
+        try:
+            if service == "pop3":
+                pop3 = lab.mail_services[service] = Pop3Service(logons, lab.mail_counters, options.pop3_mechanisms, options.large_message)
+                server = await start_pop3(pop3, options.host, port, context)
+            else:
+                smtp = lab.mail_services[service] = SmtpService(options.hostname, logons, lab.mail_counters, context, starttls=service == "submission", mechanisms=options.smtp_mechanisms)
+                server = await start_smtp(smtp, options.host, port)
+        except OSError as exc:
+            raise StartupError(_bind_failure(replace(options, port=port), exc).replace("--port", f"--{service}-port")) from None
+        lab.mail_servers[service] = server
 
 
 def _users_digest(options: LabOptions) -> str:
@@ -1048,6 +1099,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key-bits", type=int, default=1024, choices=(512, 768, 1024, 2048), help="RSA key size of the lab's certificate (default 1024, as Exchange 2007 made them)")
     parser.add_argument("--delay", type=float, default=0.0, metavar="S", help="seconds before every answer: a slow server (default 0)")
     parser.add_argument("--refuse-bind", action="store_true", help="Outlook Anywhere: answer every RPC bind with bind_nak (the Exchange interface is not reachable)")
+    parser.add_argument("--pop3-port", type=int, default=None, metavar="N", help="also serve POP3 with TLS from the first byte (Exchange's 995) on this port (0: any free port)")
+    parser.add_argument("--smtp-port", type=int, default=None, metavar="N", help="also serve SMTP submission with TLS from the first byte (465 style) on this port")
+    parser.add_argument("--submission-port", type=int, default=None, metavar="N", help="also serve SMTP submission with STARTTLS (587 style) on this port")
     parser.add_argument("--close-out-early", action="store_true", help="Outlook Anywhere: close the RPC_OUT_DATA channel right after CONN/A3 (a load balancer or timeout cutting it)")
     parser.add_argument("--imap-port", type=int, default=None, metavar="N", help="also serve IMAP4 as Exchange 2007 does, TLS 1.0 from the first byte (993-style); off by default")
     parser.add_argument("--imap-starttls", dest="imap_tls", action="store_const", const="starttls", default="implicit", help="the IMAP4 port speaks plain text first and offers STARTTLS (143-style)")
@@ -1073,6 +1127,9 @@ def options_from_args(args: argparse.Namespace) -> LabOptions:
         close_out_early=args.close_out_early,
         imap_port=args.imap_port,
         imap_tls=args.imap_tls,
+        pop3_port=args.pop3_port,
+        smtp_port=args.smtp_port,
+        submission_port=args.submission_port,
     )
 
 
@@ -1084,10 +1141,15 @@ def ready_line(lab: Lab) -> str:
     return (
         f"Exchange 2007 lab ready at {lab.url} as {options.hostname}: {TLS_SHAPES[options.tls_max][2]}, "
         f"{certificate} sha256 {lab.fingerprint} (bridge flag: {pin_flag(lab.fingerprint)}), auth {auth}, "
-        f"users {users}, RPC {_rpc_state(options)}"
+        f"users {users}, RPC {_rpc_state(options)}{_mail_state(lab)}"
         + (f", IMAP4 on port {lab.imap_port} ({'STARTTLS' if options.imap_tls == 'starttls' else 'TLS from the first byte'})" if lab.imap is not None else "")
         + ". Ctrl-C stops it."
     )
+
+
+def _mail_state(lab: Lab) -> str:
+    names = {"pop3": "POP3 (TLS)", "smtp": "SMTP (TLS)", "submission": "SMTP (STARTTLS)"}
+    return "".join(f", {names[service]} on port {lab.mail_port(service)}" for service in lab.mail_servers)
 
 
 def _rpc_state(options: LabOptions) -> str:
