@@ -19,6 +19,7 @@ from typing import Any
 
 from bridge import __version__
 from bridge.errors import ConfigError
+from bridge.ops.units import human_bytes
 
 REPORT_FORMAT = 1
 STATEMENT = (
@@ -28,14 +29,6 @@ STATEMENT = (
     "Destroy the bridge and its state directory once the migration is complete."
 )
 NOBODY_LABEL = "(no user: handshake legs and anonymous requests)"
-
-
-def human_bytes(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if count < 1024 or unit == "TiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return f"{count} B"
 
 
 def user_label(user: str) -> str:

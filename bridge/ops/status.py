@@ -38,6 +38,7 @@ from bridge.errors import ConfigError
 from bridge.net.front import cached_by_path
 from bridge.ops.routes import collect as collect_routes
 from bridge.ops.routes import routes_html, routes_rich, routes_snapshot
+from bridge.ops.units import human_bytes, human_duration
 
 log = logging.getLogger("bridge.status")
 
@@ -360,26 +361,6 @@ async def start_status_listener(bridge: Any) -> tuple[web.AppRunner, int] | None
 
 
 # --------------------------------------------------------------------------- rendering
-
-
-def human_bytes(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if count < 1024 or unit == "TiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return f"{count} B"
-
-
-def human_duration(seconds: float) -> str:
-    seconds = int(seconds)
-    days, seconds = divmod(seconds, 86400)
-    hours, seconds = divmod(seconds, 3600)
-    minutes, seconds = divmod(seconds, 60)
-    if days:
-        return f"{days}d {hours}h {minutes}m"
-    if hours:
-        return f"{hours}h {minutes}m"
-    return f"{minutes}m {seconds}s"
 
 
 def window_text(window: dict[str, Any]) -> tuple[str, str]:
