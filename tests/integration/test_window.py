@@ -116,14 +116,15 @@ def request_status(port: int, ca) -> int | None:
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_sighup_with_a_later_expiry_reopens(lab, front_cert, ca, tmp_path, workers):
     settings = tmp_path / "bridge.toml"
-    settings.write_text('expire_after = "3s"\n')
+    # Long enough for two workers to start and answer once on a loaded machine (CI shares two cores).
+    settings.write_text('expire_after = "12s"\n')
     cert, key = front_cert
     process = BridgeProcess(bridge_command(lab.port, cert, key, tmp_path, 0, 0, "--status-bind", "off", "--config", str(settings), "--workers", workers))
     try:
         port = process.ready_port(timeout=60)
-        assert "migration window closes at" in process.log and "expire_after 3s from the first start" in process.log
+        assert "migration window closes at" in process.log and "expire_after 12s from the first start" in process.log
         assert request_status(port, ca) == 200
-        process.wait_for("migration window closed at", timeout=10)
+        process.wait_for("migration window closed at", timeout=30)
         assert wait_until(lambda: request_status(port, ca) == 503, timeout=5)  # every worker too
         started = (tmp_path / "state" / "window-started").read_text().strip()
 
