@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import struct
 
 from support.bridges import BackgroundBridge, bridge_config, bridge_session
-from support.legacy_tls import AES128_SHA, server_hello
+from support.legacy_tls import AES128_SHA, no_rfc5746_server
 
 from bridge.certs.keys import LocalCA
 from bridge.net.upstream import probe_obsolete_suites
@@ -41,20 +40,6 @@ def test_probe_hello_is_well_formed_for_a_strict_openssl_server(lab):
 
 
 # ---- a server without RFC 5746 (an unpatched Windows 2003/2008 before MS10-049) ----------------------
-
-
-async def no_rfc5746_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Answers any ClientHello with a TLS 1.0 ServerHello choosing AES128-SHA and no extensions at all."""
-    try:
-        header = await reader.readexactly(5)
-        await reader.readexactly(struct.unpack("!H", header[3:5])[0])
-        writer.write(server_hello(AES128_SHA))
-        await writer.drain()
-        await asyncio.sleep(0.2)
-    except (asyncio.IncompleteReadError, ConnectionError):
-        pass
-    finally:
-        writer.close()
 
 
 async def handshake_failure(port: int, context) -> str:

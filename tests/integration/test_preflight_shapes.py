@@ -134,3 +134,24 @@ async def test_fixes_name_the_cmdlet_of_each_virtual_directory(start) -> None:
     assert ews is not None and ews.status == "fail" and "Set-WebServicesVirtualDirectory" in ews.fix and "Set-OutlookAnywhere" not in ews.fix
     rpc = report.get("legacy.http.rpc")
     assert rpc is not None and rpc.status == "fail" and "Set-OutlookAnywhere" in rpc.fix
+
+
+async def test_a_server_without_rfc5746_warns_with_the_update_named(start) -> None:
+    """An unpatched Windows 2003/2008 (before MS10-049) offers no secure renegotiation: the preflight
+    warns and names the update, and says the migration works without it (the bridge connects anyway)."""
+    import asyncio
+
+    from support.legacy_tls import no_rfc5746_server
+
+    from bridge.preflight.checks import Preflight
+
+    server = await asyncio.start_server(no_rfc5746_server, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        preflight = Preflight(Settings(legacy=LegacyServer("127.0.0.1", port), timeout=5.0))
+        await preflight.legacy_renegotiation("127.0.0.1", "")
+    finally:
+        server.close()
+    check = preflight.results["legacy.renegotiation"]
+    assert check.status == "warn" and check.details == {"rfc5746": False}
+    assert "MS10-049" in check.fix and "works without it" in check.fix

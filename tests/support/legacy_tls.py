@@ -8,6 +8,7 @@ answers handshake_failure, which is all this machine's OpenSSL (no RC4) ever see
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import struct
 import time
@@ -68,3 +69,17 @@ class Rc4OnlyServer(ThreadedServer):
             return b""
         chosen = next((suite for suite in offered_suites(record[5:]) if suite in self.suites), None)
         return server_hello(chosen) if chosen else HANDSHAKE_FAILURE_ALERT
+
+
+async def no_rfc5746_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answers any ClientHello with a TLS 1.0 ServerHello choosing AES128-SHA and no extensions at all."""
+    try:
+        header = await reader.readexactly(5)
+        await reader.readexactly(struct.unpack("!H", header[3:5])[0])
+        writer.write(server_hello(AES128_SHA))
+        await writer.drain()
+        await asyncio.sleep(0.2)
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
