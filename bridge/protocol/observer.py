@@ -4,7 +4,8 @@
 bridge.protocol.smtp say what differs): client and server bytes split into bounded lines
 (``take_line``), commands queued in order with the bridge's own answers waiting their turn behind
 replies still due (``Pending``), client bytes held behind a logon attempt until its reply, one SASL
-response line let through per server continuation, the front's STARTTLS/STLS (a go-ahead written
+response line let through per server continuation (and only if it is base64 or the cancel:
+a command there closes the session, as bridge.protocol.imap does), the front's STARTTLS/STLS (a go-ahead written
 by the bridge, then ``StartTls``; bytes sent before the handshake close the session: CVE-2011-0411),
 and the step aside at a successful logon (``Passthrough`` with every byte still held).
 
@@ -35,9 +36,11 @@ from bridge.protocol.sasl import (
     SaslExchange,
     StartTls,
     Violation,
+    decode_response,
     take_line,
 )
 
+NOT_BASE64 = "The answer to the server's authentication challenge is not base64; the session is closed."
 MAX_LINE = 16384  # a line before the logon: commands are short, an NTLM AUTHENTICATE response is 1-3 KB of base64
 
 
@@ -66,6 +69,7 @@ class LineObserver:
     MECHANISM_REFUSED = b""
     LINE_TOO_LONG = b""
     COMMAND_LIMIT = 0  # the protocol's own bound on a command line, for the sentence
+    ERROR_PREFIX = b""  # what starts an error reply: "-ERR ", "501 5.5.2 "
 
     mechanisms: tuple[str, ...] = RELAYED_MECHANISMS
     max_line: int = MAX_LINE
@@ -122,13 +126,22 @@ class LineObserver:
             if line is None:
                 return
             if self._sasl_turn:
-                self._sasl_turn = False
-                sasl = self._pending[-1].sasl
-                assert sasl is not None
-                sasl.client_response(line)
-                out.to_server += line
+                self._sasl_response(line, out)
                 continue
             self._command(line, out)
+
+    def _sasl_response(self, line: bytes, out: Output) -> None:
+        """One client line after the server's continuation: base64 (or ``*``, the cancel) goes on; anything
+        else (a command typed or injected where a response belongs) ends the session before the server sees it."""
+        self._sasl_turn = False
+        if line.strip() != b"*" and decode_response(line) is None:
+            out.to_client += self.ERROR_PREFIX + NOT_BASE64.encode() + b"\r\n"
+            self._violation(out, "client", NOT_BASE64)
+            return
+        sasl = self._pending[-1].sasl
+        assert sasl is not None
+        sasl.client_response(line)
+        out.to_server += line
 
     def _skip_client_bytes(self) -> bool:
         """Bytes to read past before the next line (SMTP's BDAT chunk before the logon); False: wait for more."""

@@ -26,8 +26,8 @@ Pipelining (RFC 2449): commands may arrive many at a time; replies are matched t
 answers the bridge writes itself wait their turn behind replies still due from the server. Client bytes
 after a logon attempt (PASS, APOP, AUTH) are held until its reply: only then is it known whether they
 are SASL responses, commands, or (after success) bytes needing no parsing. A response line is taken
-from the client only after the server's ``+`` continuation, as the server itself reads them, so a
-command typed where a SASL response belongs is a (failed) SASL response, never a command.
+from the client only after the server's ``+`` continuation, as the server itself reads them, and it
+must be base64 (or ``*``): a command typed where a SASL response belongs closes the session, unsent.
 
 Lines are bounded (``MAX_LINE``): a longer one closes the session with one sentence.
 """
@@ -106,6 +106,7 @@ class Pop3Observer(LineObserver):
     TLS_COMMAND = "STLS"
     MECHANISM_REFUSED = MECHANISM_REFUSED
     LINE_TOO_LONG = LINE_TOO_LONG
+    ERROR_PREFIX = b"-ERR "
     COMMAND_LIMIT = 255
 
     front_stls: bool = False  # the front answers STLS itself (a plain port); False on an implicit-TLS port

@@ -34,8 +34,8 @@ straight back: DATA and BDAT bodies stream without line parsing.
 
 Pipelining: replies are matched to commands in order; the bridge's own answers wait their turn behind
 replies still due. Client bytes after AUTH are held until its reply (or continuation), as the server
-reads them, so a command typed where a SASL response belongs is a (failed) SASL response, never a
-command. Lines are bounded (``MAX_LINE``): a longer one closes the session with one sentence.
+reads them, and a response must be base64 (or ``*``): a command typed where a SASL response belongs
+closes the session, unsent. Lines are bounded (``MAX_LINE``): a longer one closes the session with one sentence.
 """
 
 from __future__ import annotations
@@ -126,6 +126,7 @@ class SmtpObserver(LineObserver):
     TLS_COMMAND = "STARTTLS"
     MECHANISM_REFUSED = MECHANISM_REFUSED
     LINE_TOO_LONG = LINE_TOO_LONG
+    ERROR_PREFIX = b"501 5.5.2 "
     COMMAND_LIMIT = 512
 
     front_starttls: bool = False

@@ -238,21 +238,19 @@ def test_bytes_after_stls_before_the_handshake_close_the_session(split):
 # --------------------------------------------------------------------------- hostile input
 
 
-def test_a_command_inside_a_sasl_exchange_is_a_sasl_response():
+def test_a_command_inside_a_sasl_exchange_closes_the_session_unsent():
     transcript = [
         ("s", GREETING),
         ("c", b"AUTH PLAIN\r\nUSER evil\r\nPASS guess\r\n"),  # sent before the continuation: all held
         ("s", b"+ \r\n"),
-        ("s", b"-ERR Authentication failure: unknown user name or bad password.\r\n"),
-        ("s", b"-ERR Command is not valid in this state.\r\n"),
     ]
     result = same_every_way(transcript)
-    assert result.to_server == b"AUTH PLAIN\r\nUSER evil\r\nPASS guess\r\n"
-    # "USER evil" was the PLAIN response (as the server read it), so PASS had no USER before it.
-    assert [event for event in result.events if isinstance(event, LogonFailed)] == [
-        LogonFailed("PLAIN", None, "-ERR Authentication failure: unknown user name or bad password."),
-        LogonFailed("USER", None, "-ERR Command is not valid in this state."),
+    assert result.to_server == b"AUTH PLAIN\r\n"  # "USER evil" is where the PLAIN response belongs: never sent
+    assert result.to_client == GREETING + b"+ \r\n-ERR The answer to the server's authentication challenge is not base64; the session is closed.\r\n"
+    assert result.closed and [event for event in result.events if isinstance(event, Violation)] == [
+        Violation("client", "The answer to the server's authentication challenge is not base64; the session is closed.")
     ]
+    assert not [event for event in result.events if isinstance(event, LogonFailed)]
     assert run(transcript[:2]).to_server == b"AUTH PLAIN\r\n"
 
 
