@@ -29,6 +29,7 @@ from bridge.proxy.relay import Proxy
 
 log = logging.getLogger("bridge")
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # scripts/fail2ban's filter reads these lines
 PORT80_KEEPALIVE = 75.0  # seconds an idle port-80 connection is kept (redirects and ACME need no more)
 
 
@@ -37,7 +38,7 @@ def setup_logging(level: str) -> None:
     if not isinstance(numeric, int):
         raise ConfigError(f"--log-level {level!r} is not a level; use debug, info or warning.")
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric)
