@@ -312,7 +312,8 @@ class SmtpStartTls:
         problem = next((event.reason for event in out.events if isinstance(event, Violation)), None)
         if problem is not None:
             return StartTlsStep(error=problem)
-        return StartTlsStep(send=out.to_server, ready=self.backend.ready, greeting=self.backend.greeting)
+        ready = self.backend.ready
+        return StartTlsStep(send=out.to_server, ready=ready, greeting=self.backend.greeting if ready else b"")
 
 
 @dataclass
