@@ -857,8 +857,6 @@ def build_config(values: dict[str, Any], *, require_fqdn: bool = True, require_l
         raise ConfigError("--cert and --key go together; give both (the certificate chain and its private key) or neither.")
     if config.expire_at is not None and config.expire_after is not None:
         raise ConfigError("--expire-at and --expire-after both set the end of the migration window; give one of them.")
-    if config.mail_ports and config.workers > 1:
-        raise ConfigError(f"{' and '.join(config.mail_ports)} {'run' if len(config.mail_ports) > 1 else 'runs'} in one process only for now; leave out --workers (or set it to 1) to serve mail.")
     if bool(config.acme_eab_kid) != bool(config.acme_eab_hmac_key):
         raise ConfigError("--acme-eab-kid and --acme-eab-hmac-key go together; give both as your CA shows them, or neither.")
     check_routes(config)

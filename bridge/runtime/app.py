@@ -237,19 +237,25 @@ def build_front(config: BridgeConfig, proxy: Proxy, ssl_context: Any) -> FrontSe
 
 
 async def start_mail(bridge: RunningBridge, guard: ConnectionGuard) -> None:
-    """The mail listeners (--imaps-port): the HTTPS gate's guard (one --max-connections), the certificate's
-    context (renewals and SIGHUP reach it), the ban list and the migration window."""
+    """The mail listeners (--imaps-port, --pop3s-port, --smtps-port, --submission-port): the HTTPS gate's
+    guard (one --max-connections), the certificate's context (renewals and SIGHUP reach it), the ban
+    list and the migration window."""
     config = bridge.config
     for flag, port, listener in mail_listeners(config, guard, bridge.ssl_context, bridge.bans, lambda: bridge.proxy.closed_message, bridge.mail):
-        try:
-            await listener.listen(config.bind, port)
-        except OSError as exc:
-            raise listen_error(exc, config.bind, port, flag) from None
         bridge.runners.append(listener)
+        await listen_mail(config, flag, port, listener)
         bridge.mail_ports[listener.protocol] = listener.port
         if bridge.window is not None:
             bridge.window.fronts.append(listener)
-        log.info("%s listener on port %d -> %s (%s)", listener.protocol, listener.port, listener.service.server, listener.service.tls_mode)
+
+
+async def listen_mail(config: BridgeConfig, flag: str, port: int, listener: Any) -> None:
+    """One mail listener (bridge.proxy.mail.MailListener) listening, or the one-sentence StartupError."""
+    try:
+        await listener.listen(config.bind, port)
+    except OSError as exc:
+        raise listen_error(exc, config.bind, port, flag) from None
+    log.info("%s listener on port %d -> %s (%s)", listener.protocol, listener.port, listener.service.server, listener.service.tls_mode)
 
 
 def publish_https_port(port: int, proxy: Proxy, front: FrontServer, redirector: Redirector | None = None) -> None:
