@@ -417,6 +417,12 @@ GROUPS = {
 MAIL_TLS_MODES = ("implicit", "starttls", "plain")
 IMAPS_PORT = 993  # the IMAPS port clients expect (RFC 8314); --imaps-port is off unless set
 IMAP_PORT = 143
+POP3S_PORT = 995
+POP3_PORT = 110
+SMTPS_PORT = 465
+SUBMISSION_PORT = 587  # Exchange 2007's client receive connector (STARTTLS); it has no implicit-TLS SMTP
+# Each mail protocol's upstream port when --*-upstream names none: (with implicit TLS, with starttls or plain).
+MAIL_UPSTREAM_PORTS = {"imap": (IMAPS_PORT, IMAP_PORT), "pop3": (POP3S_PORT, POP3_PORT), "smtp": (SMTPS_PORT, SUBMISSION_PORT)}
 
 
 @dataclass(frozen=True)
@@ -626,7 +632,7 @@ class BridgeConfig:
         group="operations",
     )
 
-    # Mail protocols (bridge.proxy.mail): IMAPS now
+    # Mail protocols (bridge.proxy.mail)
     imaps_port: int | None = _setting(
         None,
         "--imaps-port",
@@ -653,6 +659,52 @@ class BridgeConfig:
         parse=_mail_tls,
         group="mail",
     )
+    pop3s_port: int | None = _setting(None, "--pop3s-port", "N", "POP3S listener (implicit TLS, like --imaps-port); the usual port is 995", parse=_port, shown="off", group="mail")
+    pop3_upstream: LegacyServer | None = _setting(
+        None,
+        "--pop3-upstream",
+        "HOST[:PORT]",
+        "Exchange 2007's POP3 service",
+        parse=_upstream,
+        shown="the first --legacy host, port 995 (110 with `starttls` or `plain`)",
+        group="mail",
+    )
+    pop3_upstream_tls: str = _setting("implicit", "--pop3-upstream-tls", "MODE", "`implicit`, `starttls` (STLS) or `plain`, as --imap-upstream-tls", parse=_mail_tls, group="mail")
+    smtps_port: int | None = _setting(
+        None,
+        "--smtps-port",
+        "N",
+        "SMTP submission listener with implicit TLS (RFC 8314); the usual port is 465",
+        parse=_port,
+        shown="off",
+        group="mail",
+    )
+    submission_port: int | None = _setting(
+        None,
+        "--submission-port",
+        "N",
+        "SMTP submission listener with STARTTLS, which the bridge answers itself (AUTH only after it); the usual port is 587",
+        parse=_port,
+        shown="off",
+        group="mail",
+    )
+    smtp_upstream: LegacyServer | None = _setting(
+        None,
+        "--smtp-upstream",
+        "HOST[:PORT]",
+        "Exchange 2007's client receive connector, for both submission listeners",
+        parse=_upstream,
+        shown="the first --legacy host, port 587 (465 with `implicit`)",
+        group="mail",
+    )
+    smtp_upstream_tls: str = _setting(
+        "starttls",
+        "--smtp-upstream-tls",
+        "MODE",
+        "`starttls` (the bridge's own EHLO and STARTTLS first; Exchange 2007 has no implicit-TLS SMTP), `implicit` or `plain`, as --imap-upstream-tls",
+        parse=_mail_tls,
+        group="mail",
+    )
     mail_fqdn: str | None = _setting(
         None,
         "--mail-fqdn",
@@ -663,12 +715,24 @@ class BridgeConfig:
         commands=_BOTH,
     )
 
+    def mail_server(self, protocol: str) -> LegacyServer:
+        """Where ``protocol``'s sessions go (imap, pop3, smtp): its --*-upstream, else the first --legacy
+        host; the port by its --*-upstream-tls when none is given."""
+        upstream, mode = getattr(self, f"{protocol}_upstream"), getattr(self, f"{protocol}_upstream_tls")
+        host = upstream.host if upstream is not None else (self.legacy[0].host if self.legacy else "")
+        implicit_port, other_port = MAIL_UPSTREAM_PORTS[protocol]
+        port = upstream.port if upstream is not None and upstream.port else (implicit_port if mode == "implicit" else other_port)
+        return LegacyServer(host, port)
+
     @property
     def imap_server(self) -> LegacyServer:
-        """Where IMAP sessions go: --imap-upstream, else the first --legacy host; the port by --imap-upstream-tls when none is given."""
-        host = self.imap_upstream.host if self.imap_upstream is not None else (self.legacy[0].host if self.legacy else "")
-        port = self.imap_upstream.port if self.imap_upstream is not None and self.imap_upstream.port else (IMAPS_PORT if self.imap_upstream_tls == "implicit" else IMAP_PORT)
-        return LegacyServer(host, port)
+        return self.mail_server("imap")
+
+    @property
+    def mail_ports(self) -> dict[str, int]:
+        """The configured mail listeners: flag -> port."""
+        flags = {"--imaps-port": self.imaps_port, "--pop3s-port": self.pop3s_port, "--smtps-port": self.smtps_port, "--submission-port": self.submission_port}
+        return {flag: port for flag, port in flags.items() if port is not None}
 
     @property
     def certificate_names(self) -> list[str]:
@@ -793,8 +857,6 @@ def build_config(values: dict[str, Any], *, require_fqdn: bool = True, require_l
         raise ConfigError("--cert and --key go together; give both (the certificate chain and its private key) or neither.")
     if config.expire_at is not None and config.expire_after is not None:
         raise ConfigError("--expire-at and --expire-after both set the end of the migration window; give one of them.")
-    if config.imaps_port is not None and config.workers > 1:
-        raise ConfigError("--imaps-port runs in one process only for now; leave out --workers (or set it to 1) to serve IMAPS.")
     if bool(config.acme_eab_kid) != bool(config.acme_eab_hmac_key):
         raise ConfigError("--acme-eab-kid and --acme-eab-hmac-key go together; give both as your CA shows them, or neither.")
     check_routes(config)

@@ -10,6 +10,7 @@ attachment) that must stream at full speed.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import datetime as dt
@@ -17,6 +18,7 @@ import functools
 import hashlib
 import os
 import random
+import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -229,6 +231,57 @@ class MailLogons:
 
     def ntlm(self) -> NtlmLogon | None:
         return NtlmLogon(self.ntlm_user_file) if self.ntlm_user_file is not None else None
+
+
+# --------------------------------------------------------------------------- what the POP3 and SMTP services share
+
+
+class LabMailService:
+    """A lab mail listener's connections: each one counted under ``name``, served by ``session(reader,
+    writer).run()``; ``close_connections`` drops them all, like a server going down."""
+
+    counters: MailCounters
+
+    @property
+    def name(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def writers(self) -> set[asyncio.StreamWriter]:
+        return self.__dict__.setdefault("_writers", set())  # made on first use: the subclasses are dataclasses
+
+    def session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Any:
+        raise NotImplementedError
+
+    def close_connections(self) -> None:
+        for writer in list(self.writers):
+            writer.transport.abort()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.add(writer)
+        self.counters.count(self.counters.connections, self.name)
+        try:
+            await self.session(reader, writer).run()
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, ssl.SSLError):
+            pass
+        finally:
+            self.writers.discard(writer)
+            writer.close()
+
+
+class LineSession:
+    """One connection of a lab mail service: ``send`` and ``line`` (latin-1 text without its CRLF, None at the end)."""
+
+    reader: Any  # asyncio.StreamReader or anything with the same readline()
+    writer: asyncio.StreamWriter
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def line(self) -> str | None:
+        raw = await self.reader.readline()
+        return raw.rstrip(b"\r\n").decode("latin-1") if raw else None
 
 
 def decode_b64_text(b64: str) -> str | None:

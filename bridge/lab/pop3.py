@@ -19,7 +19,7 @@ import ssl
 from base64 import b64decode, b64encode
 from dataclasses import dataclass, field
 
-from bridge.lab.mailbox import MailCounters, MailLogons, MailMessage, decode_b64_text, lab_mailbox, pop3_stuffed
+from bridge.lab.mailbox import LabMailService, LineSession, MailCounters, MailLogons, MailMessage, decode_b64_text, lab_mailbox, pop3_stuffed
 
 POP3_SASL = ("NTLM", "GSSAPI", "PLAIN")
 LINE_LIMIT = 64 * 1024
@@ -37,7 +37,7 @@ SIGNING_OFF = b"+OK Microsoft Exchange Server 2007 POP3 server signing off.\r\n"
 
 
 @dataclass
-class Pop3Service:
+class Pop3Service(LabMailService):
     """The POP3 side of one lab: its mailbox, logons and counters."""
 
     logons: MailLogons
@@ -49,40 +49,18 @@ class Pop3Service:
     def __post_init__(self) -> None:
         self.mailbox = lab_mailbox(self.large_message)
 
-    writers: set[asyncio.StreamWriter] = field(default_factory=set, init=False, repr=False)
+    name = "pop3"
 
-    def close_connections(self) -> None:
-        """Drop every open connection, like a server going down."""
-        for writer in list(self.writers):
-            writer.transport.abort()
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.writers.add(writer)
-        self.counters.count(self.counters.connections, "pop3")
-        session = _Session(self, reader, writer)
-        try:
-            await session.run()
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, ssl.SSLError):
-            pass
-        finally:
-            self.writers.discard(writer)
-            writer.close()
+    def session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> _Session:
+        return _Session(self, reader, writer)
 
 
-class _Session:
+class _Session(LineSession):
     def __init__(self, service: Pop3Service, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.service, self.reader, self.writer = service, reader, writer
         self.user_name: str | None = None
         self.user: str | None = None
         self.deleted: set[int] = set()
-
-    async def send(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
-
-    async def line(self) -> str | None:
-        raw = await self.reader.readline()
-        return raw.rstrip(b"\r\n").decode("latin-1") if raw else None
 
     async def run(self) -> None:
         await self.send(GREETING)

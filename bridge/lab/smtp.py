@@ -27,10 +27,10 @@ import datetime as dt
 import hashlib
 import ssl
 from base64 import b64decode, b64encode
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from bridge.lab.mailbox import MailCounters, MailLogons, decode_b64_text
+from bridge.lab.mailbox import LabMailService, LineSession, MailCounters, MailLogons, decode_b64_text
 
 SMTP_AUTH_AFTER_TLS = ("GSSAPI", "NTLM", "LOGIN")
 SMTP_AUTH_BEFORE_TLS = ("GSSAPI", "NTLM")
@@ -56,7 +56,7 @@ def exchange_date(now: dt.datetime) -> str:
 
 
 @dataclass
-class SmtpService:
+class SmtpService(LabMailService):
     """The SMTP side of one lab: ``starttls`` True for the 587 shape, False for 465 (TLS from the start)."""
 
     hostname: str
@@ -71,23 +71,8 @@ class SmtpService:
     def name(self) -> str:
         return "submission" if self.starttls else "smtp"
 
-    writers: set[asyncio.StreamWriter] = field(default_factory=set, init=False, repr=False)
-
-    def close_connections(self) -> None:
-        """Drop every open connection, like a server going down."""
-        for writer in list(self.writers):
-            writer.transport.abort()
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.writers.add(writer)
-        self.counters.count(self.counters.connections, self.name)
-        try:
-            await _Session(self, reader, writer).run()
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, ssl.SSLError):
-            pass
-        finally:
-            self.writers.discard(writer)
-            writer.close()
+    def session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> _Session:
+        return _Session(self, reader, writer)
 
 
 class _Input:
@@ -123,7 +108,7 @@ class _Input:
         return data
 
 
-class _Session:
+class _Session(LineSession):
     def __init__(self, service: SmtpService, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.service, self.reader, self.writer = service, _Input(reader), writer
         self.tls = not service.starttls
@@ -134,14 +119,6 @@ class _Session:
         self.chunks: Any = None  # hashlib object while BDAT chunks arrive
         self.chunk_size = 0
         self.queued = 0
-
-    async def send(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
-
-    async def line(self) -> str | None:
-        raw = await self.reader.readline()
-        return raw.rstrip(b"\r\n").decode("latin-1") if raw else None
 
     def peer(self) -> str:
         peer = self.writer.get_extra_info("peername")

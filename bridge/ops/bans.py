@@ -164,6 +164,8 @@ class BanGuard:
             recent.popleft()
         while len(self.failures) > MAX_TRACKED_ADDRESSES:
             del self.failures[next(iter(self.failures))]
+        # One line per counted failure, nothing a client chose in it (scripts/fail2ban reads it).
+        log.info("failed logon from %s over %s (%d of %d within %g s)", address, protocol, len(recent), self.policy.threshold, self.policy.window)
         if len(recent) < self.policy.threshold:
             return None
         count = len(recent)

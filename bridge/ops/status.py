@@ -757,6 +757,9 @@ def reload_settings(bridge: Any, new: Any) -> None:
         log.warning("SIGHUP: %s changed; restart the bridge to apply %s", ", ".join(changed), "them" if len(changed) > 1 else "it")
     if bridge.guard is not None:
         bridge.guard.apply(allow, new.max_connections, new.header_timeout)
+    mail_guard = getattr(bridge, "mail_guard", None)  # the --workers parent's mail listeners: a gate of their own
+    if mail_guard is not None:
+        mail_guard.apply(allow, new.max_connections, new.header_timeout)
     window = getattr(bridge, "window", None)
     if window is not None:
         window.configure(bridge.config)
@@ -771,7 +774,7 @@ def reload_settings(bridge: Any, new: Any) -> None:
         router.connect_timeout, router.idle_timeout = new.connect_timeout, new.idle_timeout
     for runner in bridge.runners:
         guard = getattr(runner, "guard", None)  # the front servers (bridge.net.front.FrontServer): 443, and port 80
-        if guard is None:
+        if guard is None or guard is mail_guard:
             continue
         runner.drain_timeout = new.drain_timeout
         if guard is bridge.guard:

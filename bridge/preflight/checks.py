@@ -160,6 +160,7 @@ class Settings:
     routes: list[PassthroughRoute] = field(default_factory=list)  # the bridge's --passthrough routes (from its --config)
     terminate: list[str] = field(default_factory=list)  # the bridge's --terminate names
     other_legacy: list[LegacyServer] = field(default_factory=list)  # further servers in --config, not probed
+    mail: list[Any] = field(default_factory=list)  # --imap/--pop3/--smtp: bridge.preflight.mail.MailTarget each
 
 
 @dataclass
@@ -212,15 +213,19 @@ def wanted_schemes(auth: str) -> list[str]:
 def planned_checks(settings: Settings) -> list[tuple[str, str]]:
     """(id, side) of every check this run reports, in report order."""
     legacy = ["dns", "tcp", "tls", "renegotiation", "certificate"] + http_suffixes(settings)
+    from bridge.preflight.mail import planned_mail_checks
+
     planned = [(f"legacy.{name}", "legacy") for name in legacy]
     if settings.other_legacy:
         planned.append(("legacy.others", "legacy"))
+    mail = planned_mail_checks(settings)
+    planned += [(check_id, side) for check_id, side in mail if side == "legacy"]
     if not settings.fqdn:
         return planned + [("bridge.fqdn", "bridge")]
     bridge = ["dns", "tcp", "port80.redirect", "port80.acme", "tls.modern", "tls.obsolete", "certificate", "headers", "idle"]
     bridge += http_suffixes(settings)
     bridge += [f"route.{route.name}" for route in settings.routes] + [f"terminate.{name}" for name in settings.terminate]
-    return planned + [(f"bridge.{name}", "bridge") for name in bridge]
+    return planned + [(f"bridge.{name}", "bridge") for name in bridge] + [(check_id, side) for check_id, side in mail if side == "bridge"]
 
 
 def probe_name(route_name: str) -> str:
@@ -490,7 +495,7 @@ class Preflight:
     async def run(self) -> Report:
         started = dt.datetime.now(dt.UTC)
         clock = time.monotonic()
-        await asyncio.gather(self.legacy_side(), self.bridge_side())
+        await asyncio.gather(self.legacy_side(), self.bridge_side(), self.mail_side())
         self.compare_through_bridge()
         self.note_other_legacy_servers()
         self.skip_remaining("", "not run")
@@ -503,6 +508,15 @@ class Preflight:
         }
         checks = [self.results[check_id] for check_id, _ in self.planned]
         return Report(self.settings, checks, started, time.monotonic() - clock, self.facts)
+
+    async def mail_side(self) -> None:
+        """--imap/--pop3/--smtp: the legacy mail services and the bridge's listeners (bridge.preflight.mail)."""
+        if not self.settings.mail:
+            return
+        from bridge.preflight.mail import mail_checks
+
+        for check in await mail_checks(self.settings):
+            self.record(check)
 
     def size_timeout_fixes(self) -> None:
         """A step that ran out of time is fixed by a larger --timeout, not by changing the server."""

@@ -12,9 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bridge.config import is_ip_address, load_toml, merge, parse_fingerprint, parse_legacy, parse_passthrough, parse_route_name, validate_fqdn
+from bridge.config import BY_NAME, MAIL_UPSTREAM_PORTS, LegacyServer, is_ip_address, load_toml, merge, parse_fingerprint, parse_legacy, parse_passthrough, parse_route_name, validate_fqdn
 from bridge.errors import PreflightUsageError
 from bridge.preflight.checks import DEFAULT_HOLD, DEFAULT_TIMEOUT, SCHEMA, Settings
+from bridge.preflight.mail import MailTarget
 from bridge.preflight.probe import Credentials
 from bridge.preflight.report import print_report, run_with_progress, write_html, write_json
 
@@ -33,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--password-env", metavar="VAR", help="environment variable holding the password (default: ask at a prompt)")
     parser.add_argument("--auth", choices=("basic", "ntlm", "both"), default="both", help="authentication to test (default both)")
     parser.add_argument("--exchange-server", metavar="NAME", help="the Exchange server's internal name for the RPC checks when Autodiscover cannot give it (manual endpoint settings)")
+    services = (("--imap", "IMAP4 (default: the legacy host, 993)"), ("--pop3", "POP3 (default: the legacy host, 995)"), ("--smtp", "SMTP submission (default: the legacy host, 587, STARTTLS)"))
+    for flag, what in services:
+        parser.add_argument(flag, nargs="?", const="", metavar="HOST[:PORT]", help=f"also check Exchange 2007's {what}, and with --fqdn the bridge's listeners for it")
     parser.add_argument("--json", type=Path, metavar="FILE", help=f"write the report as JSON ({SCHEMA}, see docs/preflight-schema.md)")
     parser.add_argument("--html", type=Path, metavar="FILE", help="write a self-contained HTML report for the customer")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="S", help=f"seconds per network step (default {DEFAULT_TIMEOUT:g})")
@@ -81,7 +85,28 @@ def settings_from_args(args: argparse.Namespace, read_password: Callable[[str], 
         if path is not None and not path.resolve().parent.is_dir():
             raise PreflightUsageError(f"{flag} {path}: the directory {path.resolve().parent} does not exist; create it or choose another path.")
     settings.credentials = credentials_from_args(args, read_password or prompt_password)
+    settings.mail = mail_targets(args, values, settings.legacy)
     return settings
+
+
+def mail_targets(args: argparse.Namespace, values: dict[str, Any], legacy: LegacyServer) -> list[MailTarget]:
+    """The mail services to check: each --imap/--pop3/--smtp flag, and each mail listener of the bridge's
+    --config (its upstream settings and ports); the flag's HOST[:PORT] wins over the config's upstream."""
+    bridge_ports = {"imap": {"imap": ("imaps_port", 993)}, "pop3": {"pop3": ("pop3s_port", 995)}, "smtp": {"smtp": ("smtps_port", 465), "submission": ("submission_port", 587)}}
+    targets = []
+    for protocol, listeners in bridge_ports.items():
+        flag_value = getattr(args, protocol, None)
+        configured = {label: int(values[key]) for label, (key, _) in listeners.items() if values.get(key)}
+        if flag_value is None and not configured:
+            continue
+        mode = BY_NAME[f"{protocol}_upstream_tls"].parse(f"--{protocol}-upstream-tls", values.get(f"{protocol}_upstream_tls") or BY_NAME[f"{protocol}_upstream_tls"].default)
+        upstream = flag_value or values.get(f"{protocol}_upstream")
+        server = parse_legacy(str(upstream), f"--{protocol}", default_port=0) if upstream else LegacyServer(legacy.host, 0)
+        implicit_port, other_port = MAIL_UPSTREAM_PORTS[protocol]
+        port = server.port or (implicit_port if mode == "implicit" else other_port)
+        ports = configured or {label: default for label, (_, default) in listeners.items()}
+        targets.append(MailTarget(protocol, LegacyServer(server.host, port), mode, ports))
+    return targets
 
 
 def port_number(flag: str, value: Any) -> int:

@@ -125,7 +125,23 @@ def next_steps(report: Report) -> list[str]:
         f"New-MigrationEndpoint -ExchangeOutlookAnywhere -Name 'Exchange 2007 via bridge' -RpcProxyServer {fqdn} -ExchangeServer {server} "
         f"-Authentication {authentication} -EmailAddress {email} -Credentials $credentials",
     ]
-    return lines
+    return lines + imap_steps(report)
+
+
+def imap_steps(report: Report) -> list[str]:
+    """With --imap: the IMAP migration endpoint through the bridge's IMAPS port (mail only), and its batch."""
+    target = next((target for target in report.settings.mail if target.protocol == "imap"), None)
+    if target is None:
+        return []
+    fqdn = report.settings.fqdn or "<bridge FQDN>"
+    port = target.bridge_ports.get("imap", 993)
+    return [
+        "# Or an IMAP migration (e-mail only: no calendar, contacts or tasks) through the bridge's IMAPS port:",
+        f"Test-MigrationServerAvailability -IMAP -RemoteServer {fqdn} -Port {port} -Security Ssl",
+        f"New-MigrationEndpoint -IMAP -Name 'Exchange 2007 IMAP via bridge' -RemoteServer {fqdn} -Port {port} -Security Ssl",
+        "# imap-users.csv has the columns EmailAddress,UserName,Password (UserName as Exchange 2007's IMAP4 takes it: DOMAIN\\user or the UPN):",
+        "New-MigrationBatch -Name 'IMAP batch 1' -SourceEndpoint 'Exchange 2007 IMAP via bridge' -CSVData ([System.IO.File]::ReadAllBytes('C:\\migration\\imap-users.csv')) -AutoStart",
+    ]
 
 
 # --------------------------------------------------------------------------- JSON
@@ -147,6 +163,7 @@ def report_json(report: Report) -> dict[str, Any]:
             "auth": settings.auth,
             "email": settings.credentials.email if settings.credentials else None,
             "username": settings.credentials.username if settings.credentials else None,
+            "mail": [{"protocol": target.protocol, "legacy": str(target.legacy), "mode": target.mode, "bridge_ports": target.bridge_ports} for target in settings.mail],
         },
         "counts": counts(report),
         "facts": report.facts,

@@ -494,6 +494,9 @@ class ImapWatcher:
             self._client_events(step)  # lines held during the exchange go on
         return line
 
+    def tls_started(self) -> None:
+        """Never asked: the IMAPS front is TLS from the first byte (no STARTTLS step)."""
+
     def _step_aside(self, step: Step) -> None:
         self.stepped_aside = True
         step.to_server += self.commands.release()

@@ -37,6 +37,7 @@ class Step:
     logons: list[Logon] = field(default_factory=list)
     close: bool = False
     problem: str | None = None
+    start_tls: bool = False  # the bridge wrote its go-ahead to the client's STARTTLS: the client's TLS handshake starts now
 
 
 class LogonWatcher(Protocol):
@@ -46,6 +47,7 @@ class LogonWatcher(Protocol):
     def stepped_aside(self) -> bool: ...
     def from_client(self, data: bytes) -> Step: ...
     def from_server(self, data: bytes) -> Step: ...
+    def tls_started(self) -> None: ...  # the client's TLS handshake after a ``start_tls`` step is done
 
 
 @dataclass

@@ -26,39 +26,23 @@ Pipelining (RFC 2449): commands may arrive many at a time; replies are matched t
 answers the bridge writes itself wait their turn behind replies still due from the server. Client bytes
 after a logon attempt (PASS, APOP, AUTH) are held until its reply: only then is it known whether they
 are SASL responses, commands, or (after success) bytes needing no parsing. A response line is taken
-from the client only after the server's ``+`` continuation, as the server itself reads them, so a
-command typed where a SASL response belongs is a (failed) SASL response, never a command.
+from the client only after the server's ``+`` continuation, as the server itself reads them, and it
+must be base64 (or ``*``): a command typed where a SASL response belongs closes the session, unsent.
 
 Lines are bounded (``MAX_LINE``): a longer one closes the session with one sentence.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from bridge.protocol.sasl import (
-    RELAYED_MECHANISMS,
-    AuthAborted,
-    AuthStarted,
-    Greeting,
-    LineTooLong,
-    LocalAnswer,
-    LogonFailed,
-    LogonSucceeded,
-    Output,
-    Passthrough,
-    SaslExchange,
-    StartTls,
-    Violation,
-    printable,
-    take_line,
-)
+from bridge.protocol.mail import StartTlsStep
+from bridge.protocol.observer import MAX_LINE, LineObserver, ObserverWatcher, Pending
+from bridge.protocol.sasl import RELAYED_MECHANISMS, AuthStarted, Greeting, LineTooLong, LogonFailed, LogonSucceeded, Output, printable, take_line
 
 # RFC 2449 allows 255 octets for a command and 512 for a reply line; SASL responses have no limit there
-# (an NTLM AUTHENTICATE message is 1-3 KB in base64). The bound is the one sentence below.
-MAX_LINE = 16384
+# (an NTLM AUTHENTICATE message is 1-3 KB in base64): the bound is bridge.protocol.observer.MAX_LINE.
 
 STLS_GO_AHEAD = b"+OK Begin TLS negotiation now.\r\n"
 STLS_REFUSED = b"-ERR Command is not valid in this state.\r\n"
@@ -102,118 +86,49 @@ def filter_capabilities(lines: Iterable[str], *, stls: bool = False, mechanisms:
 
 
 @dataclass
-class _Pending:
-    """A client command whose reply is due, or an answer of the bridge's own waiting for its turn."""
+class _Pending(Pending):
+    """A POP3 command whose reply is due (``Pending``), with what a logon or a listing needs."""
 
-    command: str
-    argument: str = ""
-    local: bytes | None = None
-    start_tls: bool = False
-    sasl: SaslExchange | None = None
     logon: str | None = None  # "USER" (PASS) or "APOP": a reply decides the logon
     user: str | None = None
     collect: list[str] | None = None  # CAPA and AUTH-listing lines, rewritten at the end
 
     @property
     def barrier(self) -> bool:
-        """Client bytes after this command wait for its reply."""
         return self.sasl is not None or self.logon is not None
 
 
 @dataclass
-class Pop3Observer:
+class Pop3Observer(LineObserver):
     """One POP3 session between a client and the server, before and up to the logon (module docstring)."""
 
-    front_stls: bool = False  # the front answers STLS itself (a plain port); False on an implicit-TLS port
-    mechanisms: tuple[str, ...] = RELAYED_MECHANISMS
-    max_line: int = MAX_LINE
-    passthrough: bool = field(default=False, init=False)
-    closed: bool = field(default=False, init=False)
-    _client: bytes = field(default=b"", init=False, repr=False)
-    _server: bytes = field(default=b"", init=False, repr=False)
-    _pending: deque[_Pending] = field(default_factory=deque, init=False, repr=False)
-    _greeted: bool = field(default=False, init=False)
-    _multiline: _Pending | None = field(default=None, init=False, repr=False)
-    _sasl_turn: bool = field(default=False, init=False)  # the server sent "+": one client line is a SASL response
-    _user: str | None = field(default=None, init=False)
-    _stls_requested: bool = field(default=False, init=False)
-    _tls_active: bool = field(default=False, init=False)
+    PROTOCOL = "POP3"
+    TLS_COMMAND = "STLS"
+    MECHANISM_REFUSED = MECHANISM_REFUSED
+    LINE_TOO_LONG = LINE_TOO_LONG
+    ERROR_PREFIX = b"-ERR "
+    COMMAND_LIMIT = 255
 
-    def __post_init__(self) -> None:
-        self.mechanisms = tuple(mechanism.upper() for mechanism in self.mechanisms)
+    front_stls: bool = False  # the front answers STLS itself (a plain port); False on an implicit-TLS port
+    _multiline: _Pending | None = field(default=None, init=False, repr=False)
+    _user: str | None = field(default=None, init=False)
 
     # ------------------------------------------------------------------ client side
-
-    def client_data(self, data: bytes) -> Output:
-        out = Output()
-        if self.passthrough:
-            out.to_server = data
-            return out
-        if self.closed or not data:
-            return out
-        if self._stls_requested:
-            return self._violation(out, "client", f"The client sent {len(data)} bytes after STLS before the TLS handshake (STARTTLS command injection); the connection is closed.")
-        self._client += data
-        self._parse_client(out)
-        return out
-
-    def tls_started(self) -> None:
-        """The bridge finished the TLS handshake with the client after its STLS go-ahead."""
-        self._stls_requested = False
-        self._tls_active = True
-
-    def _holding(self) -> bool:
-        return bool(self._pending) and self._pending[-1].barrier and not self._sasl_turn
-
-    def _parse_client(self, out: Output) -> None:
-        while not self.closed and not self._holding():
-            try:
-                line, self._client = take_line(self._client, self.max_line)
-            except LineTooLong:
-                self._line_too_long(out)
-                return
-            if line is None:
-                return
-            if self._sasl_turn:
-                self._sasl_turn = False
-                sasl = self._pending[-1].sasl
-                assert sasl is not None
-                sasl.client_response(line)
-                out.to_server += line
-                continue
-            self._command(line, out)
-
-    def _line_too_long(self, out: Output) -> None:
-        out.to_client += LINE_TOO_LONG
-        self._violation(out, "client", f"The client sent a line longer than {self.max_line} bytes before logging on (POP3 commands are at most 255); the connection is closed.")
 
     def _command(self, line: bytes, out: Output) -> None:
         text = line.rstrip(b"\r\n").decode("latin-1")
         name, _, argument = text.partition(" ")
         command = name.upper()
         if command == "STLS":
-            if not self.front_stls or self._tls_active:
-                self._answer_locally(out, _Pending(command, local=STLS_REFUSED))
-                return
-            self._stls_requested = True
-            if self._client:
-                self._violation(out, "client", f"The client sent {len(self._client)} bytes after STLS before the TLS handshake (STARTTLS command injection); the connection is closed.")
-                return
-            self._answer_locally(out, _Pending(command, local=STLS_GO_AHEAD, start_tls=True))
+            self._front_tls(command, out, offered=self.front_stls and not self._tls_active, refusal=STLS_REFUSED, go_ahead=STLS_GO_AHEAD)
             return
         if command not in BEFORE_LOGON:
             self._answer_locally(out, _Pending(command, local=NOT_VALID_BEFORE_LOGON))
             return
         pending = _Pending(command, argument)
         if command == "AUTH" and argument.strip():
-            mechanism, _, initial = argument.strip().partition(" ")
-            if mechanism.upper() not in self.mechanisms:
-                self._answer_locally(out, _Pending(command, local=MECHANISM_REFUSED))
+            if not self._start_sasl(pending, argument, out):
                 return
-            pending.sasl = SaslExchange(mechanism)
-            if initial.strip():
-                pending.sasl.client_response(initial)
-            out.events.append(AuthStarted(pending.sasl.mechanism))
         elif command in ("AUTH", "CAPA"):
             pending.collect = []
         elif command == "USER":
@@ -227,45 +142,7 @@ class Pop3Observer:
         out.to_server += line
         self._pending.append(pending)
 
-    def _answer_locally(self, out: Output, pending: _Pending) -> None:
-        if self._pending:
-            self._pending.append(pending)  # written when the replies due before it have gone out
-        else:
-            self._write_local(out, pending)
-
-    def _write_local(self, out: Output, pending: _Pending) -> None:
-        assert pending.local is not None
-        out.to_client += pending.local
-        out.events.append(LocalAnswer(pending.command, pending.local.decode("latin-1").rstrip()))
-        if pending.start_tls:
-            out.events.append(StartTls(discarded=0))
-
     # ------------------------------------------------------------------ server side
-
-    def server_data(self, data: bytes) -> Output:
-        out = Output()
-        if self.passthrough:
-            out.to_client = data
-            return out
-        if self.closed or not data:
-            return out
-        self._server += data
-        while not self.closed and not self.passthrough:
-            try:
-                line, self._server = take_line(self._server, self.max_line)
-            except LineTooLong:
-                self._violation(out, "server", f"The POP3 server sent a line longer than {self.max_line} bytes before the logon; the connection is closed.")
-                break
-            if line is None:
-                break
-            self._server_line(line, out)
-            if self._client and not self.passthrough:
-                self._parse_client(out)  # the reply may have released held client lines, sent before the next reply
-        if self.passthrough:
-            out.to_client += self._server
-            out.to_server += self._client
-            self._server = self._client = b""
-        return out
 
     def _server_line(self, line: bytes, out: Output) -> None:
         text = line.rstrip(b"\r\n").decode("latin-1")
@@ -324,34 +201,58 @@ class Pop3Observer:
         self._multiline = None
         self._reply_done(out)
 
-    def _reply_done(self, out: Output) -> None:
-        self._pending.popleft()
-        while self._pending and self._pending[0].local is not None:
-            self._write_local(out, self._pending.popleft())
-
-    def _sasl_outcome(self, sasl: SaslExchange, ok: bool, text: str, out: Output) -> None:
-        self._sasl_turn = False
-        if ok:
-            self._logged_on(LogonSucceeded(sasl.mechanism, sasl.user), out)
-        elif sasl.credentials_sent:
-            out.events.append(LogonFailed(sasl.mechanism, sasl.user, text))
-        else:
-            out.events.append(AuthAborted(sasl.mechanism, text))
-
     def _logon_outcome(self, mechanism: str, user: str | None, ok: bool, text: str, out: Output) -> None:
         if ok:
             self._logged_on(LogonSucceeded(mechanism, user), out)
         else:
             out.events.append(LogonFailed(mechanism, user, text))
 
-    def _logged_on(self, event: LogonSucceeded, out: Output) -> None:
-        # A barrier is always the last command: nothing after it was parsed, so nothing else is due.
-        self._pending.clear()
-        out.events += [event, Passthrough()]
-        self.passthrough = True
 
-    def _violation(self, out: Output, side: str, reason: str) -> Output:
-        out.events.append(Violation(side, reason))
-        out.close = True
-        self.closed = True
-        return out
+# --------------------------------------------------------------------------- the mail shell's dialect
+
+
+class Pop3StartTls:
+    """``--pop3-upstream-tls starttls`` (port 110): the greeting, ``STLS``, its ``+OK``; then TLS. Bytes
+    the server sends after that ``+OK`` and before the handshake are refused (response injection)."""
+
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.greeting = b""
+
+    def start(self) -> bytes:
+        return b""
+
+    def feed(self, data: bytes) -> StartTlsStep:
+        self.buffer += data
+        try:
+            line, self.buffer = take_line(self.buffer, MAX_LINE)
+        except LineTooLong:
+            return StartTlsStep(error=f"it sent a line longer than {MAX_LINE} bytes before STLS")
+        if line is None:
+            return StartTlsStep()
+        text = line.rstrip(b"\r\n").decode("latin-1")
+        if not self.greeting:
+            if not text.startswith("+OK"):
+                return StartTlsStep(error=f"it greeted with {text!r}")
+            self.greeting = line
+            return StartTlsStep(send=b"STLS\r\n") if not self.buffer else StartTlsStep(error="it sent more than its greeting before STLS")
+        if not text.startswith("+OK"):
+            return StartTlsStep(error=f"it refused STLS ({text})")
+        if self.buffer:
+            return StartTlsStep(error="it sent bytes after its answer to STLS, before the TLS handshake (response injection)")
+        return StartTlsStep(ready=True, greeting=self.greeting)
+
+
+class Pop3Dialect:
+    """POP3 for the mail listener shell (bridge.protocol.mail.MailDialect): port 995, TLS from the first byte."""
+
+    name = "pop3"
+
+    def watcher(self, *, upstream_starttls: bool) -> ObserverWatcher:
+        return ObserverWatcher(Pop3Observer())
+
+    def starttls(self) -> Pop3StartTls:
+        return Pop3StartTls()
+
+    def bye(self, sentence: str) -> bytes:
+        return f"-ERR {sentence}\r\n".encode()

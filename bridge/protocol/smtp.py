@@ -34,37 +34,22 @@ straight back: DATA and BDAT bodies stream without line parsing.
 
 Pipelining: replies are matched to commands in order; the bridge's own answers wait their turn behind
 replies still due. Client bytes after AUTH are held until its reply (or continuation), as the server
-reads them, so a command typed where a SASL response belongs is a (failed) SASL response, never a
-command. Lines are bounded (``MAX_LINE``): a longer one closes the session with one sentence.
+reads them, and a response must be base64 (or ``*``): a command typed where a SASL response belongs
+closes the session, unsent. Lines are bounded (``MAX_LINE``): a longer one closes the session with one sentence.
 """
 
 from __future__ import annotations
 
 import re
-from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from bridge.protocol.sasl import (
-    RELAYED_MECHANISMS,
-    AuthAborted,
-    AuthStarted,
-    Greeting,
-    LineTooLong,
-    LocalAnswer,
-    LogonFailed,
-    LogonSucceeded,
-    Output,
-    Passthrough,
-    SaslExchange,
-    StartTls,
-    Violation,
-    take_line,
-)
+from bridge.protocol.mail import StartTlsStep
+from bridge.protocol.observer import MAX_LINE, LineObserver, ObserverWatcher, Pending
+from bridge.protocol.sasl import RELAYED_MECHANISMS, Greeting, LineTooLong, Output, Violation, take_line
 
 # RFC 5321 4.5.3.1: 512 octets for a command line, 1000 for a text line; RFC 4954 allows 12288 for an
-# AUTH line with its initial response.
-MAX_LINE = 16384
+# AUTH line with its initial response: the bound is bridge.protocol.observer.MAX_LINE.
 
 STARTTLS_GO_AHEAD = b"220 2.0.0 SMTP server ready\r\n"
 NOT_AUTHENTICATED = b"530 5.7.1 Client was not authenticated\r\n"
@@ -130,133 +115,60 @@ def parse_reply_line(line: bytes) -> tuple[str, bool, str] | None:
 
 
 @dataclass
-class _Pending:
-    command: str
-    argument: str = ""
-    local: bytes | None = None
-    start_tls: bool = False
-    sasl: SaslExchange | None = None
-
-    @property
-    def barrier(self) -> bool:
-        return self.sasl is not None
-
-
-@dataclass
-class SmtpObserver:
+class SmtpObserver(LineObserver):
     """One SMTP submission session between a client and the server, up to the logon (module docstring).
 
     ``front_starttls``: the bridge answers the client's STARTTLS (port 587); False where the client's
     side is TLS from the first byte (465). ``tls_started()`` tells it the client's handshake is done.
     """
 
+    PROTOCOL = "SMTP"
+    TLS_COMMAND = "STARTTLS"
+    MECHANISM_REFUSED = MECHANISM_REFUSED
+    LINE_TOO_LONG = LINE_TOO_LONG
+    ERROR_PREFIX = b"501 5.5.2 "
+    COMMAND_LIMIT = 512
+
     front_starttls: bool = False
-    mechanisms: tuple[str, ...] = RELAYED_MECHANISMS
-    max_line: int = MAX_LINE
-    passthrough: bool = field(default=False, init=False)
-    closed: bool = field(default=False, init=False)
-    _client: bytes = field(default=b"", init=False, repr=False)
-    _server: bytes = field(default=b"", init=False, repr=False)
-    _pending: deque[_Pending] = field(default_factory=deque, init=False, repr=False)
-    _greeted: bool = field(default=False, init=False)
     _reply: list[str] = field(default_factory=list, init=False, repr=False)  # lines of a multi-line reply so far
     _reply_raw: bytes = field(default=b"", init=False, repr=False)
-    _sasl_turn: bool = field(default=False, init=False)
     _discard: int = field(default=0, init=False)  # BDAT chunk bytes still to read past
-    _starttls_requested: bool = field(default=False, init=False)
-    _tls_active: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
-        self.mechanisms = tuple(mechanism.upper() for mechanism in self.mechanisms)
+        super().__post_init__()
         self._tls_active = not self.front_starttls
-
-    @property
-    def client_encrypted(self) -> bool:
-        return self._tls_active
-
-    def tls_started(self) -> None:
-        """The bridge finished the TLS handshake with the client after its STARTTLS go-ahead."""
-        self._starttls_requested = False
-        self._tls_active = True
 
     # ------------------------------------------------------------------ client side
 
-    def client_data(self, data: bytes) -> Output:
-        out = Output()
-        if self.passthrough:
-            out.to_server = data
-            return out
-        if self.closed or not data:
-            return out
-        if self._starttls_requested:
-            return self._injection(out, len(data))
-        self._client += data
-        self._parse_client(out)
-        return out
-
-    def _holding(self) -> bool:
-        return bool(self._pending) and self._pending[-1].barrier and not self._sasl_turn
-
-    def _parse_client(self, out: Output) -> None:
-        while not self.closed and not self._holding():
-            if self._discard:
-                dropped = self._client[: self._discard]
-                self._client = self._client[len(dropped) :]
-                self._discard -= len(dropped)
-                if self._discard:
-                    return
-            try:
-                line, self._client = take_line(self._client, self.max_line)
-            except LineTooLong:
-                out.to_client += LINE_TOO_LONG
-                self._violation(out, "client", f"The client sent a line longer than {self.max_line} bytes before logging on (SMTP commands are at most 512); the connection is closed.")
-                return
-            if line is None:
-                return
-            if self._sasl_turn:
-                self._sasl_turn = False
-                sasl = self._pending[-1].sasl
-                assert sasl is not None
-                sasl.client_response(line)
-                out.to_server += line
-                continue
-            self._command(line, out)
+    def _skip_client_bytes(self) -> bool:
+        if self._discard:
+            dropped = self._client[: self._discard]
+            self._client = self._client[len(dropped) :]
+            self._discard -= len(dropped)
+        return not self._discard
 
     def _command(self, line: bytes, out: Output) -> None:
         text = line.rstrip(b"\r\n").decode("latin-1")
         name, _, argument = text.partition(" ")
         command = name.upper()
         if command == "STARTTLS":
-            if self._tls_active:
-                self._answer_locally(out, _Pending(command, local=UNRECOGNIZED))
-                return
-            self._starttls_requested = True
-            if self._client:
-                self._injection(out, len(self._client))
-                return
-            self._answer_locally(out, _Pending(command, local=STARTTLS_GO_AHEAD, start_tls=True))
+            self._front_tls(command, out, offered=not self._tls_active, refusal=UNRECOGNIZED, go_ahead=STARTTLS_GO_AHEAD)
             return
         if command in MAIL_COMMANDS:
             if command == "BDAT" and not self._bdat_size(argument, out):
                 return
-            self._answer_locally(out, _Pending(command, local=NOT_AUTHENTICATED))
+            self._answer_locally(out, Pending(command, local=NOT_AUTHENTICATED))
             return
         if command not in BEFORE_LOGON:
-            self._answer_locally(out, _Pending(command, local=UNRECOGNIZED))
+            self._answer_locally(out, Pending(command, local=UNRECOGNIZED))
             return
-        pending = _Pending(command, argument)
+        pending = Pending(command, argument)
         if command == "AUTH":
-            mechanism, _, initial = argument.strip().partition(" ")
             if not self._tls_active:
-                self._answer_locally(out, _Pending(command, local=TLS_FIRST))
+                self._answer_locally(out, Pending(command, local=TLS_FIRST))
                 return
-            if mechanism.upper() not in self.mechanisms:
-                self._answer_locally(out, _Pending(command, local=MECHANISM_REFUSED))
+            if not self._start_sasl(pending, argument, out):
                 return
-            pending.sasl = SaslExchange(mechanism)
-            if initial.strip():
-                pending.sasl.client_response(initial)
-            out.events.append(AuthStarted(pending.sasl.mechanism))
         out.to_server += line
         self._pending.append(pending)
 
@@ -269,48 +181,7 @@ class SmtpObserver:
         self._discard = int(words[0])
         return True
 
-    def _answer_locally(self, out: Output, pending: _Pending) -> None:
-        if self._pending:
-            self._pending.append(pending)
-        else:
-            self._write_local(out, pending)
-
-    def _write_local(self, out: Output, pending: _Pending) -> None:
-        assert pending.local is not None
-        out.to_client += pending.local
-        out.events.append(LocalAnswer(pending.command, pending.local.decode("latin-1").rstrip()))
-        if pending.start_tls:
-            out.events.append(StartTls(discarded=0))
-
-    def _injection(self, out: Output, count: int) -> Output:
-        return self._violation(out, "client", f"The client sent {count} bytes after STARTTLS before the TLS handshake (STARTTLS command injection); the connection is closed.")
-
     # ------------------------------------------------------------------ server side
-
-    def server_data(self, data: bytes) -> Output:
-        out = Output()
-        if self.passthrough:
-            out.to_client = data
-            return out
-        if self.closed or not data:
-            return out
-        self._server += data
-        while not self.closed and not self.passthrough:
-            try:
-                line, self._server = take_line(self._server, self.max_line)
-            except LineTooLong:
-                self._violation(out, "server", f"The SMTP server sent a line longer than {self.max_line} bytes before the logon; the connection is closed.")
-                break
-            if line is None:
-                break
-            self._server_line(line, out)
-            if self._client and not self.passthrough and not self.closed:
-                self._parse_client(out)
-        if self.passthrough:
-            out.to_client += self._server
-            out.to_server += self._client
-            self._server = self._client = b""
-        return out
 
     def _server_line(self, line: bytes, out: Output) -> None:
         parsed = parse_reply_line(line)
@@ -347,26 +218,10 @@ class SmtpObserver:
         else:
             out.to_client += raw
         if head.sasl is not None:
-            self._sasl_turn = False
-            reply = f"{code} {' '.join(lines)}".strip()
-            if code == "235":
-                self._pending.clear()
-                out.events += [LogonSucceeded(head.sasl.mechanism, head.sasl.user), Passthrough()]
-                self.passthrough = True
+            self._sasl_outcome(head.sasl, code == "235", f"{code} {' '.join(lines)}".strip(), out)
+            if self.passthrough:
                 return
-            if head.sasl.credentials_sent:
-                out.events.append(LogonFailed(head.sasl.mechanism, head.sasl.user, reply))
-            else:
-                out.events.append(AuthAborted(head.sasl.mechanism, reply))
-        self._pending.popleft()
-        while self._pending and self._pending[0].local is not None:
-            self._write_local(out, self._pending.popleft())
-
-    def _violation(self, out: Output, side: str, reason: str) -> Output:
-        out.events.append(Violation(side, reason))
-        out.close = True
-        self.closed = True
-        return out
+        self._reply_done(out)
 
 
 @dataclass
@@ -438,3 +293,43 @@ class BackendStartTls:
         out.close = True
         self.closed = True
         return out
+
+
+# --------------------------------------------------------------------------- the mail shell's dialect
+
+
+class SmtpStartTls:
+    """``BackendStartTls`` as the shell's upstream STARTTLS (bridge.protocol.mail.UpstreamStartTls)."""
+
+    def __init__(self, ehlo_name: str) -> None:
+        self.backend = BackendStartTls(ehlo_name)
+
+    def start(self) -> bytes:
+        return b""
+
+    def feed(self, data: bytes) -> StartTlsStep:
+        out = self.backend.server_data(data)
+        problem = next((event.reason for event in out.events if isinstance(event, Violation)), None)
+        if problem is not None:
+            return StartTlsStep(error=problem)
+        ready = self.backend.ready
+        return StartTlsStep(send=out.to_server, ready=ready, greeting=self.backend.greeting if ready else b"")
+
+
+@dataclass
+class SmtpDialect:
+    """SMTP submission for the mail listener shell (bridge.protocol.mail.MailDialect): ``smtp`` is port
+    465 (TLS from the first byte), ``submission`` port 587 (the bridge answers the client's STARTTLS)."""
+
+    name: str  # smtp or submission: the label of logs, counters and bans
+    front_starttls: bool
+    ehlo_name: str  # the bridge's name in its own EHLO to the server (the upstream STARTTLS)
+
+    def watcher(self, *, upstream_starttls: bool) -> ObserverWatcher:
+        return ObserverWatcher(SmtpObserver(front_starttls=self.front_starttls))
+
+    def starttls(self) -> SmtpStartTls:
+        return SmtpStartTls(self.ehlo_name)
+
+    def bye(self, sentence: str) -> bytes:
+        return f"421 4.3.2 {sentence}\r\n".encode()

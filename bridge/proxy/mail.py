@@ -1,9 +1,13 @@
-"""The mail listener shell: IMAPS now (POP3S and SMTP submission use the same shell), beside HTTPS.
+"""The mail listener shell: IMAPS, POP3S and SMTP submission (465 and 587), beside HTTPS.
 
 Every accepted connection first meets bridge.net.gate's ``Gate``, as on the HTTPS port: a source
 outside ``--allow`` or banned is closed before TLS, past ``--max-connections`` (one total with HTTPS)
-the client gets the protocol's goodbye (``* BYE``) instead of a session. TLS is the loop's own with
-the bridge's certificate context (the one ACME renews and SIGHUP reloads). Then one ``MailSession``:
+the client gets the protocol's goodbye (``* BYE``, ``-ERR``, ``421``) instead of a session. TLS is the
+loop's own with the bridge's certificate context (the one ACME renews and SIGHUP reloads): from the
+first byte (993, 995, 465), or on port 587 after the client's STARTTLS, which the protocol module
+answers itself (a ``Step`` with ``start_tls``: the session runs the handshake right after the go-ahead,
+then tells the watcher). Each protocol is a ``MailDialect`` (bridge.protocol.imap, .pop3, .smtp;
+POP3's and SMTP's observers through bridge.protocol.observer's adapter). Then one ``MailSession``:
 
 1. one upstream connection of its own to the protocol's server: ``implicit`` TLS, ``starttls`` (the
    protocol module's ``UpstreamStartTls`` runs first, then TLS, then the server's greeting goes to the
@@ -39,7 +43,7 @@ from bridge.net.channel import Channel, ChannelClosed, ConnectionState
 from bridge.net.gate import ConnectionGuard, Gate, peer_address
 from bridge.net.tls import describe_ssl_error
 from bridge.net.upstream import LegacyPool, UpstreamConnection, UpstreamError
-from bridge.protocol.mail import Logon, MailDialect, Step
+from bridge.protocol.mail import Logon, LogonWatcher, MailDialect, Step
 
 log = logging.getLogger("bridge.mail")
 access_log = logging.getLogger("bridge.access")
@@ -58,6 +62,7 @@ class MailService:
     tls_context: ssl.SSLContext  # the legacy client context (bridge.net.tls.legacy_context)
     pinned_fingerprint: str | None = None
     verified_by_ca: bool = False
+    front: str = "implicit"  # the client's side: implicit (TLS from the first byte) or starttls (the bridge answers STARTTLS)
 
 
 class MailStats:
@@ -122,10 +127,12 @@ class MailListener:
     async def listen(self, host: str | None, port: int, *, backlog: int = 1024) -> None:
         """Raises OSError when the port cannot be bound."""
         loop = asyncio.get_running_loop()
-        plain = self.service.dialect.bye("This port speaks TLS from the first byte; connect with TLS (IMAPS).")
+        implicit = self.service.front == "implicit"
+        plain = self.service.dialect.bye(f"This port speaks TLS from the first byte; connect with TLS ({self.protocol.upper()}S).")
+        context = self.ssl_context if implicit else None  # STARTTLS: the session upgrades the connection itself
 
         def gate() -> Gate:
-            return Gate(self.guard, self.new_connection, self.ssl_context, banned=self.is_banned, busy_factory=self.busy, plain_answer=plain)
+            return Gate(self.guard, self.new_connection, context, banned=self.is_banned, busy_factory=self.busy, plain_answer=plain)
 
         self.listeners.append(await loop.create_server(gate, host, port, backlog=backlog, reuse_address=True))
 
@@ -288,7 +295,7 @@ class MailSession:
         self.upstream = upstream
         watcher = self.dialect.watcher(upstream_starttls=service.tls_mode == "starttls")
         if greeting:
-            self.apply(watcher.from_server(greeting), upstream)
+            self.apply(watcher.from_server(greeting), upstream)  # (a greeting never asks for the client's TLS)
         tasks = [
             asyncio.ensure_future(self.pump_client(watcher, upstream)),
             asyncio.ensure_future(self.pump_server(watcher, upstream)),
@@ -305,7 +312,7 @@ class MailSession:
                 raise task.exception()  # type: ignore[misc]  # checked just above
 
     # ---- both directions
-    async def pump_client(self, watcher: Any, upstream: Channel) -> None:
+    async def pump_client(self, watcher: LogonWatcher, upstream: Channel) -> None:
         client = self.client
         while True:
             data = await client.read_some(READ_SIZE)
@@ -313,11 +320,11 @@ class MailSession:
                 return
             if watcher.stepped_aside:
                 upstream.write(data)
-            else:
-                self.apply(watcher.from_client(data), upstream)
+            elif self.apply(watcher.from_client(data), upstream):
+                await self.client_tls(watcher)
             await upstream.drain()
 
-    async def pump_server(self, watcher: Any, upstream: Channel) -> None:
+    async def pump_server(self, watcher: LogonWatcher, upstream: Channel) -> None:
         client = self.client
         while True:
             data = await upstream.read_some(READ_SIZE)
@@ -325,11 +332,30 @@ class MailSession:
                 return
             if watcher.stepped_aside:
                 client.send(data)
-            else:
-                self.apply(watcher.from_server(data), upstream)
+            elif self.apply(watcher.from_server(data), upstream):
+                await self.client_tls(watcher)
             await client.drain()
 
-    def apply(self, step: Step, upstream: Channel) -> None:
+    async def client_tls(self, watcher: LogonWatcher) -> None:
+        """The bridge has answered the client's STARTTLS: TLS with the bridge's certificate on the same
+        connection, right after the go-ahead (nothing else is read or written in between)."""
+        client = self.client
+        transport = client.transport
+        assert transport is not None
+        timeout = self.listener.guard.header_timeout
+        try:
+            tls = await asyncio.get_running_loop().start_tls(transport, client, self.listener.ssl_context, server_side=True, ssl_handshake_timeout=timeout)
+        except (ssl.SSLError, OSError, TimeoutError) as exc:
+            log.info("%s session from %s: no TLS handshake after STARTTLS (%s)", self.protocol, self.peer, describe_ssl_error(exc) if isinstance(exc, ssl.SSLError) else exc or "timed out")
+            raise SessionEnd("refused") from None
+        if tls is None:
+            raise SessionEnd("refused")
+        client.transport = tls
+        tls.set_write_buffer_limits(high=READ_SIZE)
+        watcher.tls_started()
+
+    def apply(self, step: Step, upstream: Channel) -> bool:
+        """Carry out one step; True when the client's TLS handshake starts now (its STARTTLS was answered)."""
         banned = False
         for logon in step.logons:  # counted before the client hears the verdict
             banned = self.logon(logon) or banned
@@ -342,6 +368,7 @@ class MailSession:
             raise SessionEnd("refused")
         if banned:
             raise self.goodbye("Too many failed logons from this address; it is banned for a while.", "banned")
+        return step.start_tls
 
     def logon(self, logon: Logon) -> bool:
         """Count one logon attempt; True when it got the source banned."""
@@ -446,9 +473,22 @@ def mail_listeners(config: Any, guard: ConnectionGuard, ssl_context: Any, bans: 
     """The configured mail listeners (not yet listening): (port flag, port, listener) each."""
     from bridge.net.tls import legacy_context
     from bridge.protocol.imap import ImapDialect
+    from bridge.protocol.pop3 import Pop3Dialect
+    from bridge.protocol.smtp import SmtpDialect
 
+    ehlo_name = config.mail_fqdn or config.fqdn or "exchange-bridge"
+    dialects: list[tuple[str, str, MailDialect, str]] = [  # (port flag, upstream protocol, dialect, front)
+        ("--imaps-port", "imap", ImapDialect(), "implicit"),
+        ("--pop3s-port", "pop3", Pop3Dialect(), "implicit"),
+        ("--smtps-port", "smtp", SmtpDialect("smtp", front_starttls=False, ehlo_name=ehlo_name), "implicit"),
+        ("--submission-port", "smtp", SmtpDialect("submission", front_starttls=True, ehlo_name=ehlo_name), "starttls"),
+    ]
     found = []
-    if config.imaps_port is not None:
-        service = MailService(ImapDialect(), config.imap_server, config.imap_upstream_tls, legacy_context(config.legacy_ca), config.legacy_fingerprint, config.legacy_ca is not None)
-        found.append(("--imaps-port", config.imaps_port, MailListener(service, guard, ssl_context, config, bans=bans, stats=stats, closed_message=closed_message)))
+    for flag, upstream, dialect, front in dialects:
+        port = config.mail_ports.get(flag)
+        if port is None:
+            continue
+        tls_mode = getattr(config, f"{upstream}_upstream_tls")
+        service = MailService(dialect, config.mail_server(upstream), tls_mode, legacy_context(config.legacy_ca), config.legacy_fingerprint, config.legacy_ca is not None, front=front)
+        found.append((flag, port, MailListener(service, guard, ssl_context, config, bans=bans, stats=stats, closed_message=closed_message)))
     return found

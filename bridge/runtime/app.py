@@ -29,6 +29,7 @@ from bridge.proxy.relay import Proxy
 
 log = logging.getLogger("bridge")
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # scripts/fail2ban's filter reads these lines
 PORT80_KEEPALIVE = 75.0  # seconds an idle port-80 connection is kept (redirects and ACME need no more)
 
 
@@ -37,7 +38,7 @@ def setup_logging(level: str) -> None:
     if not isinstance(numeric, int):
         raise ConfigError(f"--log-level {level!r} is not a level; use debug, info or warning.")
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric)
@@ -236,19 +237,25 @@ def build_front(config: BridgeConfig, proxy: Proxy, ssl_context: Any) -> FrontSe
 
 
 async def start_mail(bridge: RunningBridge, guard: ConnectionGuard) -> None:
-    """The mail listeners (--imaps-port): the HTTPS gate's guard (one --max-connections), the certificate's
-    context (renewals and SIGHUP reach it), the ban list and the migration window."""
+    """The mail listeners (--imaps-port, --pop3s-port, --smtps-port, --submission-port): the HTTPS gate's
+    guard (one --max-connections), the certificate's context (renewals and SIGHUP reach it), the ban
+    list and the migration window."""
     config = bridge.config
     for flag, port, listener in mail_listeners(config, guard, bridge.ssl_context, bridge.bans, lambda: bridge.proxy.closed_message, bridge.mail):
-        try:
-            await listener.listen(config.bind, port)
-        except OSError as exc:
-            raise listen_error(exc, config.bind, port, flag) from None
         bridge.runners.append(listener)
+        await listen_mail(config, flag, port, listener)
         bridge.mail_ports[listener.protocol] = listener.port
         if bridge.window is not None:
             bridge.window.fronts.append(listener)
-        log.info("%s listener on port %d -> %s (%s)", listener.protocol, listener.port, listener.service.server, listener.service.tls_mode)
+
+
+async def listen_mail(config: BridgeConfig, flag: str, port: int, listener: Any) -> None:
+    """One mail listener (bridge.proxy.mail.MailListener) listening, or the one-sentence StartupError."""
+    try:
+        await listener.listen(config.bind, port)
+    except OSError as exc:
+        raise listen_error(exc, config.bind, port, flag) from None
+    log.info("%s listener on port %d -> %s (%s)", listener.protocol, listener.port, listener.service.server, listener.service.tls_mode)
 
 
 def publish_https_port(port: int, proxy: Proxy, front: FrontServer, redirector: Redirector | None = None) -> None:

@@ -221,6 +221,13 @@ class Supervisor:
         self.router: Any = None  # --passthrough: port 80's routing and the backends' health checks (the workers route 443)
         self.migration: Any = None  # bridge.ops.migration.MigrationView over the workers' reports (serve_with_workers)
         self._pushed_bans: dict[str, float] | None = None
+        # The mail listeners run here, not in the workers (start_mail_here): their sessions, ports and gate.
+        from bridge.proxy.mail import MailStats
+
+        self.mail = MailStats()
+        self.mail_ports: dict[str, int] = {}
+        self.mail_listeners: list[Any] = []
+        self.mail_guard: Any = None
 
     # ---- what each worker gets -----------------------------------------------------------------
     def worker_config(self, index: int) -> BridgeConfig:
@@ -352,6 +359,10 @@ class Supervisor:
 
         if EXCHANGE_ONLINE in self.config.allow:
             self.reload_workers()
+            if self.mail_guard is not None:
+                from bridge.ops.allowlist import expand_allow
+
+                self.mail_guard.allow = tuple(expand_allow(self.config.allow, self.config.state_dir))
             announce_list(self.config.state_dir, "applied")
 
     # ---- signals ---------------------------------------------------------------------------------
@@ -365,6 +376,8 @@ class Supervisor:
 
     async def stop(self) -> None:
         self.stopping.set()
+        for listener in self.mail_listeners:  # mail clients reconnect on their own (as with one process)
+            await listener.cleanup()
         for worker in self.workers.values():
             if worker.process.returncode is None:
                 try:
@@ -468,6 +481,7 @@ async def serve_with_workers(config: BridgeConfig, reload_config: Callable[[], B
             supervisor.renewal = notifying_renewer(config, challenges, ssl_context, supervisor.reload_workers)
             supervisor.background.append(asyncio.create_task(supervisor.renewal.run(), name="certificate-renewal"))
         await supervisor.start_workers()
+        await start_mail_here(supervisor)
         from bridge.ops.migration import MigrationView
 
         supervisor.migration = MigrationView(supervisor, supervisor.totals.traffic_report)
@@ -485,6 +499,47 @@ async def serve_with_workers(config: BridgeConfig, reload_config: Callable[[], B
     handle_signals(supervisor.stopping, lambda: on_sighup(supervisor, reload_config))
     log.info(ready_line(supervisor) + f"; {config.workers} worker processes")  # type: ignore[arg-type]  # it has the config and ports ready_line reads; after the handlers: a signal sent on this line is handled
     return await serve_until(supervisor.stopping, config, supervisor.stop)
+
+
+class ParentBans:
+    """The parent's ban list as its mail listeners use it: a ban a mail logon causes reaches the workers at once."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+
+    def is_banned(self, address: str) -> bool:
+        return bool(self.supervisor.bans.is_banned(address))
+
+    def record_failure(self, address: str, protocol: str = "http") -> Any:
+        ban = self.supervisor.bans.record_failure(address, protocol)
+        if ban is not None:
+            self.supervisor.push_bans()
+        return ban
+
+
+async def start_mail_here(supervisor: Supervisor) -> None:
+    """With --workers the mail listeners run in the parent (they are not the hot path): with the parent's
+    certificate context, ban list and migration window, behind a gate of their own (the allow-list,
+    banned sources closed before TLS, and --max-connections counted for the mail sessions alone)."""
+    from bridge.net.gate import ConnectionGuard
+    from bridge.ops.allowlist import expand_allow
+    from bridge.ops.window import closed_sentence
+    from bridge.proxy.mail import mail_listeners
+    from bridge.runtime.app import listen_mail
+
+    config, window = supervisor.config, supervisor.window
+    if not config.mail_ports:
+        return
+    supervisor.mail_guard = ConnectionGuard(allow=expand_allow(config.allow, config.state_dir), max_connections=config.max_connections, header_timeout=config.header_timeout)
+
+    def closed_message() -> str | None:
+        return closed_sentence(window.closed_at) if window.closed and window.closed_at is not None else None
+
+    for flag, port, listener in mail_listeners(config, supervisor.mail_guard, supervisor.ssl_context, ParentBans(supervisor), closed_message, supervisor.mail):
+        supervisor.mail_listeners.append(listener)
+        await listen_mail(config, flag, port, listener)
+        supervisor.mail_ports[listener.protocol] = listener.port
+        window.fronts.append(listener)
 
 
 def notifying_renewer(config: BridgeConfig, challenges: dict[str, str], ssl_context: Any, notify: Callable[[], None]) -> Any:

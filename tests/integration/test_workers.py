@@ -7,22 +7,27 @@ from __future__ import annotations
 import base64
 import json
 import os
+import poplib
 import re
 import signal
+import smtplib
+import ssl
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 from requests_ntlm import HttpNtlmAuth
-from support.bridges import BRIDGE_FQDN, bridge_connection, bridge_session
+from support.bridges import BRIDGE_FQDN, bridge_client_context, bridge_connection, bridge_session, resolve_lab_names
 from support.lab import LAB_PASSWORD, LAB_USER, basic_header, negotiate_logon
 from support.net import free_port
 from support.processes import BridgeProcess, assert_one_sentence_error, bridge_cli, bridge_command
 
 from bridge.certs.keys import new_private_key, write_pair
+from bridge.lab.mailbox import lab_mailbox
 
 WORKER_LINE = re.compile(r"worker (\d+) \(pid (\d+)\) serving")
 
@@ -293,3 +298,42 @@ def test_sighup_with_a_broken_key_reloads_no_worker_and_keeps_serving(start_brid
             assert get(ca, port) == 401
     assert not any("certificate reloaded" in line for line in process.lines)
     assert process.stop() == 0
+
+
+def test_mail_listeners_run_in_the_parent_and_their_bans_reach_every_worker(lab_factory, front_cert, ca, tmp_path):
+    mail_lab = lab_factory(pop3_port=0, submission_port=0)
+    https_port, http_port, pop3_port, submission_port = free_port(), free_port(), free_port(), free_port()
+    mail = ["--pop3s-port", str(pop3_port), "--pop3-upstream", f"127.0.0.1:{mail_lab.mail_port('pop3')}"]
+    mail += ["--submission-port", str(submission_port), "--smtp-upstream", f"127.0.0.1:{mail_lab.mail_port('submission')}", "--ban-threshold", "3"]
+    process = BridgeProcess(bridge_command(mail_lab.port, *front_cert, tmp_path, https_port, http_port, "--workers", "2", *mail))
+    try:
+        process.wait_for("bridge ready")
+        pids = worker_pids(process)
+        assert "pop3 listener on port" in process.log and "submission listener on port" in process.log
+        resolve_lab_names()
+        client = poplib.POP3_SSL(BRIDGE_FQDN, pop3_port, context=bridge_client_context(ca), timeout=30)
+        client.user(LAB_USER)
+        assert client.pass_(LAB_PASSWORD).startswith(b"+OK") and client.stat()[0] == len(lab_mailbox())
+        client.quit()
+        with smtplib.SMTP(BRIDGE_FQDN, submission_port, timeout=30) as smtp:
+            smtp.starttls(context=bridge_client_context(ca))
+            smtp.login(LAB_USER, LAB_PASSWORD)
+        assert get(ca, https_port) == 401  # the workers serve HTTPS meanwhile
+        for attempt in range(3):
+            client = poplib.POP3_SSL(BRIDGE_FQDN, pop3_port, context=bridge_client_context(ca), timeout=30)
+            client.user(LAB_USER)
+            with pytest.raises(poplib.error_proto):
+                client.pass_(f"wrong-{attempt}")
+            client.close()
+        process.wait_for("banned 127.0.0.1")
+        for index in pids:  # the parent pushed the ban to every worker
+            with only_worker(pids, index):
+                deadline = time.monotonic() + 5
+                while (status := get(ca, https_port)) != 403 and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                assert status == 403, f"worker {index} did not apply the ban"
+        with pytest.raises((ConnectionError, ssl.SSLError, OSError)):
+            poplib.POP3_SSL(BRIDGE_FQDN, pop3_port, context=bridge_client_context(ca), timeout=5)  # closed before TLS
+        assert "wrong-" not in process.log and LAB_PASSWORD not in process.log
+    finally:
+        assert process.stop() == 0

@@ -10,7 +10,8 @@ import spnego
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridge.protocol.pop3 import Capabilities, Pop3Observer, filter_capabilities
+from bridge.protocol.mail import Logon, StartTlsStep
+from bridge.protocol.pop3 import Capabilities, Pop3Dialect, Pop3Observer, filter_capabilities
 from bridge.protocol.sasl import AuthAborted, AuthStarted, Greeting, LocalAnswer, LogonFailed, LogonSucceeded, Passthrough, StartTls, Violation
 
 GREETING = b"+OK The Microsoft Exchange POP3 service is ready.\r\n"
@@ -238,21 +239,19 @@ def test_bytes_after_stls_before_the_handshake_close_the_session(split):
 # --------------------------------------------------------------------------- hostile input
 
 
-def test_a_command_inside_a_sasl_exchange_is_a_sasl_response():
+def test_a_command_inside_a_sasl_exchange_closes_the_session_unsent():
     transcript = [
         ("s", GREETING),
         ("c", b"AUTH PLAIN\r\nUSER evil\r\nPASS guess\r\n"),  # sent before the continuation: all held
         ("s", b"+ \r\n"),
-        ("s", b"-ERR Authentication failure: unknown user name or bad password.\r\n"),
-        ("s", b"-ERR Command is not valid in this state.\r\n"),
     ]
     result = same_every_way(transcript)
-    assert result.to_server == b"AUTH PLAIN\r\nUSER evil\r\nPASS guess\r\n"
-    # "USER evil" was the PLAIN response (as the server read it), so PASS had no USER before it.
-    assert [event for event in result.events if isinstance(event, LogonFailed)] == [
-        LogonFailed("PLAIN", None, "-ERR Authentication failure: unknown user name or bad password."),
-        LogonFailed("USER", None, "-ERR Command is not valid in this state."),
+    assert result.to_server == b"AUTH PLAIN\r\n"  # "USER evil" is where the PLAIN response belongs: never sent
+    assert result.to_client == GREETING + b"+ \r\n-ERR The answer to the server's authentication challenge is not base64; the session is closed.\r\n"
+    assert result.closed and [event for event in result.events if isinstance(event, Violation)] == [
+        Violation("client", "The answer to the server's authentication challenge is not base64; the session is closed.")
     ]
+    assert not [event for event in result.events if isinstance(event, LogonFailed)]
     assert run(transcript[:2]).to_server == b"AUTH PLAIN\r\n"
 
 
@@ -317,3 +316,37 @@ def test_any_chunking_gives_the_same_bytes_and_events(data):
         result.feed(side, blob, data.draw(st.lists(st.integers(1, 12), max_size=30)))
     assert (result.to_server, result.to_client, result.events) == (reference.to_server, reference.to_client, reference.events)
     assert kinds(reference.events) == [Greeting, AuthStarted, Capabilities, LogonFailed, AuthStarted, LogonSucceeded, Passthrough]
+
+
+# --------------------------------------------------------------------------- the mail shell's dialect
+
+
+def test_the_dialect_adapts_the_observer_to_the_shells_watcher():
+    watcher = Pop3Dialect().watcher(upstream_starttls=False)
+    assert watcher.from_server(GREETING).to_client == GREETING
+    step = watcher.from_client(b"USER alice\r\nPASS wrong\r\n")
+    assert step.to_server == b"USER alice\r\nPASS wrong\r\n" and not step.logons
+    step = watcher.from_server(b"+OK\r\n" + LOGON_FAILURE)
+    assert step.logons == [Logon(False, "alice", "USER")] and not watcher.stepped_aside
+    watcher.from_client(b"PASS right\r\n")
+    step = watcher.from_server(b"+OK User successfully logged on.\r\n")
+    assert step.logons == [Logon(True, "alice", "USER")] and watcher.stepped_aside
+    assert watcher.from_client(b"RETR 1\r\n").to_server == b"RETR 1\r\n"
+    closing = Pop3Dialect().watcher(upstream_starttls=False)
+    step = closing.from_client(b"USER " + b"x" * 20000)
+    assert step.close and step.problem is not None and "longer than 16384 bytes" in step.problem
+    assert Pop3Dialect().bye("Gone.") == b"-ERR Gone.\r\n"
+
+
+def test_upstream_stls_greeting_then_stls_then_ok():
+    starttls = Pop3Dialect().starttls()
+    assert starttls.start() == b"" and starttls.feed(b"+OK The Microsoft") == StartTlsStep()
+    assert starttls.feed(b" Exchange POP3 service is ready.\r\n") == StartTlsStep(send=b"STLS\r\n")
+    assert starttls.feed(b"+OK Begin TLS negotiation now.\r\n") == StartTlsStep(ready=True, greeting=GREETING)
+    refused = Pop3Dialect().starttls()
+    refused.feed(GREETING)
+    assert refused.feed(b"-ERR Command is not valid in this state.\r\n").error == "it refused STLS (-ERR Command is not valid in this state.)"
+    injected = Pop3Dialect().starttls()
+    injected.feed(GREETING)
+    assert "response injection" in (injected.feed(b"+OK Begin TLS negotiation now.\r\n+OK forged\r\n").error or "")
+    assert Pop3Dialect().starttls().feed(b"-ERR busy\r\n").error == "it greeted with '-ERR busy'"

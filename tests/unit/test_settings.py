@@ -95,10 +95,23 @@ def test_mail_settings_are_off_by_default_and_the_imap_upstream_follows_its_tls_
     assert str(build_config({**base, "imap_upstream": "imap.example:1993", "imap_upstream_tls": "plain"}).imap_server) == "imap.example:1993"
     with pytest.raises(ConfigError, match=r"^--imap-upstream-tls 'tls' is not implicit, starttls or plain; give one of those\.$"):
         build_config({**base, "imap_upstream_tls": "tls"})
-    with pytest.raises(ConfigError, match=r"^--imaps-port runs in one process only for now; .*\.$"):
-        build_config({**base, "imaps_port": 993, "workers": 2})
+    assert build_config({**base, "imaps_port": 993, "workers": 2}).workers == 2  # the mail listeners run in the parent
     with pytest.raises(ConfigError, match=r"^--imap-upstream 'a:b:c:d' "):
         build_config({**base, "imap_upstream": "a:b:c:d"})
+
+
+def test_pop3_and_smtp_upstreams_follow_their_tls_modes():
+    base = {"fqdn": "ok.example", "legacy": "a.example"}
+    config = build_config(base)
+    assert config.mail_ports == {} and (config.pop3_upstream_tls, config.smtp_upstream_tls) == ("implicit", "starttls")
+    assert (str(config.mail_server("pop3")), str(config.mail_server("smtp"))) == ("a.example:995", "a.example:587")
+    assert str(build_config({**base, "pop3_upstream_tls": "starttls"}).mail_server("pop3")) == "a.example:110"
+    assert str(build_config({**base, "smtp_upstream_tls": "implicit"}).mail_server("smtp")) == "a.example:465"
+    assert str(build_config({**base, "smtp_upstream": "mail.example:25", "smtp_upstream_tls": "plain"}).mail_server("smtp")) == "mail.example:25"
+    ports = build_config({**base, "pop3s_port": 995, "smtps_port": 465, "submission_port": 587}).mail_ports
+    assert ports == {"--pop3s-port": 995, "--smtps-port": 465, "--submission-port": 587}
+    with pytest.raises(ConfigError, match=r"^--smtp-upstream-tls 'ssl' is not implicit, starttls or plain; give one of those\.$"):
+        build_config({**base, "smtp_upstream_tls": "ssl"})
 
 
 def test_reload_copies_reloadable_settings_and_names_the_rest():

@@ -10,8 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bridge.protocol.mail import Logon, StartTlsStep
 from bridge.protocol.sasl import AuthAborted, AuthStarted, Greeting, LocalAnswer, LogonFailed, LogonSucceeded, Passthrough, StartTls, Violation
-from bridge.protocol.smtp import BackendStartTls, Extensions, SmtpObserver, filter_ehlo
+from bridge.protocol.smtp import BackendStartTls, Extensions, SmtpDialect, SmtpObserver, filter_ehlo
 
 GREETING = b"220 exch2007.lab.test Microsoft ESMTP MAIL Service ready at Mon, 2 Jun 2025 10:00:00 +0000\r\n"
 EHLO_LINES = [
@@ -132,7 +133,7 @@ def test_ntlm_exchange_and_cancelled_login():
         ("s", b"334 NTLM supported\r\n"),
         ("c", b"TlRMTVNTUAABAAAAB4IIogAAAAAAAAAAAAAAAAAAAAAKAGFKAAAADw==\r\n"),
         ("s", b"334 TlRMTVNTUAACAAAAAAAAAAAAAAA=\r\n"),
-        ("c", b"garbage\r\n"),
+        ("c", b"Z2FyYmFnZQ==\r\n"),  # base64, but no NTLM message: the server decides
         ("s", FAILURE),
     ]
     result = same_every_way(transcript)
@@ -213,17 +214,16 @@ def test_commands_pipelined_after_starttls_close_the_session(later):
 # --------------------------------------------------------------------------- hostile input
 
 
-def test_a_command_inside_an_auth_exchange_is_a_sasl_response():
+def test_a_command_inside_an_auth_exchange_closes_the_session_unsent():
     transcript = [
         ("s", GREETING),
-        ("c", b"AUTH LOGIN\r\nMAIL FROM:<x@y>\r\nRCPT TO:<z@w>\r\n"),
+        ("c", b"AUTH LOGIN\r\nMAIL FROM:<x@y>\r\nRCPT TO:<z@w>\r\n"),  # pipelined where the responses belong
         ("s", b"334 VXNlcm5hbWU6\r\n"),
-        ("s", b"334 UGFzc3dvcmQ6\r\n"),
-        ("s", FAILURE),
     ]
     result = same_every_way(transcript)
-    assert result.to_server == b"AUTH LOGIN\r\nMAIL FROM:<x@y>\r\nRCPT TO:<z@w>\r\n"
-    assert logon_events(result.events) == [LogonFailed("LOGIN", None, "535 5.7.3 Authentication unsuccessful")]
+    assert result.to_server == b"AUTH LOGIN\r\n" and result.closed
+    assert result.to_client == GREETING + b"334 VXNlcm5hbWU6\r\n501 5.5.2 The answer to the server's authentication challenge is not base64; the session is closed.\r\n"
+    assert not logon_events(result.events)
     assert run(transcript[:2]).to_server == b"AUTH LOGIN\r\n"
 
 
@@ -306,3 +306,35 @@ def test_any_chunking_gives_the_same_bytes_and_events(data):
     assert (chunked.to_server, chunked.to_client, chunked.events) == (reference.to_server, reference.to_client, reference.events)
     assert logon_events(reference.events) == [LogonFailed("LOGIN", "alice", "535 5.7.3 Authentication unsuccessful"), LogonSucceeded("PLAIN", "alice")]
     assert reference.to_server.endswith(b"MAIL FROM:<a@b>\r\n") and reference.observer.passthrough
+
+
+# --------------------------------------------------------------------------- the mail shell's dialect
+
+
+def test_the_submission_dialect_asks_the_shell_for_the_clients_tls_and_counts_logons():
+    dialect = SmtpDialect("submission", front_starttls=True, ehlo_name="bridge.example")
+    watcher = dialect.watcher(upstream_starttls=True)
+    watcher.from_server(GREETING)
+    watcher.from_client(b"EHLO c\r\n")
+    watcher.from_server(EHLO_REPLY)
+    step = watcher.from_client(b"STARTTLS\r\n")
+    assert step.start_tls and step.to_client == b"220 2.0.0 SMTP server ready\r\n" and step.to_server == b""
+    watcher.tls_started()
+    watcher.from_client(b"EHLO c\r\n")
+    assert b"AUTH NTLM LOGIN" in watcher.from_server(EHLO_REPLY).to_client
+    watcher.from_client(b"AUTH PLAIN " + b64(b"\x00alice\x00wrong") + b"\r\n")
+    assert watcher.from_server(FAILURE).logons == [Logon(False, "alice", "PLAIN")]
+    watcher.from_client(b"AUTH PLAIN " + b64(b"\x00alice\x00right") + b"\r\n")
+    assert watcher.from_server(b"235 2.7.0 Authentication successful\r\n").logons == [Logon(True, "alice", "PLAIN")]
+    assert watcher.stepped_aside and dialect.bye("Gone.") == b"421 4.3.2 Gone.\r\n"
+
+
+def test_the_upstream_starttls_is_the_bridges_own_ehlo_and_starttls():
+    starttls = SmtpDialect("smtp", front_starttls=False, ehlo_name="bridge.example").starttls()
+    assert starttls.start() == b""
+    assert starttls.feed(GREETING) == StartTlsStep(send=b"EHLO bridge.example\r\n")
+    assert starttls.feed(b"250-exch\r\n250 STARTTLS\r\n") == StartTlsStep(send=b"STARTTLS\r\n")
+    assert starttls.feed(b"220 2.0.0 SMTP server ready\r\n") == StartTlsStep(ready=True, greeting=GREETING)
+    plain = SmtpDialect("smtp", front_starttls=False, ehlo_name="bridge.example").starttls()
+    plain.feed(GREETING)
+    assert "does not offer STARTTLS" in (plain.feed(b"250-exch\r\n250 AUTH LOGIN\r\n").error or "")
