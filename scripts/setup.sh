@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs exchange-bridge into ./.venv. With --test, also what the tests need:
-# Debian packages (pebble, chromium, shellcheck, haproxy, nginx, wrk, curl) and checkov in its own venv.
+# Debian packages (pebble, chromium, shellcheck, haproxy, nginx, wrk, curl, fail2ban) and checkov in its own venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,7 +28,7 @@ python=${PYTHON:-$default_python}
   || { echo "exchange-bridge needs Python 3.11 or newer; set PYTHON=/path/to/python3.11." >&2; exit 2; }
 
 if [ "$want_tests" = 1 ]; then
-  packages=(pebble chromium shellcheck haproxy nginx wrk curl openssl iproute2)
+  packages=(pebble chromium shellcheck haproxy nginx wrk curl openssl iproute2 fail2ban)
   missing=()
   for package in "${packages[@]}"; do
     dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
@@ -37,8 +37,9 @@ if [ "$want_tests" = 1 ]; then
     as_root apt-get -o DPkg::Lock::Timeout=600 update -qq
     as_root env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   fi
-  # nginx and haproxy are run by the benchmark on loopback only, never as system services.
-  as_root systemctl disable --now nginx haproxy >/dev/null 2>&1 || true
+  # nginx and haproxy are run by the benchmark on loopback only, never as system services; fail2ban's
+  # regex tool reads the bridge's log lines in a test, its daemon is not needed.
+  as_root systemctl disable --now nginx haproxy fail2ban >/dev/null 2>&1 || true
 fi
 
 if [ ! -x .venv/bin/python ]; then
