@@ -69,6 +69,17 @@ class ServerHealth:
     suite_explanation: str | None = None
 
 
+def connect_error(exc: OSError, what: str, server: LegacyServer, timeout: float, setting: str) -> UpstreamError:
+    """The one-sentence UpstreamError for a connection to ``server`` (the ``what``) that failed."""
+    if isinstance(exc, TimeoutError):
+        return UpstreamError(f"the {what} {server} did not complete a connection within {timeout:g} s")
+    if isinstance(exc, socket.gaierror):
+        return UpstreamError(f"the {what} name {server.host} does not resolve; check {setting} and this machine's DNS")
+    if isinstance(exc, ConnectionRefusedError):
+        return UpstreamError(f"the {what} {server} refused the connection (nothing listens on port {server.port})")
+    return UpstreamError(f"the {what} {server} could not be reached ({exc.strerror or exc})")
+
+
 class UpstreamConnection:
     """One TLS connection to a legacy server, owned by exactly one client connection."""
 
@@ -243,17 +254,11 @@ class LegacyPool:
                 ),
                 timeout=self.connect_timeout,
             )
-        except TimeoutError:
-            raise UpstreamError(f"the legacy server {server} did not complete a connection within {self.connect_timeout:g} s") from None
         except ssl.SSLError as exc:
             explanation = await self._explain_handshake_failure(server, exc)
             raise UpstreamError(f"the legacy server {server} refused TLS: {explanation}") from None
-        except socket.gaierror:
-            raise UpstreamError(f"the legacy server name {server.host} does not resolve; check --legacy and this machine's DNS") from None
-        except ConnectionRefusedError:
-            raise UpstreamError(f"the legacy server {server} refused the connection (nothing listens on port {server.port})") from None
-        except OSError as exc:
-            raise UpstreamError(f"the legacy server {server} could not be reached ({exc.strerror or exc})") from None
+        except OSError as exc:  # TimeoutError included
+            raise connect_error(exc, "legacy server", server, self.connect_timeout, "--legacy") from None
         connection = UpstreamConnection(server, channel)
         sock = transport.get_extra_info("socket")
         if sock is not None:

@@ -52,6 +52,14 @@ _CAPABILITY_LINE = re.compile(rb"(\* CAPABILITY)( [^\r\n]*)?(\r?\n)\Z", re.IGNOR
 # --------------------------------------------------------------------------- events
 
 
+def take_literal(buffer: bytearray, left: int) -> tuple[bytes, int]:
+    """The next piece of a literal of which ``left`` bytes are due, taken from the front of ``buffer``; and what is then due."""
+    count = min(left, len(buffer))
+    piece = bytes(buffer[:count])
+    del buffer[:count]
+    return piece, left - count
+
+
 @dataclass
 class Command:
     """A whole client command (its bytes have been forwarded). Only the user name of a LOGIN is kept."""
@@ -213,10 +221,7 @@ class CommandReader:
         if self.literal_left:
             if not buffer:
                 return None
-            count = min(self.literal_left, len(buffer))
-            piece = bytes(buffer[:count])
-            del buffer[:count]
-            self.literal_left -= count
+            piece, self.literal_left = take_literal(buffer, self.literal_left)
             self.parts[-1] = (True, self.parts[-1][1] + piece)  # (a literal is bounded by max_literal)
             return piece
         if self.held:
@@ -320,10 +325,7 @@ class ResponseReader:
         if self.literal_left:
             if not buffer:
                 return None
-            count = min(self.literal_left, len(buffer))
-            piece = bytes(buffer[:count])
-            del buffer[:count]
-            self.literal_left -= count
+            piece, self.literal_left = take_literal(buffer, self.literal_left)
             return piece
         end = buffer.find(b"\n")
         if end < 0 or end + 1 > self.max_line:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import ssl
 import time
 from collections import Counter
@@ -42,7 +41,7 @@ from bridge.config import LegacyServer
 from bridge.net.channel import Channel, ChannelClosed, ConnectionState
 from bridge.net.gate import ConnectionGuard, Gate, peer_address
 from bridge.net.tls import describe_ssl_error
-from bridge.net.upstream import LegacyPool, UpstreamConnection, UpstreamError
+from bridge.net.upstream import LegacyPool, UpstreamConnection, UpstreamError, connect_error
 from bridge.protocol.mail import Logon, LogonWatcher, MailDialect, Step
 
 log = logging.getLogger("bridge.mail")
@@ -458,14 +457,8 @@ async def open_plain(server: LegacyServer, timeout: float) -> tuple[asyncio.Tran
     loop = asyncio.get_running_loop()
     try:
         transport, channel = await asyncio.wait_for(loop.create_connection(Channel, server.host, server.port), timeout)
-    except TimeoutError:
-        raise UpstreamError(f"the mail server {server} did not accept a connection within {timeout:g} s") from None
-    except socket.gaierror:
-        raise UpstreamError(f"the mail server name {server.host} does not resolve; check the upstream setting and this machine's DNS") from None
-    except ConnectionRefusedError:
-        raise UpstreamError(f"the mail server {server} refused the connection (nothing listens on port {server.port})") from None
-    except OSError as exc:
-        raise UpstreamError(f"the mail server {server} could not be reached ({exc.strerror or exc})") from None
+    except OSError as exc:  # TimeoutError included
+        raise connect_error(exc, "mail server", server, timeout, "the upstream setting") from None
     return transport, channel
 
 
