@@ -128,6 +128,25 @@ class ClientConnection(Channel):
     ``fall_back``, ``decline`` and ``touch``/``watch_idle``, and never assigns an attribute.
     """
 
+    __slots__ = (
+        "server",
+        "guard",
+        "state",
+        "task",
+        "phase",
+        "requests",
+        "scanned",
+        "exchange",
+        "declined",
+        "fast_callback",
+        "head_since",
+        "idle_since",
+        "idle_limit",
+        "last_activity",
+        "idle_expired",
+        "__weakref__",
+    )
+
     def __init__(self, server: FrontServer) -> None:
         super().__init__()
         self.server = server
