@@ -8,7 +8,8 @@ The measurement of docs/benchmark.md, "Counting instructions: the last step", as
 - the bridge runs under ``valgrind --tool=callgrind --dump-instr=no`` as ``PYTHON BRIDGE up ...``
   (BRIDGE is the venv's console script, so module moves inside the package do not matter), with a
   throwaway CA's certificate, the legacy certificate pinned, the status listener off and every other
-  setting at the bridge's default (one process, uvloop);
+  setting at the bridge's default (one process, uvloop, ``--log-level info``: one access-log line per
+  request, written to a file as systemd's journal would take it; ``--log-level warning`` leaves it out);
 - after a warm-up connection, this process (the client, not counted) opens one keep-alive TLS
   connection, sends N1 small requests one after another, closes it, and has callgrind dump its
   counters (``callgrind_control --dump``); then the same with N2 requests on a new connection.
@@ -66,7 +67,23 @@ def start_nginx(directory: Path) -> tuple[subprocess.Popen, int, Path]:
     port = bench.free_port()
     user = "user root;\n" if os.geteuid() == 0 else ""
     conf = directory / "nginx.conf"
-    conf.write_text(bench.NGINX_CONF.format(user=user, dir=directory, port=port, cert=legacy_cert, key=legacy_key, uploads=uploads))
+    # (the bench's second server, its TLS 1.2 passthrough backend, is not used here)
+    passthrough_key = bench.new_private_key("ecdsa-p256")
+    ca = bench.LocalCA.create("exchange-bridge instruction-count passthrough CA")
+    passthrough_cert, passthrough_key_file = bench.write_pair(directory / "passthrough", ca.issue([bench.PASSTHROUGH_NAME], passthrough_key), passthrough_key)
+    conf.write_text(
+        bench.NGINX_CONF.format(
+            user=user,
+            dir=directory,
+            port=port,
+            cert=legacy_cert,
+            key=legacy_key,
+            uploads=uploads,
+            passthrough_port=bench.free_port(),
+            passthrough_cert=passthrough_cert,
+            passthrough_key=passthrough_key_file,
+        )
+    )
     process = subprocess.Popen(
         [bench.tool_path("nginx"), "-c", str(conf), "-p", str(directory), "-e", str(directory / "nginx-error.log"), "-g", "daemon off;"],
         stdout=subprocess.DEVNULL,
@@ -118,7 +135,7 @@ def start_bridge(directory: Path, args: argparse.Namespace, nginx_port: int, leg
         "--status-bind",
         "off",
         "--log-level",
-        "warning",
+        args.log_level,
     ]
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)  # the bridge comes from the venv of --python, nothing else
@@ -344,6 +361,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "revision": checkout_revision(),
         "valgrind": bench.command_version(["valgrind", "--version"], r"valgrind-(\S+)"),
         "hash_seed": args.hash_seed,
+        "log_level": args.log_level,
         "warmup": args.warmup,
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
@@ -353,7 +371,7 @@ def print_report(report: dict[str, Any], top: int) -> None:
     extra = report["requests_high"] - report["requests_low"]
     print(f"python: {report['python']} -> {report['python_realpath']} ({report['python_version']})")
     print(f"bridge: {report['bridge']} (checkout {report['checkout']} at {report['revision']}), valgrind {report['valgrind']}")
-    print(f"instructions per small request: {report['instructions_per_request']:,}")
+    print(f"instructions per small request: {report['instructions_per_request']:,} (--log-level {report['log_level']})")
     print(f"  (({report['total_high']:,} - {report['total_low']:,}) / {extra} requests)")
     print("per object file, self instructions per request:")
     rows = list(report["per_object_per_request"].items())
@@ -372,6 +390,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--bridge", type=Path, help="the bridge's console script (default: `bridge` next to --python)")
     parser.add_argument("--warmup", type=int, default=50, metavar="N", help="requests on a first, uncounted connection (default 50)")
     parser.add_argument("--settle", type=float, default=1.0, metavar="S", help="seconds to let the bridge finish a connection's close before a dump (default 1)")
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=("info", "warning"),
+        help="the bridge's --log-level (default info, as shipped: one access-log line per request, to a file as a journal takes it; warning: none)",
+    )
     parser.add_argument("--hash-seed", default="0", metavar="SEED", help="PYTHONHASHSEED for the bridge (default 0, for repeatable dict layouts; 'random' to leave it)")
     parser.add_argument("--timeout", type=float, default=300, metavar="S", help="how long the bridge may take to start, and each read (default 300)")
     parser.add_argument("--top", type=int, default=8, metavar="N", help="object files shown in the breakdown (default 8)")

@@ -24,6 +24,10 @@ class ChannelClosed(ConnectionError):
 
 
 class Channel(asyncio.Protocol):
+    # Slots, not a __dict__ per connection: an idle keep-alive connection is two channels (and the
+    # bridge may hold a thousand of them).
+    __slots__ = ("loop", "transport", "chunks", "buffered", "eof", "lost", "reading_paused", "writing_paused", "waiter", "drain_waiter", "received", "on_data")
+
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None

@@ -24,6 +24,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from bridge.net.accesslog import ACCESS
 from bridge.net.channel import Channel, ConnectionState
 from bridge.net.gate import ConnectionGuard, Gate, peer_address
 from bridge.net.passthrough import Router, Splice, drain_splices
@@ -127,6 +128,25 @@ class ClientConnection(Channel):
     ``fall_back``, ``decline`` and ``touch``/``watch_idle``, and never assigns an attribute.
     """
 
+    __slots__ = (
+        "server",
+        "guard",
+        "state",
+        "task",
+        "phase",
+        "requests",
+        "scanned",
+        "exchange",
+        "declined",
+        "fast_callback",
+        "head_since",
+        "idle_since",
+        "idle_limit",
+        "last_activity",
+        "idle_expired",
+        "__weakref__",
+    )
+
     def __init__(self, server: FrontServer) -> None:
         super().__init__()
         self.server = server
@@ -188,6 +208,8 @@ class ClientConnection(Channel):
         self.state.run_close_callbacks()  # the pinned upstream connection goes with its client
         if busy and self.task is not None and not self.task.done():
             self.task.cancel()
+        if not self.server.connections:
+            ACCESS.idle()  # the last connection ended: its access lines go out now, not on the timer
 
     def abandon_exchange(self) -> None:
         """The connection ends with a fast exchange in flight or handed back but not resumed."""

@@ -27,10 +27,10 @@ from typing import Any
 
 from bridge.config import PassthroughRoute
 from bridge.errors import ConfigError
+from bridge.net.accesslog import ACCESS
 from bridge.protocol.proxyv2 import header as proxy_v2_header
 
 log = logging.getLogger("bridge.passthrough")
-access_log = logging.getLogger("bridge.access")
 
 TERMINATED = "bridge"  # the label of the bridge's own route (terminated and proxied)
 WRITE_HIGH = 1024 * 1024  # bytes queued towards one side before the other side's reading pauses
@@ -373,17 +373,11 @@ class Splice:
         self.on_close()
         if not self.done.done():
             self.done.set_result(None)
-        if access_log.isEnabledFor(logging.INFO):
-            access_log.info(
-                "%s passthrough sni=%s route=%s -> %s:%d in=%d out=%d %.3fs",
-                self.peer_text,
-                self.server_name or "-",
-                self.route.label,
-                self.route.config.host if self.route.config else "-",
-                self.backend_port,
-                self.client.received,
-                self.backend.received,
-                time.monotonic() - self.started,
+        if ACCESS.enabled():
+            host = self.route.config.host if self.route.config else "-"
+            ACCESS.write(
+                f"{self.peer_text} passthrough sni={self.server_name or '-'} route={self.route.label} -> {host}:{self.backend_port} "
+                f"in={self.client.received} out={self.backend.received} {time.monotonic() - self.started:.3f}s"
             )
 
     @property

@@ -83,6 +83,8 @@ def connect_error(exc: OSError, what: str, server: LegacyServer, timeout: float,
 class UpstreamConnection:
     """One TLS connection to a legacy server, owned by exactly one client connection."""
 
+    __slots__ = ("server", "name", "channel", "reusable")
+
     def __init__(self, server: LegacyServer, channel: Channel) -> None:
         self.server = server
         self.name = str(server)

@@ -14,6 +14,7 @@ import re
 import time
 
 from bridge.config import BridgeConfig, public_origin
+from bridge.net.accesslog import ACCESS
 from bridge.net.channel import ChannelClosed, ConnectionState
 from bridge.net.front import FAST, ClientConnection, Exchange, cached_by_path
 from bridge.net.upstream import READ_SIZE, LegacyPool, UpstreamClosedEarly, UpstreamConnection, UpstreamError, UpstreamProtocolError
@@ -46,7 +47,8 @@ from bridge.protocol.http1 import (
 from bridge.proxy import policy
 
 log = logging.getLogger("bridge.proxy")
-access_log = logging.getLogger("bridge.access")
+access_enabled = ACCESS.enabled
+write_access = ACCESS.write
 
 SET_BY_BRIDGE = frozenset({b"x-forwarded-proto", b"x-forwarded-port"})
 SECURITY_HEADERS = (("X-Frame-Options", "SAMEORIGIN"), ("X-Content-Type-Options", "nosniff"))
@@ -390,7 +392,7 @@ class Proxy:
                 log.exception("recording a failed logon failed")
         if self.stats is not None:
             self.stats.end(request, exchange, client)
-        if access_log.isEnabledFor(logging.INFO):
+        if access_enabled():
             self.log_access(request, client, exchange)
         client.end_fast(keep)
 
@@ -654,19 +656,12 @@ class Proxy:
         return False
 
     def log_access(self, request: RequestHead, client: ClientConnection, exchange: Exchange) -> None:
-        if not access_log.isEnabledFor(logging.INFO):
+        """The request's access-log line (bridge.net.accesslog: formatted here, written in batches)."""
+        if not access_enabled():
             return
-        duration = time.monotonic() - exchange.started
-        access_log.info(
-            "%s %s %s %d in=%d out=%d %.3fs upstream=%s",
-            client.peer or "-",
-            request.method,
-            log_path(request),
-            exchange.status,
-            exchange.bytes_in,
-            exchange.bytes_out,
-            duration,
-            exchange.upstream,
+        write_access(
+            f"{client.state.peer or '-'} {request.method} {policy.log_path(request.raw_path)} {exchange.status} in={exchange.bytes_in} out={exchange.bytes_out} "
+            f"{time.monotonic() - exchange.started:.3f}s upstream={exchange.upstream}"
         )
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from bridge.config import EXCHANGE_ONLINE, BridgeConfig, public_origin
 from bridge.errors import ConfigError, StartupError
+from bridge.net.accesslog import ACCESS, FlushingHandler
 from bridge.net.front import FrontServer
 from bridge.net.gate import ConnectionGuard
 from bridge.net.passthrough import Router, check_backends_resolve
@@ -33,12 +34,15 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # scripts/fail2b
 PORT80_KEEPALIVE = 75.0  # seconds an idle port-80 connection is kept (redirects and ACME need no more)
 
 
-def setup_logging(level: str) -> None:
+def setup_logging(level: str, name_suffix: str = "") -> None:
+    """Log lines to stderr (the journal under systemd); the access log through bridge.net.accesslog's
+    buffered writer. ``name_suffix`` follows each logger's name (a worker's ``[worker N]``)."""
     numeric = getattr(logging, level.upper(), None)
     if not isinstance(numeric, int):
         raise ConfigError(f"--log-level {level!r} is not a level; use debug, info or warning.")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler = FlushingHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT.replace("%(name)s", "%(name)s" + name_suffix)))
+    ACCESS.install(sys.stderr, f"bridge.access{name_suffix}")
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric)
@@ -336,5 +340,8 @@ async def serve_until(stop: asyncio.Event, config: BridgeConfig, close: Callable
         await stop.wait()
         log.info("stopping: no new connections; open requests get up to %g s to finish (--drain-timeout)", config.drain_timeout)
     finally:
-        await close()
+        try:
+            await close()
+        finally:
+            ACCESS.close()  # every access line of the drained requests is written before the exit
     return 0

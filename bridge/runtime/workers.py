@@ -598,6 +598,7 @@ def worker_report(bridge: Any) -> dict[str, Any]:
 
 
 async def serve_worker(index: int, control_fd: int, listen_fds: list[int]) -> int:
+    from bridge.net.accesslog import ACCESS
     from bridge.net.tls import front_context
     from bridge.ops.bans import policy_from_config
     from bridge.ops.status import attach_counters
@@ -612,9 +613,7 @@ async def serve_worker(index: int, control_fd: int, listen_fds: list[int]) -> in
         return 1
     settings = message[1]
     config: BridgeConfig = settings["config"]
-    setup_logging(config.log_level)
-    for handler in logging.getLogger().handlers:
-        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s %(name)s[worker {index}]: %(message)s"))
+    setup_logging(config.log_level, f"[worker {index}]")
     ssl_context = front_context(config.cert, config.key)  # type: ignore[arg-type]  # the supervisor gives workers a config with the certificate files
     proxy = Proxy(config, build_upstream(config))
     window = Window(proxy, announce=False)  # the parent logs the window; this worker closes its own proxy and drains its connections
@@ -652,6 +651,7 @@ async def serve_worker(index: int, control_fd: int, listen_fds: list[int]) -> in
     send(writer, ("ready", settings["public_port"]))  # after the line: the parent's ready line follows every worker's
     await stop.wait()
     await runner.cleanup()  # drains open requests for up to --drain-timeout
+    ACCESS.close()  # every access line of the drained requests is written before the exit
     send(writer, ("stats", worker_report(bridge)))
     for task in tasks:
         task.cancel()

@@ -24,6 +24,12 @@ METRICS = (
     "small_p50_ms",
     "small_p99_ms",
     "small_cpu_us_per_request",
+    "oa_pdus_s",
+    "oa_p50_ms",
+    "oa_p99_ms",
+    "oa_cpu_us_per_pdu",
+    "imap_mb_s",
+    "imap_cpu_s_per_gb",
     "download_mb_s",
     "upload_mb_s",
     "download_cpu_s_per_gb",
@@ -34,6 +40,7 @@ METRICS = (
     "passthrough_cpu_s_per_gb",
     "idle_rss_mib",
     "idle_rss_growth_mib",
+    "idle_kib_per_connection",
     "start_rss_mib",
 )
 # (Not the passthrough's CPU: 16 MiB spliced costs about 10 ms, the clock's tick, so it may read 0.)
@@ -42,6 +49,10 @@ POSITIVE = (
     "small_p50_ms",
     "small_p99_ms",
     "small_cpu_us_per_request",
+    "oa_pdus_s",
+    "oa_p50_ms",
+    "oa_p99_ms",
+    "imap_mb_s",
     "download_mb_s",
     "upload_mb_s",
     "download_cpu_s_per_gb",
@@ -60,7 +71,7 @@ def _missing() -> list[str]:
 def test_quick_benchmark_writes_every_figure_for_both_proxies(tmp_path: Path) -> None:
     output = tmp_path / "bench.json"
     result = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--stream-mib", "16", "--duration", "1", "--idle", "50", "--json", str(output)],
+        [sys.executable, str(BENCH), "--quick", "--stream-mib", "16", "--duration", "1", "--idle", "50", "--oa-connections", "4", "--oa-duration", "1", "--json", str(output)],
         capture_output=True,
         text=True,
         timeout=240,
@@ -83,8 +94,31 @@ def test_quick_benchmark_writes_every_figure_for_both_proxies(tmp_path: Path) ->
     # The streams really went through TLS 1.0 with an RSA key exchange CBC suite on the backend leg.
     for proxy in ("bridge", "haproxy"):
         assert report["samples"][proxy]["download_backend_tls"] == ["TLSv1 AES128-SHA"], proxy
+    # Both proxies ran as shipped: every request logged (the bridge's lines written by the end).
+    assert report["settings"]["logs"] is True
+    assert report["log_lines"]["bridge_access"] >= 100 and report["log_lines"]["haproxy"] >= 100, report["log_lines"]
+    # The Outlook Anywhere and IMAP workloads also ran against the lab alone (its ceiling).
+    assert report["lab_ceiling"]["oa_pdus_s"] > 0 and report["lab_ceiling"]["imap_mb_s"] > 0, report["lab_ceiling"]
+    assert report["samples"]["bridge"]["oa_calls"][0] > 0 and report["samples"]["haproxy"]["oa_calls"][0] > 0
     # The printed table names the machine and both proxies.
     assert "machine:" in result.stdout and "HAProxy" in result.stdout and "bridge" in result.stdout
+
+
+@pytest.mark.skipif(bool(_missing()), reason=f"needs {', '.join(_missing())} (apt-get install -y haproxy nginx wrk curl)")
+def test_no_logs_variant_runs_both_proxies_without_request_logs(tmp_path: Path) -> None:
+    output = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--no-logs", "--only", "small", "--duration", "1", "--json", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads(output.read_text())
+    assert report["settings"]["logs"] is False and "no access logs" in result.stdout
+    assert report["log_lines"] == {"bridge_access": 0, "haproxy": 0}
+    assert report["results"]["small_rps"]["bridge"] > 0 and report["results"]["small_rps"]["haproxy"] > 0
 
 
 def test_missing_tools_are_named_in_one_sentence(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import signal
 import socket
 import time
@@ -176,3 +177,28 @@ def test_sigterm_stops_cleanly(start_bridge_process):
     process.wait_for("bridge ready")
     assert process.stop() == 0
     assert "Traceback" not in "".join(process.lines)
+
+
+def test_sigterm_right_after_requests_loses_no_access_line(start_bridge_process, ca):
+    """The access log is buffered (bridge.net.accesslog): a SIGTERM within its flush interval of the
+    last answer, with a connection still open, must still leave one line per request."""
+    process, https_port, _ = start_bridge_process()
+    process.wait_for("bridge ready")
+    connections = [bridge_connection(https_port, ca) for _ in range(3)]
+    count = 0
+    for round_number in range(40):
+        for index, connection in enumerate(connections):
+            connection.request("GET", f"/owa/sigterm-{round_number}-{index}")
+            connection.getresponse().read()
+            count += 1
+    process.process.send_signal(signal.SIGTERM)  # the connections are still open: nothing went idle
+    assert process.stop() == 0
+    for connection in connections:
+        connection.close()
+    lines = [line for line in process.lines if " INFO bridge.access: " in line and " /owa/sigterm-" in line]
+    assert len(lines) == count, process.log[-3000:]
+    paths = {line.split()[6] for line in lines}
+    assert paths == {f"/owa/sigterm-{r}-{i}" for r in range(40) for i in range(3)}
+    # Every line has the usual shape: time stamp, level, logger, client, method, path, status, bytes, duration, upstream.
+    shape = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO bridge\.access: 127\.0\.0\.1 GET /owa/sigterm-\d+-\d \d{3} in=0 out=\d+ \d+\.\d{3}s upstream=\S+\n")
+    assert all(shape.fullmatch(line) for line in lines), lines[:3]
