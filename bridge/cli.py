@@ -26,7 +26,7 @@ SUBCOMMANDS = {
     "status": ("bridge.ops.status", "show a running bridge's status page (connections, traffic, bans) live in the terminal"),
     "ban": ("bridge.ops.bans", "list, add or lift bans of client addresses (kept in the state dir)"),
     "allow": ("bridge.ops.allowlist", "refresh or show Exchange Online's address ranges for --allow exchange-online"),
-    "report": ("bridge.ops.report", "the hand-over report: the migration window, bytes per user and day, failed logons, bans, certificates"),
+    "report": ("bridge.runtime.report_command", "the hand-over report: the migration window, bytes per user and day, failed logons, bans, certificates"),
 }
 
 

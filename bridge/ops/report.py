@@ -10,7 +10,6 @@ script, no external font or image). The bridge writes the JSON and HTML into its
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import html
 import json
@@ -18,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from bridge import __version__
-from bridge.errors import ConfigError
 from bridge.ops.units import human_bytes
 
 REPORT_FORMAT = 1
@@ -195,37 +193,3 @@ def write_report_files(ledger: dict[str, Any], base: Path) -> list[Path]:
     atomic_write(json_path, (json.dumps(report, indent=1, ensure_ascii=False) + "\n").encode(), mode=0o644)
     atomic_write(html_path, render_html(report).encode(), mode=0o644)
     return [json_path, html_path]
-
-
-# --------------------------------------------------------------------------- `bridge report`
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--state-dir", type=Path, help="the bridge's state directory (holds ledger.json)")
-    parser.add_argument("--config", type=Path, help="the bridge's TOML config, to find state_dir")
-    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON")
-    parser.add_argument("--html", type=Path, metavar="FILE", help="also write the report as one self-contained HTML page")
-
-
-def run(args: argparse.Namespace) -> int:
-    from bridge.certs.keys import atomic_write
-    from bridge.config import load_settings
-    from bridge.ops.migration import ledger_path, read_ledger
-
-    state_dir = args.state_dir or load_settings(args.config).state_dir
-    path = ledger_path(state_dir)
-    if not path.exists():
-        raise ConfigError(f"{path} does not exist; give the bridge's --state-dir (the bridge writes its ledger there while it runs and at exit).")
-    try:
-        report = build_report(read_ledger(path))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ConfigError(f"{path} is not a ledger this version can read ({exc}); check the --state-dir.") from None
-    print_report(report)
-    try:
-        if args.json:
-            atomic_write(args.json, (json.dumps(report, indent=1, ensure_ascii=False) + "\n").encode(), mode=0o644)
-        if args.html:
-            atomic_write(args.html, render_html(report).encode(), mode=0o644)
-    except OSError as exc:
-        raise ConfigError(f"Cannot write the report to {exc.filename} ({exc.strerror}); choose a writable path.") from None
-    return 0

@@ -19,18 +19,22 @@ import ssl
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from cryptography import x509
 
 from bridge.certs.keys import inspect_certificate
-from bridge.config import LegacyServer, PassthroughRoute, is_ip_address
+from bridge.config import PassthroughRoute, is_ip_address
 from bridge.net.tls import fingerprint, pin_flag
 from bridge.net.upstream import probe_obsolete_suites
+from bridge.preflight.model import (
+    TLS_VERSIONS,
+    VERSION_NAMES,
+    Check,
+    Report,
+    Settings,
+)
 from bridge.preflight.probe import (
-    Credentials,
     Handshake,
     HttpAnswer,
     HttpConnection,
@@ -56,10 +60,6 @@ from bridge.protocol import rts
 from bridge.proxy.port80 import ACME_PREFIX
 from bridge.proxy.relay import SECURITY_HEADERS
 
-SCHEMA = "exchange-bridge-preflight/1"
-STATUSES = ("pass", "warn", "fail", "skip")
-DEFAULT_TIMEOUT = 10.0
-DEFAULT_HOLD = 5.0
 RPC_PORTS = (6001, 6002, 6004)
 MAX_SUITES = 16
 EXPIRY_WARNING_DAYS = 14
@@ -74,14 +74,6 @@ HTTP_PATHS = {
 PROTECTED_PATHS = ("ews", "autodiscover", "rpc")
 LOGON_PATH = "/EWS/Exchange.asmx"
 
-TLS_VERSIONS = (
-    ("TLS 1.0", ssl.TLSVersion.TLSv1),
-    ("TLS 1.1", ssl.TLSVersion.TLSv1_1),
-    ("TLS 1.2", ssl.TLSVersion.TLSv1_2),
-    ("TLS 1.3", ssl.TLSVersion.TLSv1_3),
-)
-VERSION_NAMES = {"TLSv1": "TLS 1.0", "TLSv1.1": "TLS 1.1", "TLSv1.2": "TLS 1.2", "TLSv1.3": "TLS 1.3"}
-ENUMERATION_CIPHERS = "ALL:@SECLEVEL=0"
 
 POX_NS = "{http://schemas.microsoft.com/exchange/autodiscover/outlook/responseschema/2006a}"
 POX_ERROR_NS = "{http://schemas.microsoft.com/exchange/autodiscover/responseschema/2006}"
@@ -124,72 +116,6 @@ STEP_LABELS = {
     "call": "the EcDummyRpc call",
     "close": "closing",
 }
-
-
-# --------------------------------------------------------------------------- results
-
-
-@dataclass
-class Check:
-    id: str
-    side: str  # "legacy" | "bridge"
-    status: str  # pass | warn | fail | skip
-    summary: str
-    details: dict[str, Any] = field(default_factory=dict)
-    fix: str = ""
-
-    def as_json(self) -> dict[str, Any]:
-        return {"id": self.id, "side": self.side, "status": self.status, "summary": self.summary, "details": self.details, "fix": self.fix}
-
-
-@dataclass
-class Settings:
-    legacy: LegacyServer
-    fqdn: str | None = None
-    expect_ip: str | None = None
-    bridge_addr: str | None = None
-    https_port: int = 443
-    http_port: int = 80
-    ca_bundle: Path | None = None
-    credentials: Credentials | None = None
-    auth: str = "both"
-    timeout: float = DEFAULT_TIMEOUT
-    hold: float = DEFAULT_HOLD
-    legacy_fingerprint: str | None = None  # pinned in the bridge config: compared with what is served
-    exchange_server: str | None = None  # --exchange-server: the RPC checks' target when Autodiscover cannot tell
-    routes: list[PassthroughRoute] = field(default_factory=list)  # the bridge's --passthrough routes (from its --config)
-    terminate: list[str] = field(default_factory=list)  # the bridge's --terminate names
-    other_legacy: list[LegacyServer] = field(default_factory=list)  # further servers in --config, not probed
-    mail: list[Any] = field(default_factory=list)  # --imap/--pop3/--smtp: bridge.preflight.mail.MailTarget each
-
-
-@dataclass
-class Report:
-    settings: Settings
-    checks: list[Check]
-    started: dt.datetime
-    duration: float
-    facts: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def verdict(self) -> str:
-        statuses = {check.status for check in self.checks}
-        if "fail" in statuses:
-            return "fail"
-        return "warn" if "warn" in statuses else "pass"
-
-    def by_side(self, side: str) -> list[Check]:
-        return [check for check in self.checks if check.side == side]
-
-    def get(self, check_id: str) -> Check | None:
-        return next((check for check in self.checks if check.id == check_id), None)
-
-
-def worst(statuses: list[str]) -> str:
-    for status in ("fail", "warn", "pass"):
-        if status in statuses:
-            return status
-    return "skip"
 
 
 # --------------------------------------------------------------------------- which checks run

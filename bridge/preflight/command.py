@@ -14,8 +14,8 @@ from typing import Any
 
 from bridge.config import BY_NAME, MAIL_UPSTREAM_PORTS, LegacyServer, is_ip_address, load_toml, merge, parse_fingerprint, parse_legacy, parse_passthrough, parse_route_name, validate_fqdn
 from bridge.errors import PreflightUsageError
-from bridge.preflight.checks import DEFAULT_HOLD, DEFAULT_TIMEOUT, SCHEMA, Settings
 from bridge.preflight.mail import MailTarget
+from bridge.preflight.model import DEFAULT_HOLD, DEFAULT_TIMEOUT, SCHEMA, Settings
 from bridge.preflight.probe import Credentials
 from bridge.preflight.report import print_report, run_with_progress, write_html, write_json
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bridge.config import LegacyServer, is_ip_address
-from bridge.preflight.checks import ENUMERATION_CIPHERS, TLS_VERSIONS, VERSION_NAMES, Check, Settings
+from bridge.preflight.model import ENUMERATION_CIPHERS, TLS_VERSIONS, VERSION_NAMES, Check, Settings
 from bridge.preflight.probe import Credentials, exact_version_context, legacy_client, reason_of, resolve, trusting_context
 
 PROTOCOL_NAMES = {"imap": "IMAP4", "pop3": "POP3", "smtp": "SMTP", "submission": "SMTP submission"}

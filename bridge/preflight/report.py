@@ -17,7 +17,8 @@ from rich.table import Table
 from rich.text import Text
 
 from bridge.certs.keys import atomic_write
-from bridge.preflight.checks import SCHEMA, Check, Report, Settings, planned_checks, run_preflight, worst
+from bridge.preflight.checks import planned_checks, run_preflight
+from bridge.preflight.model import SCHEMA, Check, Report, Settings, worst
 
 STATUS_COLOURS = {"pass": "#2e7d32", "warn": "#e65100", "fail": "#c62828", "skip": "#757575"}
 RICH_STYLES = {"pass": "bold green", "warn": "bold yellow", "fail": "bold red", "skip": "dim"}

@@ -29,8 +29,9 @@ from support.processes import bridge_cli
 
 from bridge.config import LegacyServer
 from bridge.net.tls import pin_flag
-from bridge.preflight.checks import SCHEMA, Report, Settings, planned_checks, run_preflight
+from bridge.preflight.checks import planned_checks, run_preflight
 from bridge.preflight.command import settings_from_args
+from bridge.preflight.model import SCHEMA, Report, Settings
 from bridge.preflight.probe import Credentials
 from bridge.preflight.report import STATUS_COLOURS, print_report, render_html, report_json, run_with_progress
 
