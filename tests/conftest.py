@@ -82,6 +82,22 @@ def start_bridge_process(lab, front_cert, tmp_path):
 
 
 @pytest.fixture
+def background_bridges():
+    """start(config) -> a started in-process bridge (BackgroundBridge), shut down after the test."""
+    started: list[BackgroundBridge] = []
+
+    def start(config):
+        bridge = BackgroundBridge(config)
+        bridge.start()
+        started.append(bridge)
+        return bridge
+
+    yield start
+    for bridge in started:
+        bridge.shutdown()
+
+
+@pytest.fixture
 def scripted_bridges(ca, tmp_path):
     """start(script, **config overrides) -> (upstream, bridge): a bridge in front of a ScriptedUpstream."""
     started = []

@@ -21,7 +21,7 @@ import pytest
 import spnego
 from support.bridges import BRIDGE_FQDN, BackgroundBridge, bridge_client_context, bridge_config, bridge_session, ca_file, resolve_lab_names
 from support.lab import LAB_PASSWORD, LAB_USER
-from support.net import wait_until
+from support.net import greeted_tls_connection, receive_line, wait_until
 
 from bridge.config import LegacyServer
 from bridge.lab.imap import LARGE_MESSAGE_SIZE, mailbox_messages
@@ -36,21 +36,16 @@ def imap_lab(lab_factory):
 
 
 @pytest.fixture
-def imap_bridge(imap_lab, ca, tmp_path):
+def imap_bridge(imap_lab, ca, tmp_path, background_bridges):
     """start(**config overrides) -> BackgroundBridge with --imaps-port in front of the lab's IMAP4 service."""
-    started: list[BackgroundBridge] = []
+    count = iter(range(1000))
 
     def start(**overrides) -> BackgroundBridge:
         settings = dict(imaps_port=0, imap_upstream=LegacyServer("127.0.0.1", imap_lab.imap_port))
         settings.update(overrides)
-        bridge = BackgroundBridge(bridge_config(imap_lab.port, tmp_path / f"bridge{len(started)}", ca, **settings))
-        bridge.start()
-        started.append(bridge)
-        return bridge
+        return background_bridges(bridge_config(imap_lab.port, tmp_path / f"bridge{next(count)}", ca, **settings))
 
-    yield start
-    for bridge in started:
-        bridge.shutdown()
+    return start
 
 
 def imaps_port(bridge: BackgroundBridge) -> int:
@@ -63,19 +58,7 @@ def client(bridge: BackgroundBridge, ca, timeout: float = 30.0) -> imaplib.IMAP4
 
 
 def raw_session(bridge: BackgroundBridge, ca) -> tuple[ssl.SSLSocket, bytes]:
-    raw = socket.create_connection(("127.0.0.1", imaps_port(bridge)), timeout=10)
-    tls = bridge_client_context(ca).wrap_socket(raw, server_hostname=BRIDGE_FQDN)
-    return tls, receive_line(tls)
-
-
-def receive_line(sock: ssl.SSLSocket) -> bytes:
-    data = b""
-    while not data.endswith(b"\r\n"):
-        chunk = sock.recv(1)
-        if not chunk:
-            return data
-        data += chunk
-    return data
+    return greeted_tls_connection(imaps_port(bridge), ca)
 
 
 def receive_until_closed(sock: ssl.SSLSocket) -> bytes:

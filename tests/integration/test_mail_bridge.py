@@ -23,7 +23,7 @@ import pytest
 import spnego
 from support.bridges import BRIDGE_FQDN, BackgroundBridge, bridge_client_context, bridge_config, bridge_session, ca_file, resolve_lab_names
 from support.lab import LAB_PASSWORD, LAB_USER
-from support.net import wait_until
+from support.net import greeted_tls_connection, receive_line, wait_until
 
 from bridge.config import LegacyServer
 from bridge.lab.mailbox import lab_mailbox
@@ -43,9 +43,9 @@ def mail_lab(lab_factory):
 
 
 @pytest.fixture
-def mail_bridge(mail_lab, ca, tmp_path):
+def mail_bridge(mail_lab, ca, tmp_path, background_bridges):
     """start(**config overrides) -> BackgroundBridge with --pop3s-port, --smtps-port and --submission-port."""
-    started: list[BackgroundBridge] = []
+    count = iter(range(1000))
 
     def start(**overrides) -> BackgroundBridge:
         settings = dict(
@@ -56,14 +56,9 @@ def mail_bridge(mail_lab, ca, tmp_path):
             smtp_upstream=LegacyServer("127.0.0.1", mail_lab.mail_port("submission")),
         )
         settings.update(overrides)
-        bridge = BackgroundBridge(bridge_config(mail_lab.port, tmp_path / f"bridge{len(started)}", ca, **settings))
-        bridge.start()
-        started.append(bridge)
-        return bridge
+        return background_bridges(bridge_config(mail_lab.port, tmp_path / f"bridge{next(count)}", ca, **settings))
 
-    yield start
-    for bridge in started:
-        bridge.shutdown()
+    return start
 
 
 def port(bridge: BackgroundBridge, protocol: str) -> int:
@@ -103,19 +98,7 @@ def received_last(lab) -> dict:
 
 
 def raw_tls(bridge: BackgroundBridge, ca, protocol: str) -> tuple[ssl.SSLSocket, bytes]:
-    raw = socket.create_connection(("127.0.0.1", port(bridge, protocol)), timeout=10)
-    tls = bridge_client_context(ca).wrap_socket(raw, server_hostname=BRIDGE_FQDN)
-    return tls, receive_line(tls)
-
-
-def receive_line(sock: socket.socket) -> bytes:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(1)
-        if not chunk:
-            return data
-        data += chunk
-    return data
+    return greeted_tls_connection(port(bridge, protocol), ca)
 
 
 def receive_reply(sock: socket.socket) -> bytes:

@@ -10,19 +10,14 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
 import signal
-import struct
-import subprocess
 import threading
 import time
-import zlib
-from pathlib import Path
 
-import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 from support.bridges import BRIDGE_FQDN, BackgroundBridge, bridge_config
+from support.browser import chromium, count_colour, png_pixels
 from support.lab import basic_header
 from support.net import free_port, read_head, tls_connection, wait_until
 from support.processes import BridgeProcess, bridge_command
@@ -141,57 +136,6 @@ def metrics(url: str, password: str) -> dict[tuple[str, tuple], float]:
     return values
 
 
-def chromium(*arguments: str, directory: Path) -> subprocess.CompletedProcess:
-    binary = shutil.which("chromium") or shutil.which("chromium-browser")
-    if binary is None:
-        pytest.fail("chromium is missing; run scripts/test.sh, which installs it (apt-get install chromium).")
-    common = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-    return subprocess.run([binary, *common, f"--user-data-dir={directory / 'chromium-profile'}", *arguments], capture_output=True, text=True, timeout=60)
-
-
-def png_rows(data: bytes) -> tuple[int, int, int, list[bytes]]:
-    """Width, height, bytes per pixel and the unfiltered rows of an 8-bit RGB(A) PNG."""
-    position, chunks, header = 8, [], None
-    while position < len(data):
-        length, kind = struct.unpack(">I4s", data[position : position + 8])
-        body = data[position + 8 : position + 8 + length]
-        if kind == b"IHDR":
-            header = struct.unpack(">IIBBBBB", body)
-        elif kind == b"IDAT":
-            chunks.append(body)
-        position += 12 + length
-    width, height, depth, colour_type, _, _, _ = header
-    pixel = 3 if colour_type == 2 else 4
-    raw = zlib.decompress(b"".join(chunks))
-    stride = width * pixel
-    rows, previous = [], bytearray(stride)
-    for row_index in range(height):
-        kind = raw[row_index * (stride + 1)]
-        line = bytearray(raw[row_index * (stride + 1) + 1 : (row_index + 1) * (stride + 1)])
-        for i in range(stride):
-            left = line[i - pixel] if i >= pixel else 0
-            up = previous[i]
-            corner = previous[i - pixel] if i >= pixel else 0
-            if kind == 1:
-                line[i] = (line[i] + left) & 255
-            elif kind == 2:
-                line[i] = (line[i] + up) & 255
-            elif kind == 3:
-                line[i] = (line[i] + (left + up) // 2) & 255
-            elif kind == 4:
-                p = left + up - corner
-                pa, pb, pc = abs(p - left), abs(p - up), abs(p - corner)
-                line[i] = (line[i] + (left if pa <= pb and pa <= pc else up if pb <= pc else corner)) & 255
-        rows.append(bytes(line))
-        previous = line
-    return width, height, pixel, rows
-
-
-def count_colour(rows: list[bytes], pixel: int, colour: str) -> int:
-    wanted = bytes.fromhex(colour.lstrip("#"))
-    return sum(1 for row in rows for x in range(0, len(row), pixel) if row[x : x + 3] == wanted)
-
-
 def test_a_scripted_migration_on_the_status_page_metrics_bridge_status_chart_and_report(lab_factory, ca, tmp_path, capsys, caplog):
     caplog.set_level(logging.WARNING, logger="bridge.traffic")
     lab = lab_factory(users=USERS)
@@ -304,12 +248,12 @@ def test_a_scripted_migration_on_the_status_page_metrics_bridge_status_chart_and
     shot = tmp_path / "status.png"
     result = chromium("--window-size=1000,700", "--hide-scrollbars", f"--screenshot={shot}", saved.as_uri(), directory=tmp_path)
     assert result.returncode == 0 and shot.exists(), result.stderr[-2000:]
-    width, height, pixel, rows = png_rows(shot.read_bytes())
+    width, height, rows = png_pixels(shot.read_bytes())
     assert (width, height) == (1000, 700)
     from bridge.ops.status import COLOUR_IN, COLOUR_OUT
 
-    assert count_colour(rows, pixel, COLOUR_OUT) > 20  # the bars (to clients) are drawn ...
-    assert count_colour(rows, pixel, COLOUR_IN) > 2  # ... on top of the ones from clients
+    assert count_colour(rows, COLOUR_OUT) > 20  # the bars (to clients) are drawn ...
+    assert count_colour(rows, COLOUR_IN) > 2  # ... on top of the ones from clients
 
     # At exit the bridge wrote the ledger and the hand-over report; `bridge report` makes the same.
     written = json.loads((config.state_dir / "handover-report.json").read_text())

@@ -41,20 +41,14 @@ def recorder():
 
 
 @pytest.fixture
-def routed(lab, ca, tmp_path, echo, recorder):
+def routed(lab, ca, tmp_path, echo, recorder, background_bridges):
     """start(**overrides) -> BackgroundBridge with mail.lab.test -> the echo backend and raw.lab.test -> the recorder."""
-    started = []
 
     def start(*extra_routes: PassthroughRoute, **overrides):
         routes = (PassthroughRoute(MAIL, "127.0.0.1", echo.port), PassthroughRoute(RAW, "127.0.0.1", recorder.port), *extra_routes)
-        bridge = BackgroundBridge(bridge_config(lab.port, tmp_path, ca, passthrough=routes, **overrides))
-        bridge.start()
-        started.append(bridge)
-        return bridge
+        return background_bridges(bridge_config(lab.port, tmp_path, ca, passthrough=routes, **overrides))
 
-    yield start
-    for bridge in started:
-        bridge.shutdown()
+    return start
 
 
 def client_context(ca) -> ssl.SSLContext:

@@ -41,6 +41,23 @@ def wait_until(condition: Any, timeout: float = 5.0, step: float = 0.05) -> Any:
         time.sleep(step)
 
 
+def receive_line(sock: socket.socket) -> bytes:
+    """One line (through its LF) read a byte at a time, so nothing after it is consumed; what came if the peer closed first."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(1)
+        if not chunk:
+            return data
+        data += chunk
+    return data
+
+
+def greeted_tls_connection(port: int, ca: LocalCA, timeout: float = 10.0) -> tuple[ssl.SSLSocket, bytes]:
+    """A TLS socket to a mail listener of a bridge on 127.0.0.1:port, and the greeting line it sent."""
+    tls = tls_connection(port, ca, timeout=timeout)
+    return tls, receive_line(tls)
+
+
 def tls_connection(port: int, ca: LocalCA, source: str | None = None, timeout: float = 5.0) -> ssl.SSLSocket:
     """A TLS socket to a bridge on 127.0.0.1:port (from source, if given), trusting only ca."""
     raw = socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(source, 0) if source else None)

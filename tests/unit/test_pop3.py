@@ -3,12 +3,11 @@ in random pieces (the same bytes out and the same events every way), with Exchan
 
 from __future__ import annotations
 
-import base64
-
 import pytest
 import spnego
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.observers import Run, b64
 
 from bridge.protocol.mail import Logon, StartTlsStep
 from bridge.protocol.pop3 import Capabilities, Pop3Dialect, Pop3Observer, filter_capabilities
@@ -18,35 +17,6 @@ GREETING = b"+OK The Microsoft Exchange POP3 service is ready.\r\n"
 CAPA_REPLY = b"+OK\r\nTOP\r\nUIDL\r\nSASL NTLM GSSAPI PLAIN\r\nUSER\r\nSTLS\r\n.\r\n"
 LOGON_FAILURE = b"-ERR Logon failure: unknown user name or bad password.\r\n"
 RETR_REPLY = b"+OK\r\nSubject: x\r\n\r\n..leading dot\r\n+OK not a reply\r\n-ERR nor this\r\n.\r\n"
-
-
-def b64(raw: bytes) -> bytes:
-    return base64.b64encode(raw)
-
-
-class Run:
-    """A transcript fed to one observer; what came out, joined."""
-
-    def __init__(self, observer: Pop3Observer) -> None:
-        self.observer = observer
-        self.to_server = b""
-        self.to_client = b""
-        self.events: list[object] = []
-        self.closed = False
-
-    def feed(self, side: str, data: bytes, pieces: list[int] | None = None) -> None:
-        sizes = pieces or [len(data)]
-        start = 0
-        for size in sizes + [len(data)]:
-            chunk, start = data[start : start + size], start + size
-            if chunk:
-                out = self.observer.client_data(chunk) if side == "c" else self.observer.server_data(chunk)
-                self.to_server += out.to_server
-                self.to_client += out.to_client
-                self.events += out.events
-                self.closed |= out.close
-            if start >= len(data):
-                break
 
 
 def run(transcript, mode: str = "whole", **options) -> Run:

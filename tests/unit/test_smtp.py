@@ -4,11 +4,10 @@ STARTTLS towards the server."""
 
 from __future__ import annotations
 
-import base64
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.observers import Run, b64
 
 from bridge.protocol.mail import Logon, StartTlsStep
 from bridge.protocol.sasl import AuthAborted, AuthStarted, Greeting, LocalAnswer, LogonFailed, LogonSucceeded, Passthrough, StartTls, Violation
@@ -33,31 +32,6 @@ FRONT_EHLO = (
     b"250-exch2007.lab.test Hello [127.0.0.1]\r\n250-SIZE 36700160\r\n250-PIPELINING\r\n250-DSN\r\n250-ENHANCEDSTATUSCODES\r\n250-AUTH NTLM LOGIN\r\n250-8BITMIME\r\n250-BINARYMIME\r\n250 CHUNKING\r\n"
 )
 FAILURE = b"535 5.7.3 Authentication unsuccessful\r\n"
-
-
-def b64(raw: bytes) -> bytes:
-    return base64.b64encode(raw)
-
-
-class Run:
-    def __init__(self, observer) -> None:
-        self.observer = observer
-        self.to_server = self.to_client = b""
-        self.events: list[object] = []
-        self.closed = False
-
-    def feed(self, side: str, data: bytes, sizes: list[int]) -> None:
-        start = 0
-        for size in [*sizes, len(data)]:
-            chunk, start = data[start : start + size], start + size
-            if chunk:
-                out = self.observer.client_data(chunk) if side == "c" else self.observer.server_data(chunk)
-                self.to_server += out.to_server
-                self.to_client += out.to_client
-                self.events += out.events
-                self.closed |= out.close
-            if start >= len(data):
-                return
 
 
 def run(transcript, byte_by_byte: bool = False, **options) -> Run:
