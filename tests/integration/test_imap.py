@@ -21,7 +21,7 @@ import pytest
 import spnego
 from support.bridges import BRIDGE_FQDN, BackgroundBridge, bridge_client_context, bridge_config, bridge_session, ca_file, resolve_lab_names
 from support.lab import LAB_PASSWORD, LAB_USER
-from support.net import greeted_tls_connection, receive_line, wait_until
+from support.net import greeted_tls_connection, read_all, receive_line, wait_until
 
 from bridge.config import LegacyServer
 from bridge.lab.imap import LARGE_MESSAGE_SIZE, mailbox_messages
@@ -59,16 +59,6 @@ def client(bridge: BackgroundBridge, ca, timeout: float = 30.0) -> imaplib.IMAP4
 
 def raw_session(bridge: BackgroundBridge, ca) -> tuple[ssl.SSLSocket, bytes]:
     return greeted_tls_connection(imaps_port(bridge), ca)
-
-
-def receive_until_closed(sock: ssl.SSLSocket) -> bytes:
-    data = b""
-    try:
-        while chunk := sock.recv(65536):
-            data += chunk
-    except (ConnectionError, ssl.SSLError, TimeoutError):
-        pass
-    return data
 
 
 # --------------------------------------------------------------------------- real clients
@@ -219,7 +209,7 @@ def test_hostile_input_is_answered_or_closed_without_reaching_the_lab_or_another
     sock.sendall(b"a1 LOGIN {4294967296}\r\n")
     assert receive_line(sock) == b"a1 BAD The literal of 4294967296 bytes is larger than the 65536 bytes the bridge accepts before a logon.\r\n"
     sock.sendall(b"a2 LOGIN {4294967296+}\r\n" + b"x" * 65536)
-    assert receive_until_closed(sock).startswith(b"* BYE The literal of 4294967296 bytes")
+    assert read_all(sock, timeout=30).startswith(b"* BYE The literal of 4294967296 bytes")
     assert counters.commands["LOGIN"] == logins
 
     # a line of 1 MB: closed with one sentence
@@ -229,7 +219,7 @@ def test_hostile_input_is_answered_or_closed_without_reaching_the_lab_or_another
         sock.sendall(b"a1 LOGIN " + b"x" * (1024 * 1024) + b"\r\n")
     except (ConnectionError, ssl.SSLError):
         pass
-    assert receive_until_closed(sock).startswith(b"* BYE The command line is longer than the 65536 bytes")
+    assert read_all(sock, timeout=30).startswith(b"* BYE The command line is longer than the 65536 bytes")
     assert counters.longest_line == longest
 
     # a command injected where a SASL response belongs: closed, never reaches the lab
@@ -237,7 +227,7 @@ def test_hostile_input_is_answered_or_closed_without_reaching_the_lab_or_another
     sock.sendall(b"a1 AUTHENTICATE PLAIN\r\n")
     assert receive_line(sock) == b"+ \r\n"
     sock.sendall(b"a2 DELETE INBOX\r\n")
-    assert receive_until_closed(sock).startswith(b"* BYE The answer to the server's authentication challenge is not base64")
+    assert read_all(sock, timeout=30).startswith(b"* BYE The answer to the server's authentication challenge is not base64")
     assert wait_until(lambda: counters.commands["AUTHENTICATE"] >= 1)
     assert "DELETE" not in counters.commands
 
@@ -290,6 +280,6 @@ def test_a_session_where_nothing_moves_for_idle_timeout_is_closed(imap_bridge, c
     sock.sendall(b"a1 LOGIN alice Passw0rd!\r\n")
     assert receive_line(sock) == b"a1 OK LOGIN completed.\r\n"
     started = time.monotonic()
-    assert receive_until_closed(sock) == b"* BYE The session was idle for too long.\r\n"
+    assert read_all(sock, timeout=30) == b"* BYE The session was idle for too long.\r\n"
     assert 0.9 < time.monotonic() - started < 5
     assert wait_until(lambda: "imap user=alice idle-timeout" in caplog.text)

@@ -23,7 +23,7 @@ import pytest
 import spnego
 from support.bridges import BRIDGE_FQDN, BackgroundBridge, bridge_client_context, bridge_config, bridge_session, ca_file, resolve_lab_names
 from support.lab import LAB_PASSWORD, LAB_USER
-from support.net import greeted_tls_connection, receive_line, wait_until
+from support.net import greeted_tls_connection, read_all, receive_line, wait_until
 
 from bridge.config import LegacyServer
 from bridge.lab.mailbox import lab_mailbox
@@ -109,16 +109,6 @@ def receive_reply(sock: socket.socket) -> bytes:
         reply += line
         if not line or line[3:4] != b"-":
             return reply
-
-
-def receive_until_closed(sock: socket.socket) -> bytes:
-    data = b""
-    try:
-        while chunk := sock.recv(65536):
-            data += chunk
-    except (ConnectionError, ssl.SSLError, TimeoutError):
-        pass
-    return data
 
 
 def bridge_lines(caplog) -> str:
@@ -272,7 +262,7 @@ def test_ten_failed_logons_ban_the_source_for_every_port_before_tls(mail_bridge,
         with pytest.raises((ConnectionError, ssl.SSLError, OSError)):
             raw_tls(bridge, ca, other)
     with socket.create_connection(("127.0.0.1", port(bridge, "submission")), timeout=10) as plain:
-        assert receive_until_closed(plain) == b""  # no greeting: closed before anything was said
+        assert read_all(plain, timeout=30) == b""  # no greeting: closed before anything was said
     assert mail_lab.mail_counters.connections == connections  # none of them reached the lab
     assert bridge_session(ca, auth=(LAB_USER, LAB_PASSWORD)).get(bridge.url + EWS).status_code == 403  # and HTTPS
     assert f"banned 127.0.0.1 for 3600 s after 10 failed logons in 600 s (the last over {protocol})" in caplog.text
@@ -330,7 +320,7 @@ def test_hostile_input_is_answered_or_closed_without_reaching_the_lab_or_another
             sock.sendall(b"USER " + b"x" * (1024 * 1024) + b"\r\n")
         except (ConnectionError, ssl.SSLError):
             pass
-        assert receive_until_closed(sock) == answer
+        assert read_all(sock, timeout=30) == answer
 
     # a command pipelined before the TLS handshake after STARTTLS on 587: closed, no go-ahead, nothing sent
     with socket.create_connection(("127.0.0.1", port(bridge, "submission")), timeout=10) as plain:
@@ -338,21 +328,21 @@ def test_hostile_input_is_answered_or_closed_without_reaching_the_lab_or_another
         plain.sendall(b"EHLO client.example\r\n")
         assert b"STARTTLS" in receive_reply(plain)
         plain.sendall(b"STARTTLS\r\nMAIL FROM:<injected@evil.example>\r\n")
-        assert receive_until_closed(plain) == b""
+        assert read_all(plain, timeout=30) == b""
 
     # a command where a SASL response belongs: answered, closed, never reaches the lab
     sock, _ = raw_tls(bridge, ca, "pop3")
     sock.sendall(b"AUTH PLAIN\r\n")
     assert receive_line(sock) == b"+ \r\n"
     sock.sendall(b"DELE 1\r\n")
-    assert receive_until_closed(sock) == b"-ERR The answer to the server's authentication challenge is not base64; the session is closed.\r\n"
+    assert read_all(sock, timeout=30) == b"-ERR The answer to the server's authentication challenge is not base64; the session is closed.\r\n"
     sock, _ = raw_tls(bridge, ca, "smtp")
     sock.sendall(b"EHLO client.example\r\n")
     receive_reply(sock)
     sock.sendall(b"AUTH LOGIN\r\n")
     assert receive_reply(sock) == b"334 VXNlcm5hbWU6\r\n"
     sock.sendall(b"MAIL FROM:<injected@evil.example>\r\n")
-    assert receive_until_closed(sock) == b"501 5.5.2 The answer to the server's authentication challenge is not base64; the session is closed.\r\n"
+    assert read_all(sock, timeout=30) == b"501 5.5.2 The answer to the server's authentication challenge is not base64; the session is closed.\r\n"
 
     # plain text on an implicit-TLS port: one line saying so, before any TLS
     with socket.create_connection(("127.0.0.1", port(bridge, "pop3")), timeout=10) as plain:
