@@ -17,7 +17,7 @@ Everything runs on 127.0.0.1 in a temporary directory:
   (scripts/bench_lab.py); the lab alone, without a proxy, is measured in the same rounds (its ceiling);
 - each measurement alternates bridge and HAProxy (and swaps the order every round) so drift cancels.
 
-Usage:  python scripts/bench.py [--quick] [--rounds N] [--no-logs] [--bridge-workers N] [--json results.json]
+Usage:  python scripts/bench.py [--quick] [--rounds N] [--no-logs] [--profile] [--bridge-workers N] [--json results.json]
 See docs/benchmark.md for what is measured and the figures obtained.
 """
 
@@ -50,6 +50,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 import bench_lab  # noqa: E402  (the Outlook Anywhere and IMAP workloads against the lab)
+import bench_profile  # noqa: E402  (--profile: where each proxy's CPU goes, from perf)
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
@@ -276,6 +277,7 @@ class Settings:
     oa_connections: int = 32
     oa_seconds: float = 10.0
     imap_fetches: int = 4
+    profile: bool = False  # --profile: perf record each proxy during the small requests and the streams
 
 
 @dataclass
@@ -867,6 +869,7 @@ def run_benchmark(settings: Settings, keep: bool = False) -> dict[str, Any]:
     directory = Path(tempfile.mkdtemp(prefix="bridge-bench-"))
     bed: Bed | None = None
     samples: dict[str, dict[str, list[Any]]] = {name: {} for name in (*PROXIES, "lab")}
+    profiler = bench_profile.Profiler(directory) if settings.profile else None
     try:
         console.print(f"[dim]building the test bed in {directory} ...[/]")
         bed = build_bed(directory, settings)
@@ -887,7 +890,13 @@ def run_benchmark(settings: Settings, keep: bool = False) -> dict[str, Any]:
             for label, step in steps:
                 for name in order:
                     console.print(f"[dim]round {round_number + 1}/{settings.rounds}: {label} through {name}[/]")
-                    for key, value in step(bed, bed.proxies[name], settings).items():
+                    proxy = bed.proxies[name]
+                    if profiler is None:
+                        measured = step(bed, proxy, settings)
+                    else:
+                        with profiler.record(label.split()[0], name, process_tree(proxy.pid), round_number):
+                            measured = step(bed, proxy, settings)
+                    for key, value in measured.items():
                         samples[name].setdefault(key, []).append(value)
                 if step in (measure_oa, measure_imap):  # the lab alone, in the same round: its ceiling
                     console.print(f"[dim]round {round_number + 1}/{settings.rounds}: {label} against the lab directly[/]")
@@ -910,6 +919,9 @@ def run_benchmark(settings: Settings, keep: bool = False) -> dict[str, Any]:
             shutil.rmtree(directory, ignore_errors=True)
     report = summarise(samples, settings)
     report["log_lines"] = log_lines
+    if profiler is not None:
+        medians = {name: {key: statistics.median(values) for key, values in samples[name].items() if values} for name in PROXIES}
+        report["profile"] = profiler.summary(medians)
     return report
 
 
@@ -983,6 +995,27 @@ def print_report(report: dict[str, Any]) -> None:
         if "imap_mb_s" in lab:
             parts.append(f"IMAP FETCH {lab['imap_mb_s']:,.1f} MB/s")
         console.print("the lab alone (no proxy, TLS 1.0, same client): " + "; ".join(parts))
+    if report.get("profile"):
+        print_profile(report["profile"])
+
+
+def print_profile(profile: dict[str, Any]) -> None:
+    """--profile: each heading's share of the proxy's samples and its cost in the measurement's unit."""
+    table = Table(title="where the CPU goes (perf samples of each proxy, all rounds): share, and cost in the row's unit")
+    table.add_column("heading")
+    steps = [step for step in bench_profile.PROFILED if step in profile]
+    for step in steps:
+        unit = bench_profile.PROFILED[step][1]
+        for name in PROXIES:
+            table.add_column(f"{step}, {name} ({unit})", justify="right")
+    for heading in bench_profile.CATEGORIES:
+        cells = []
+        for step in steps:
+            for name in PROXIES:
+                part = profile[step].get(name, {}).get(heading)
+                cells.append("-" if part is None else f"{part['share'] * 100:.1f} % ({part['cost']:,.2f})")
+        table.add_row(heading, *cells)
+    console.print(table)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -1002,6 +1035,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--imap-fetches", type=int, metavar="N", help="FETCHes of the 25 MB message per run (default 4, --quick 1)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (configs, logs) for inspection")
+    parser.add_argument("--profile", action="store_true", help="perf record each proxy during the small requests, the download and the upload, and print where the CPU goes (needs perf)")
     return parser.parse_args(argv)
 
 
@@ -1025,7 +1059,13 @@ def main(argv: list[str] | None = None) -> int:
         oa_connections=max(1, args.oa_connections),
         oa_seconds=args.oa_duration or (2.0 if args.quick else 10.0),
         imap_fetches=args.imap_fetches or (1 if args.quick else 4),
+        profile=args.profile,
     )
+    if args.profile:
+        unavailable = bench_profile.missing()
+        if unavailable:
+            console.print(f"[bold red]error:[/] {unavailable}", highlight=False)
+            return 2
     if args.only:
         settings.only = tuple(part.strip() for part in args.only.split(","))
         unknown = set(settings.only) - {"small", "oa", "imap", "download", "upload", "passthrough", "idle"}

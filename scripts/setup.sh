@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs exchange-bridge into ./.venv. With --test, also what the tests need:
-# Debian packages (pebble, chromium, shellcheck, haproxy, nginx, wrk, curl, fail2ban) and checkov in its own venv.
+# Debian packages (pebble, chromium, shellcheck, haproxy, nginx, wrk, curl, fail2ban, linux-perf) and checkov in its own venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,7 +28,7 @@ python=${PYTHON:-$default_python}
   || { echo "exchange-bridge needs Python 3.11 or newer; set PYTHON=/path/to/python3.11." >&2; exit 2; }
 
 if [ "$want_tests" = 1 ]; then
-  packages=(pebble chromium shellcheck haproxy nginx wrk curl openssl iproute2 fail2ban)
+  packages=(pebble chromium shellcheck haproxy nginx wrk curl openssl iproute2 fail2ban linux-perf)
   missing=()
   for package in "${packages[@]}"; do
     dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")

@@ -8,6 +8,7 @@ bridge changes.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -119,6 +120,41 @@ def test_no_logs_variant_runs_both_proxies_without_request_logs(tmp_path: Path) 
     assert report["settings"]["logs"] is False and "no access logs" in result.stdout
     assert report["log_lines"] == {"bridge_access": 0, "haproxy": 0}
     assert report["results"]["small_rps"]["bridge"] > 0 and report["results"]["small_rps"]["haproxy"] > 0
+
+
+def _perf_unavailable() -> str:
+    perf = shutil.which("perf")
+    if perf is None:
+        return "needs perf (apt-get install -y linux-perf)"
+    probe = subprocess.run([perf, "record", "-q", "-o", "/dev/null", "--", "true"], capture_output=True, text=True)
+    return "" if probe.returncode == 0 else f"perf cannot record here: {probe.stderr.strip()[:100]}"
+
+
+@pytest.mark.skipif(bool(_missing()) or bool(_perf_unavailable()), reason=_perf_unavailable() or "needs haproxy nginx wrk curl")
+def test_profile_says_where_each_proxys_cpu_goes(tmp_path: Path) -> None:
+    output = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--no-logs", "--only", "small", "--duration", "2", "--profile", "--json", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=tmp_path,
+        env={**os.environ, "COLUMNS": "250"},
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    profile = json.loads(output.read_text())["profile"]
+    assert set(profile) == {"small"}  # only what ran is profiled
+    bridge, haproxy = profile["small"]["bridge"], profile["small"]["haproxy"]
+    for parts in (bridge, haproxy):
+        assert abs(sum(part["share"] for part in parts.values()) - 1) < 0.01
+        assert parts["cryptography"]["share"] > 0 and parts["kernel"]["share"] > 0
+    # The samples are each proxy's own: Python only in the bridge, the haproxy binary only in HAProxy.
+    assert bridge["interpreter"]["share"] > 0.05 and haproxy["interpreter"]["share"] == 0
+    assert haproxy["event loop"]["share"] > 0
+    # Costs are in the row's unit: the shares of the CPU per request the table reports.
+    cpu = json.loads(output.read_text())["results"]["small_cpu_us_per_request"]["bridge"]
+    assert abs(sum(part["cost"] for part in bridge.values()) - cpu) < 0.02 * cpu
+    assert "where the CPU goes" in result.stdout
 
 
 def test_missing_tools_are_named_in_one_sentence(tmp_path: Path) -> None:
