@@ -1015,7 +1015,7 @@ def print_profile(profile: dict[str, Any]) -> None:
                 part = profile[step].get(name, {}).get(heading)
                 cells.append("-" if part is None else f"{part['share'] * 100:.1f} % ({part['cost']:,.2f})")
         table.add_row(heading, *cells)
-    console.print(table)
+    console.print(table, width=max(console.width, 150))  # seven columns: wider than a terminal's 80
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -21,9 +21,13 @@ It prints the interpreter used, the two totals, "instructions per small request:
 difference split by object file (self cost: the instructions executed in that file's own code;
 the rows add up to the total).
 
+With --haproxy it counts HAProxy instead, configured as the benchmark configures it (one thread, so
+that one callgrind process sees all its work; ``option httplog`` unless --log-level warning), with the
+same client, nginx and requests: the same-machine reference for the bridge's figure.
+
 Usage (from a checkout whose venv has the bridge installed):
     .venv/bin/python scripts/count_instructions.py [--requests-low 400] [--requests-high 1200]
-        [--python PATH] [--bridge PATH] [--json FILE] [--keep]
+        [--python PATH] [--bridge PATH] [--haproxy] [--json FILE] [--keep]
 Needs valgrind (callgrind_control) and nginx: apt-get install -y valgrind nginx.
 """
 
@@ -137,6 +141,8 @@ def start_bridge(directory: Path, args: argparse.Namespace, nginx_port: int, leg
         "--log-level",
         args.log_level,
     ]
+    if args.haproxy:
+        command = [*command[:4], *haproxy_command(directory, args, nginx_port, cert, key, port)]
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)  # the bridge comes from the venv of --python, nothing else
     if args.hash_seed != "random":
@@ -150,6 +156,31 @@ def start_bridge(directory: Path, args: argparse.Namespace, nginx_port: int, leg
         stderr=open(directory / "bridge.log", "wb"),
     )
     return process, port
+
+
+def haproxy_command(directory: Path, args: argparse.Namespace, nginx_port: int, cert: Path, key: Path, port: int) -> list[str]:
+    """--haproxy: HAProxy configured as the benchmark configures it (bench.HAPROXY_CONF: TLS 1.2+ front,
+    TLS 1.0 back, one server connection per client connection; ``option httplog`` to stdout, a file,
+    unless --log-level warning), with one thread so that one callgrind process sees all its work."""
+    pem = directory / "haproxy.pem"
+    pem.write_text(cert.read_text() + key.read_text())
+    logs = args.log_level == "info"
+    text = bench.HAPROXY_CONF.format(
+        maxconn=1000,
+        global_log="    log stdout format raw local0\n" if logs else "",
+        defaults_log="    log global\n" if logs else "",
+        http_log="    option httplog\n" if logs else "",
+        port=port,
+        pem=pem,
+        nginx_port=nginx_port,
+        ciphers=bench.LEGACY_CIPHERS,
+        passthrough_port=bench.free_port(),
+        passthrough_name=bench.PASSTHROUGH_NAME,
+        passthrough_backend=bench.free_port(),
+    )
+    conf = directory / "haproxy.cfg"
+    conf.write_text(text.replace("global\n", "global\n    nbthread 1\n", 1))
+    return [bench.tool_path("haproxy"), "-db", "-f", str(conf)]
 
 
 def stop(process: subprocess.Popen | None, grace: float) -> None:
@@ -307,9 +338,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         bench.wait_for_port(nginx_port, nginx, "nginx")
         cert, key, ca_file = front_certificate(directory)
         bridge, port = start_bridge(directory, args, nginx_port, legacy_cert, cert, key)
-        print(f"starting the bridge under callgrind (pid {bridge.pid}; log {directory / 'bridge.log'}) ...", flush=True)
+        subject = "HAProxy" if args.haproxy else "the bridge"
+        print(f"starting {subject} under callgrind (pid {bridge.pid}; log {directory / 'bridge.log'}) ...", flush=True)
         started = time.monotonic()
-        bench.wait_for_port(port, bridge, "the bridge under valgrind", timeout=args.timeout)
+        bench.wait_for_port(port, bridge, f"{subject} under valgrind", timeout=args.timeout)
         print(f"  listening after {time.monotonic() - started:.0f} s; warm-up: {args.warmup} requests on one connection", flush=True)
         one_connection(port, ca_file, args.warmup, args.timeout)
         totals: dict[int, tuple[int, dict[str, int]]] = {}
@@ -353,6 +385,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "total_low": total_low,
         "total_high": total_high,
         "per_object_per_request": {name: round(value) for name, value in sorted(per_object.items(), key=lambda item: -item[1])},
+        "subject": "haproxy" if args.haproxy else "bridge",
+        "haproxy": bench.command_version([bench.tool_path("haproxy"), "-v"], r"version (\S+)") if args.haproxy else None,
         "python": str(args.python),
         "python_realpath": os.path.realpath(args.python),
         "python_version": interpreter_version(args.python),
@@ -369,9 +403,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 def print_report(report: dict[str, Any], top: int) -> None:
     extra = report["requests_high"] - report["requests_low"]
-    print(f"python: {report['python']} -> {report['python_realpath']} ({report['python_version']})")
-    print(f"bridge: {report['bridge']} (checkout {report['checkout']} at {report['revision']}), valgrind {report['valgrind']}")
-    print(f"instructions per small request: {report['instructions_per_request']:,} (--log-level {report['log_level']})")
+    if report.get("subject") == "haproxy":
+        print(f"haproxy {report['haproxy']} (one thread, the benchmark's configuration), valgrind {report['valgrind']}")
+        logging = "option httplog" if report["log_level"] == "info" else "no request log"
+    else:
+        print(f"python: {report['python']} -> {report['python_realpath']} ({report['python_version']})")
+        print(f"bridge: {report['bridge']} (checkout {report['checkout']} at {report['revision']}), valgrind {report['valgrind']}")
+        logging = f"--log-level {report['log_level']}"
+    print(f"instructions per small request: {report['instructions_per_request']:,} ({logging})")
     print(f"  (({report['total_high']:,} - {report['total_low']:,}) / {extra} requests)")
     print("per object file, self instructions per request:")
     rows = list(report["per_object_per_request"].items())
@@ -401,6 +440,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--top", type=int, default=8, metavar="N", help="object files shown in the breakdown (default 8)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON to FILE")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (callgrind dumps, logs)")
+    parser.add_argument("--haproxy", action="store_true", help="count HAProxy instead (the benchmark's configuration, one thread; --log-level info logs every request as the benchmark does)")
     args = parser.parse_args(argv)
     if not 0 < args.requests_low < args.requests_high:
         parser.error("need 0 < --requests-low < --requests-high")
@@ -415,14 +455,17 @@ def main(argv: list[str] | None = None) -> int:
     missing = [tool for tool in ("valgrind", "callgrind_control") if shutil.which(tool) is None]
     if shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists():
         missing.append("nginx")
+    if args.haproxy and shutil.which("haproxy") is None and not Path("/usr/sbin/haproxy").exists():
+        missing.append("haproxy")
     if missing:
-        print(f"error: needs {', '.join(missing)}; install with: apt-get install -y valgrind nginx", file=sys.stderr)
+        print(f"error: needs {', '.join(missing)}; install with: apt-get install -y {' '.join(missing).replace('callgrind_control', 'valgrind')}", file=sys.stderr)
         return 2
     for what, path in (("--python", args.python), ("--bridge", args.bridge)):
         if not path.exists():
             print(f"error: {what} {path} does not exist (run this with the venv's python, or pass --python and --bridge)", file=sys.stderr)
             return 2
-    print(f"python: {args.python} ({os.path.realpath(args.python)}); bridge: {args.bridge}", flush=True)
+    if not args.haproxy:
+        print(f"python: {args.python} ({os.path.realpath(args.python)}); bridge: {args.bridge}", flush=True)
     try:
         report = measure(args)
     except (RuntimeError, subprocess.TimeoutExpired, OSError, ssl.SSLError) as exc:

@@ -1,0 +1,45 @@
+"""scripts/count_instructions.py --haproxy: the same-machine reference for the bridge's instruction count.
+
+The count is deterministic (callgrind counts instructions, not time), so what must hold is that the
+script ran HAProxy under callgrind with the benchmark's configuration, sent the requests through it to
+the TLS-1.0 nginx, and split the difference by object file, HAProxy's own code and OpenSSL included.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from support import REPO
+
+SCRIPT = REPO / "scripts" / "count_instructions.py"
+NEEDED = ("valgrind", "callgrind_control", "haproxy", "nginx")
+
+
+def _missing() -> list[str]:
+    return [tool for tool in NEEDED if shutil.which(tool) is None and not Path("/usr/sbin", tool).exists()]
+
+
+@pytest.mark.skipif(bool(_missing()), reason=f"needs {', '.join(_missing())}")
+def test_haproxy_is_counted_per_request_and_split_by_object(tmp_path: Path) -> None:
+    output = tmp_path / "count.json"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--haproxy", "--warmup", "5", "--requests-low", "20", "--requests-high", "60", "--settle", "0.5", "--json", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads(output.read_text())
+    assert report["subject"] == "haproxy" and report["haproxy"] not in ("", "?")
+    per_object = report["per_object_per_request"]
+    # HAProxy's own code and OpenSSL did the work; no Python was involved.
+    assert per_object.get("/usr/sbin/haproxy", 0) > 5_000, per_object
+    assert any("libcrypto" in name and count > 5_000 for name, count in per_object.items()), per_object
+    assert not any("python" in name for name in per_object), per_object
+    assert 30_000 < report["instructions_per_request"] < 1_000_000
+    assert "instructions per small request:" in result.stdout and "option httplog" in result.stdout
