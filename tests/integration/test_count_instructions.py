@@ -43,3 +43,23 @@ def test_haproxy_is_counted_per_request_and_split_by_object(tmp_path: Path) -> N
     assert not any("python" in name for name in per_object), per_object
     assert 30_000 < report["instructions_per_request"] < 1_000_000
     assert "instructions per small request:" in result.stdout and "option httplog" in result.stdout
+
+
+@pytest.mark.skipif(bool(_missing()), reason=f"needs {', '.join(_missing())}")
+def test_the_relay_floor_is_counted_in_the_bridges_place(tmp_path: Path) -> None:
+    """scripts/relay_floor.py relays the requests (the client checks every answer) and, with no HTTP
+    logic, leaves the interpreter a small part of the count."""
+    output = tmp_path / "count.json"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--bridge", str(REPO / "scripts" / "relay_floor.py"), "--warmup", "5", "--requests-low", "20", "--requests-high", "60", "--settle", "0.5", "--json", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads(output.read_text())
+    per_object = report["per_object_per_request"]
+    interpreter = sum(count for name, count in per_object.items() if "python3" in name)
+    crypto = sum(count for name, count in per_object.items() if "libcrypto" in name)
+    assert crypto > 20_000, per_object  # both legs' TLS, as for the bridge
+    assert 0 < interpreter < crypto, per_object  # a relay with no HTTP logic: the interpreter is a small part
