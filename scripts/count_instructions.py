@@ -110,11 +110,9 @@ def start_bridge(directory: Path, args: argparse.Namespace, nginx_port: int, leg
     der = ssl.PEM_cert_to_DER_cert(legacy_cert.read_text())
     pin = bench.pin_flag(bench.fingerprint(der)).split(" ", 1)[1]
     port = bench.free_port()
+    callgrind = ["valgrind", "--tool=callgrind", "--dump-instr=no", f"--callgrind-out-file={directory}/callgrind.out.%p"]
     command = [
-        "valgrind",
-        "--tool=callgrind",
-        "--dump-instr=no",
-        f"--callgrind-out-file={directory}/callgrind.out.%p",
+        *callgrind,
         str(args.python),
         str(args.bridge),
         "up",
@@ -142,7 +140,7 @@ def start_bridge(directory: Path, args: argparse.Namespace, nginx_port: int, leg
         args.log_level,
     ]
     if args.haproxy:
-        command = [*command[:4], *haproxy_command(directory, args, nginx_port, cert, key, port)]
+        command = [*callgrind, *haproxy_command(directory, args, nginx_port, cert, key, port)]
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)  # the bridge comes from the venv of --python, nothing else
     if args.hash_seed != "random":
