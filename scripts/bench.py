@@ -949,12 +949,17 @@ def summarise(samples: dict[str, dict[str, list[Any]]], settings: Settings) -> d
         met = metric.check(bridge, haproxy, ratio if ratio is not None else 0.0) if metric.check else None
         if metric.check and ratio is None and metric.target.startswith("ratio"):
             met = bridge <= 0
+        # Both proxies are measured once per round, back to back: the same round's ratio shows how far
+        # the machine's drift moves the figure (the median ratio above is of the medians).
+        pairs = zip(samples["bridge"][metric.key], samples["haproxy"][metric.key], strict=False)
+        round_ratios = [round(b / h, 3) for b, h in pairs if isinstance(b, (int, float)) and isinstance(h, (int, float)) and h > 0]
         results[metric.key] = {
             "label": metric.label,
             "unit": metric.unit,
             "bridge": round(bridge, 3),
             "haproxy": round(haproxy, 3),
             "ratio": round(ratio, 3) if ratio is not None else None,
+            "round_ratios": round_ratios,
             "target": metric.target,
             "met": met,
         }
@@ -981,11 +986,15 @@ def print_report(report: dict[str, Any]) -> None:
     )
     logs = "access logs on (as shipped)" if s.get("logs", True) else "no access logs (--no-logs)"
     table = Table(title=f"bridge vs HAProxy (same run), {logs}")
-    for column in ("metric", "unit", "bridge", "HAProxy", "ratio", "target", "met"):
+    for column in ("metric", "unit", "bridge", "HAProxy", "ratio (rounds)", "target", "met"):
         table.add_column(column, justify="left" if column in ("metric", "unit", "target") else "right")
     for row in report["results"].values():
         met = {True: "[green]yes[/]", False: "[red]no[/]", None: ""}[row["met"]]
-        table.add_row(row["label"], row["unit"], f"{row['bridge']:,.2f}", f"{row['haproxy']:,.2f}", "-" if row["ratio"] is None else f"{row['ratio']:.2f}", row["target"], met)
+        spread = row.get("round_ratios") or []
+        ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}"
+        if row["ratio"] is not None and len(spread) > 1:
+            ratio += f" ({min(spread):.2f}-{max(spread):.2f})"
+        table.add_row(row["label"], row["unit"], f"{row['bridge']:,.2f}", f"{row['haproxy']:,.2f}", ratio, row["target"], met)
     console.print(table)
     lab = report.get("lab_ceiling") or {}
     if lab:

@@ -92,6 +92,9 @@ def test_quick_benchmark_writes_every_figure_for_both_proxies(tmp_path: Path) ->
             assert row["bridge"] > 0 and row["haproxy"] > 0, (key, row)
         if row["target"] != "-":
             assert row["met"] in (True, False), key
+        # One round: that round's ratio is the ratio of the medians.
+        if row["ratio"] is not None:
+            assert row["round_ratios"] == [pytest.approx(row["ratio"], abs=0.002)], (key, row)
     # The streams really went through TLS 1.0 with an RSA key exchange CBC suite on the backend leg.
     for proxy in ("bridge", "haproxy"):
         assert report["samples"][proxy]["download_backend_tls"] == ["TLSv1 AES128-SHA"], proxy
