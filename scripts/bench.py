@@ -359,6 +359,9 @@ http {{
         ssl_protocols TLSv1;
         ssl_ciphers AES128-SHA:AES256-SHA:@SECLEVEL=0;
         ssl_prefer_server_ciphers on;
+        # Windows' SChannel (Exchange 2007) never negotiates encrypt-then-MAC (RFC 7366); OpenSSL does
+        # by default, which would keep both proxies off OpenSSL's stitched AES-CBC-HMAC-SHA1.
+        ssl_conf_command Options -EncryptThenMac;
         ssl_session_cache shared:bench:10m;
         root {dir}/www;
         output_buffers 2 256k;
