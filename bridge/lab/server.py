@@ -300,6 +300,9 @@ def _certificate_fits(cert_path: Path, key_path: Path, hostname: str, expired: b
     return has_name and is_expired == expired and (expired or cert.not_valid_after_utc - now > dt.timedelta(days=2))
 
 
+NO_ENCRYPT_THEN_MAC = 1 << 19  # SSL_OP_NO_ENCRYPT_THEN_MAC (OpenSSL 1.1.1 and 3.x)
+
+
 def lab_tls_context(cert_path: Path, key_path: Path, tls_max: str) -> ssl.SSLContext:
     max_version, ciphers, _ = TLS_SHAPES[tls_max]
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -309,8 +312,9 @@ def lab_tls_context(cert_path: Path, key_path: Path, tls_max: str) -> ssl.SSLCon
         context.maximum_version = max_version
     # The security level must drop before loading the 1024-bit SHA-1 certificate.
     context.set_ciphers(ciphers)
-    # Schannel of that era: server cipher order, no session tickets.
-    context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_TICKET
+    # Schannel of that era: server cipher order, no session tickets, no encrypt-then-MAC (RFC 7366,
+    # which OpenSSL would otherwise negotiate; Python 3.11 has no name for SSL_OP_NO_ENCRYPT_THEN_MAC).
+    context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_TICKET | getattr(ssl, "OP_NO_ENCRYPT_THEN_MAC", NO_ENCRYPT_THEN_MAC)
     context.load_cert_chain(str(cert_path), str(key_path))
     return context
 

@@ -71,6 +71,23 @@ def test_default_shape_is_tls10_aes128_sha_with_legacy_certificate(lab):
     assert "exch2007.lab.test" in names.get_values_for_type(x509.DNSName)
 
 
+def test_tls10_extensions_are_schannels_no_encrypt_then_mac_no_ticket(lab):
+    """OpenSSL's own client says which extensions the lab's ServerHello carries: Schannel of Exchange
+    2007's era never sends encrypt-then-MAC (RFC 7366) or a session ticket."""
+    result = subprocess.run(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{lab.port}", "-tls1", "-cipher", "AES128-SHA:@SECLEVEL=0", "-tlsextdebug"],
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    extensions = [line for line in result.stdout.splitlines() if line.startswith("TLS server extension")]
+    assert any("renegotiation info" in line for line in extensions), result.stdout[-2000:]  # (the output was read)
+    assert not any("encrypt-then-mac" in line for line in extensions), extensions
+    assert not any("session ticket" in line for line in extensions), extensions
+    assert "Cipher is AES128-SHA" in result.stdout
+
+
 def test_default_shape_refuses_a_tls12_only_client(lab):
     with pytest.raises(ssl.SSLError):
         tls_peer(lab.port, legacy_client_context(ssl.TLSVersion.TLSv1_2))
