@@ -955,7 +955,7 @@ def summarise(samples: dict[str, dict[str, list[Any]]], settings: Settings) -> d
         # Both proxies are measured once per round, back to back: the same round's ratio shows how far
         # the machine's drift moves the figure (the median ratio above is of the medians).
         pairs = zip(samples["bridge"][metric.key], samples["haproxy"][metric.key], strict=False)
-        round_ratios = [round(b / h, 3) for b, h in pairs if isinstance(b, (int, float)) and isinstance(h, (int, float)) and h > 0]
+        round_ratios = [round(b / h, 3) for b, h in pairs if isinstance(b, (int, float)) and isinstance(h, (int, float)) and h > 0] if ratio is not None else []
         results[metric.key] = {
             "label": metric.label,
             "unit": metric.unit,
