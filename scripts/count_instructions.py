@@ -444,6 +444,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("need 0 < --requests-low < --requests-high")
     if args.bridge is None:
         args.bridge = args.python.parent / "bridge"  # not resolved: a venv's python is a symlink
+    args.bridge = args.bridge.absolute()  # the bridge runs in the temporary directory (absolute(): no symlink resolved)
     return args
 
 

@@ -51,10 +51,11 @@ def test_the_relay_floor_is_counted_in_the_bridges_place(tmp_path: Path) -> None
     logic, leaves the interpreter a small part of the count."""
     output = tmp_path / "count.json"
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--bridge", str(REPO / "scripts" / "relay_floor.py"), "--warmup", "5", "--requests-low", "20", "--requests-high", "60", "--settle", "0.5", "--json", str(output)],
+        [sys.executable, str(SCRIPT), "--bridge", "scripts/relay_floor.py", "--warmup", "5", "--requests-low", "20", "--requests-high", "60", "--settle", "0.5", "--json", str(output)],
         capture_output=True,
         text=True,
         timeout=300,
+        cwd=REPO,  # the relative path as docs/benchmark.md gives it
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     report = json.loads(output.read_text())
