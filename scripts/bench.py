@@ -107,8 +107,9 @@ METRICS = (
 
 
 # ---- small helpers ------------------------------------------------------------------------------
-def missing_tools() -> list[str]:
-    return [tool for tool in TOOLS if shutil.which(tool) is None and not Path("/usr/sbin", tool).exists()]
+def missing_tools(tools: tuple[str, ...] = TOOLS) -> list[str]:
+    """The programs of ``tools`` found neither on PATH nor in /usr/sbin (where Debian puts nginx and haproxy)."""
+    return [tool for tool in tools if shutil.which(tool) is None and not Path("/usr/sbin", tool).exists()]
 
 
 def tool_path(tool: str) -> str:

@@ -451,13 +451,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds, so everything started is stopped
-    missing = [tool for tool in ("valgrind", "callgrind_control") if shutil.which(tool) is None]
-    if shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists():
-        missing.append("nginx")
-    if args.haproxy and shutil.which("haproxy") is None and not Path("/usr/sbin/haproxy").exists():
-        missing.append("haproxy")
+    missing = bench.missing_tools(("valgrind", "callgrind_control", "nginx", *(("haproxy",) if args.haproxy else ())))
     if missing:
-        print(f"error: needs {', '.join(missing)}; install with: apt-get install -y {' '.join(missing).replace('callgrind_control', 'valgrind')}", file=sys.stderr)
+        packages = dict.fromkeys("valgrind" if tool == "callgrind_control" else tool for tool in missing)  # (callgrind_control comes with valgrind)
+        print(f"error: needs {', '.join(missing)}; install with: apt-get install -y {' '.join(packages)}", file=sys.stderr)
         return 2
     for what, path in (("--python", args.python), ("--bridge", args.bridge)):
         if not path.exists():

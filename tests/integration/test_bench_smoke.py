@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from support import REPO
+from support import REPO, missing_tools
 
 BENCH = REPO / "scripts" / "bench.py"
 TOOLS = ("haproxy", "nginx", "wrk", "curl", "openssl")
@@ -65,7 +65,7 @@ POSITIVE = (
 
 
 def _missing() -> list[str]:
-    return [tool for tool in TOOLS if shutil.which(tool) is None and not Path("/usr/sbin", tool).exists()]
+    return missing_tools(*TOOLS)
 
 
 @pytest.mark.skipif(bool(_missing()), reason=f"needs {', '.join(_missing())} (apt-get install -y haproxy nginx wrk curl)")

@@ -8,20 +8,19 @@ the TLS-1.0 nginx, and split the difference by object file, HAProxy's own code a
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from support import REPO
+from support import REPO, missing_tools
 
 SCRIPT = REPO / "scripts" / "count_instructions.py"
 NEEDED = ("valgrind", "callgrind_control", "haproxy", "nginx")
 
 
 def _missing() -> list[str]:
-    return [tool for tool in NEEDED if shutil.which(tool) is None and not Path("/usr/sbin", tool).exists()]
+    return missing_tools(*NEEDED)
 
 
 @pytest.mark.skipif(bool(_missing()), reason=f"needs {', '.join(_missing())}")
